@@ -1,0 +1,1183 @@
+"""
+lookaround.py: autoregressive ("look ahead") versus masked ("look around") pretraining, in one file.
+
+A small, readable reimplementation of
+  Zhang, Du, Huang, Wang, Wang. "Look Ahead or Look Around? A Theoretical Comparison Between
+  Autoregressive and Masked Pretraining." ICML 2024, arXiv 2407.00935.
+
+The paper trains the same Transformer with two generative self-supervised objectives and argues:
+  * masked pretraining clusters/classifies better: its targets sit at any position, so more samples
+    share targets and the learned representation connects more of them;
+  * autoregressive pretraining generates better: a masked model always sees about the same number of
+    visible tokens during training, while the prefixes it must continue at test time vary in length.
+It proposes two fixes, both below: a diversity-enhanced autoregressive objective (predict several
+future tokens, not one fixed position) and a variable-length masked objective (draw the mask ratio
+per sequence so the visible length varies).
+
+Read top to bottom: config and flags -> data -> model -> the four objectives -> evaluation ->
+training loop -> main. The four objectives differ only in the attention mode (causal or not), which
+positions are hidden, and which tokens are the targets.
+
+    python lookaround.py                                   # CPU, built-in corpus, a few minutes
+    python lookaround.py --objective mlm_varlen --device cuda
+    python lookaround.py --objective all --seeds 1,2,3     # the paper's comparison side by side
+"""
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------
+# Config and flags
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # tokens the model predicts; the embedding has one more row, for [MASK]
+    block_size: int = 64  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    mask_ratio: float = 0.15  # mlm: fraction of positions hidden
+    varlen_min: float = 0.05  # mlm_varlen: the per-sequence mask ratio is drawn from [min, max]
+    varlen_max: float = 0.95
+    n_future: int = 4  # ar_diverse: how many future tokens each position learns to predict
+
+
+OBJECTIVE_NAMES = ["ar", "ar_diverse", "mlm", "mlm_varlen"]
+CAUSAL = {"ar": True, "ar_diverse": True, "mlm": False, "mlm_varlen": False}  # attention mode per objective
+
+
+def parse_args(argv=None):
+    d = GPTConfig()
+    p = argparse.ArgumentParser(
+        description="Autoregressive vs masked pretraining (Zhang et al., ICML 2024) in one file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--objective", default="ar", choices=OBJECTIVE_NAMES + ["all"], help="pretraining objective; 'all' runs the four in turn")
+    a("--data", default="synthetic", help="'synthetic' (built in) or a path to a .txt file, a .jsonl file or a folder of them")
+    a("--encoding", default="gpt2", help="tiktoken encoding for text data")
+    a("--compact_vocab", action=argparse.BooleanOptionalAction, default=True, help="size the vocabulary to the token ids the corpus uses")
+    # model (the same names as GPTConfig)
+    a("--n_layer", type=int, default=d.n_layer)
+    a("--n_head", type=int, default=d.n_head)
+    a("--n_embd", type=int, default=d.n_embd)
+    a("--block_size", type=int, default=d.block_size)
+    a("--dropout", type=float, default=d.dropout)
+    # objectives
+    a("--mask_ratio", type=float, default=d.mask_ratio, help="mlm: fraction of positions hidden")
+    a("--varlen_min", type=float, default=d.varlen_min, help="mlm_varlen: lowest per-sequence mask ratio")
+    a("--varlen_max", type=float, default=d.varlen_max, help="mlm_varlen: highest per-sequence mask ratio")
+    a("--n_future", type=int, default=d.n_future, help="ar_diverse: future tokens predicted per position")
+    # optimisation (nanoGPT's names)
+    a("--batch_size", type=int, default=32)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--learning_rate", type=float, default=2e-3)
+    a("--max_iters", type=int, default=1000)
+    a("--lr_decay_iters", type=int, default=None, help="end of the cosine decay (default: max_iters); set it to extend a run with --resume")
+    a("--warmup_iters", type=int, default=50)
+    a("--weight_decay", type=float, default=0.1)
+    a("--grad_clip", type=float, default=1.0)
+    # logging, evaluation, checkpoints
+    a("--eval_interval", type=int, default=200)
+    a("--eval_iters", type=int, default=10, help="val batches per val-loss estimate")
+    a("--log_interval", type=int, default=50)
+    a("--out_dir", default="out")
+    a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
+    a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True, help="clustering evaluation (where the data has labels)")
+    a("--eval_gen", action=argparse.BooleanOptionalAction, default=True, help="generation evaluation (perplexity by prefix length)")
+    a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
+    a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
+    a("--temperature", type=float, default=1.0)
+    a("--top_k", type=int, default=50)
+    # system
+    a("--seed", type=int, default=1)
+    a("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: repeat every run and report mean ± std")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    a("--compile", action="store_true", help="torch.compile the model")
+    # benchmark
+    a("--bench", action="store_true", help="time training steps on random token ids; no data, no evaluation")
+    a("--bench_iters", type=int, default=20)
+    a("--vocab_size", type=int, default=8192, help="--bench: vocabulary of the random ids")
+    a("--bench_nanogpt", default=None, help="--bench: path to nanoGPT's model.py, timed side by side as the reference")
+    return p.parse_args(argv)
+
+
+class UsageError(Exception):
+    """A problem with the flags or the data that the user can fix; main() prints it without a traceback."""
+
+
+def check_args(args):
+    problems = []
+    if args.n_embd % args.n_head:
+        problems.append(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick sizes where it is (e.g. --n_embd 128 --n_head 4).")
+    if not 0 < args.mask_ratio < 1:
+        problems.append(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1.")
+    if not 0 < args.varlen_min <= args.varlen_max < 1:
+        problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: need 0 < varlen_min <= varlen_max < 1.")
+    if args.n_future < 1 or args.n_future >= args.block_size:
+        problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
+    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "bench_iters"]:
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1.")
+    if args.block_size < 8:
+        problems.append("--block_size must be at least 8 (the generation evaluation scores prefixes of 1/8 of it).")
+    if args.max_iters < 0 or args.warmup_iters < 0:
+        problems.append("--max_iters and --warmup_iters cannot be negative.")
+    if args.temperature <= 0:
+        problems.append("--temperature must be positive.")
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            problems.append(f"--seeds {args.seeds!r} is not a comma-separated list of integers (e.g. --seeds 1,2,3).")
+        if args.seeds == []:
+            problems.append("--seeds is empty; give e.g. --seeds 1,2,3.")
+    else:
+        args.seeds = [args.seed]
+    if args.resume and (args.objective == "all" or len(args.seeds) > 1):
+        problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds.")
+    if args.bench and args.objective == "all":
+        problems.append("--bench times one objective; pick one with --objective.")
+    if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
+        problems.append(f"--bench_nanogpt {args.bench_nanogpt}: no such file; point it at model.py in a nanoGPT checkout.")
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but this PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+                         "Install a CUDA build of torch on a machine with an NVIDIA GPU, or run with --device cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was requested but MPS is not available here; run with --device cpu.")
+    return torch.device(name)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Data
+#
+# Every corpus ends up as the same few arrays: a train and a val token stream (documents joined by an
+# end-of-document token; training samples random windows of block_size tokens, as nanoGPT does) and a
+# held-out set of documents, with labels where the data has them, that feeds both evaluations.
+
+
+@dataclass
+class Corpus:
+    name: str
+    vocab_size: int  # ids 0..vocab_size-1; [MASK] is vocab_size
+    train: np.ndarray
+    val: np.ndarray
+    eval_docs: list  # held-out documents, each an int array of at most block_size tokens
+    eval_texts: list  # their text (the TF-IDF baseline reads it)
+    eval_labels: np.ndarray = None  # int label per held-out document, or None
+    label_names: list = field(default_factory=list)
+    itos: list = None  # synthetic corpus: word per id
+    encoding: str = None  # text corpora: tiktoken encoding name
+    vocab_ids: np.ndarray = None  # text corpora: model id -> tiktoken id (vocabulary compaction)
+    note: str = ""  # said once when the corpus loads (e.g. why clustering is skipped)
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        if self.itos is not None:
+            return " ".join("[MASK]" if i >= len(self.itos) else self.itos[i] for i in ids).replace(" .", ".").replace(" ,", ",")
+        if self.vocab_ids is not None:
+            ids = [int(self.vocab_ids[i]) for i in ids if i < len(self.vocab_ids)]
+        return load_encoding(self.encoding).decode(ids)
+
+
+# --- The built-in corpus: a small English-like language with latent topics ----------------------------
+# Its word list is its tokenizer, so no download is needed and samples decode to readable words. A
+# document's topic shows partly in which words it uses (each topic has a few words of its own, used
+# sparingly) and partly in its structure: which verb follows which subject, which object follows which
+# verb, and which sentence templates it prefers differ by topic over a shared vocabulary. A bag of words
+# sees only part of that; a model that reads context can see the rest.
+
+SYN_DETS = "the a this every some".split()
+SYN_PREPS = "in on near with under after".split()
+SYN_NOUNS = ("river market engine garden letter window teacher doctor child farmer city road bridge "
+             "house village forest mountain island station camera signal office student judge nurse pilot "
+             "driver painter singer worker friend neighbour stranger captain model paper box table lamp "
+             "door wall field boat train plane horse dog bird stone").split()
+SYN_VERBS = ("found saw moved built carried opened closed followed watched helped called painted "
+             "visited answered cleaned lifted pushed pulled held sent kept checked chose left").split()
+SYN_ADJS = ("old new small large quiet busy bright dark early late cold warm green red slow quick "
+            "empty full strange simple heavy light young careful").split()
+SYN_TOPIC_WORDS = {
+    "sport": "team coach goal match season league referee stadium trophy athlete".split(),
+    "business": "company market profit bank shares investor merger contract budget client".split(),
+    "science": "atom experiment theory laboratory molecule telescope planet protein sample physicist".split(),
+    "weather": "storm rain wind cloud thunder forecast snow flood heatwave drought".split(),
+    "music": "guitar concert melody band chorus album drummer violin rhythm ballad".split(),
+    "health": "clinic vaccine patient therapy virus fever surgeon diet symptom recovery".split(),
+}
+SYN_TEMPLATES = [  # sentence shapes; each topic prefers some of them
+    "D A N V D N .",
+    "D N V D A N P D N .",
+    "P D N , D N V D N .",
+    "D N and D N V D N .",
+    "D A N V P D N .",
+]
+
+
+def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_size=64, n_topics=4, seed=1):
+    """A deterministic labelled corpus in a toy language (see the comment above). Returns a Corpus."""
+    if not 2 <= n_topics <= len(SYN_TOPIC_WORDS):
+        raise UsageError(f"the synthetic corpus has between 2 and {len(SYN_TOPIC_WORDS)} topics, not {n_topics}.")
+    rng = random.Random(seed)
+    topics = list(SYN_TOPIC_WORDS)[:n_topics]
+    itos = ["<eos>", ".", ",", "and"] + SYN_DETS + SYN_PREPS + SYN_NOUNS + SYN_VERBS + SYN_ADJS
+    itos += [w for t in topics for w in SYN_TOPIC_WORDS[t] if w not in itos]
+    stoi = {w: i for i, w in enumerate(itos)}
+    # Structure per topic: each subject noun prefers two verbs, each verb prefers three objects,
+    # each adjective prefers one noun, and the topic weights the sentence templates its own way.
+    style = []
+    for _ in topics:
+        style.append(dict(
+            verbs={n: rng.sample(SYN_VERBS, 2) for n in SYN_NOUNS},
+            objects={v: rng.sample(SYN_NOUNS, 3) for v in SYN_VERBS},
+            templates=[rng.random() ** 2 for _ in SYN_TEMPLATES],
+        ))
+
+    def noun(k):  # mostly shared nouns; sometimes the topic's own word, rarely another topic's
+        r = rng.random()
+        if r < 0.12:
+            return rng.choice(SYN_TOPIC_WORDS[topics[k]])
+        if r < 0.16:
+            return rng.choice(SYN_TOPIC_WORDS[topics[rng.randrange(n_topics)]])
+        return rng.choice(SYN_NOUNS)
+
+    def sentence(k):
+        s = style[k]
+        words, subject, verb = [], None, None
+        for slot in rng.choices(SYN_TEMPLATES, weights=s["templates"])[0].split():
+            if slot == "D":
+                words.append(rng.choice(SYN_DETS))
+            elif slot == "P":
+                words.append(rng.choice(SYN_PREPS))
+            elif slot == "A":
+                words.append(rng.choice(SYN_ADJS))
+            elif slot == "V":
+                verb = rng.choice(s["verbs"][subject]) if subject in s["verbs"] and rng.random() < 0.8 else rng.choice(SYN_VERBS)
+                words.append(verb)
+            elif slot == "N":
+                if verb is not None and rng.random() < 0.7:  # the verb picks its object
+                    w = rng.choice(s["objects"][verb])
+                else:
+                    w = noun(k)
+                subject = w if verb is None else subject
+                words.append(w)
+            else:
+                words.append(slot)
+        return words
+
+    def document(k):
+        words = []
+        while len(words) < block_size:
+            words += sentence(k)
+        return [stoi[w] for w in words]
+
+    def stream(docs):
+        return np.array([t for d in docs for t in d + [stoi["<eos>"]]], dtype=np.int64)
+
+    labels = [i % n_topics for i in range(n_train_docs + n_val_docs + n_eval_docs)]
+    docs = [document(k) for k in labels]
+    eval_docs = [np.array(d[:block_size]) for d in docs[n_train_docs + n_val_docs:]]
+    return Corpus(
+        name="synthetic", vocab_size=len(itos), itos=itos,
+        train=stream(docs[:n_train_docs]), val=stream(docs[n_train_docs:n_train_docs + n_val_docs]),
+        eval_docs=eval_docs, eval_texts=[" ".join(itos[t] for t in d) for d in eval_docs],
+        eval_labels=np.array(labels[n_train_docs + n_val_docs:]), label_names=topics)
+
+
+# --- Real text: .txt / .jsonl / a folder of them, tokenized with tiktoken -----------------------------
+
+def load_encoding(name):
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise UsageError(f"unknown tiktoken encoding {name!r}; --encoding takes one of: {', '.join(tiktoken.list_encoding_names())}.") from None
+    except Exception as e:  # no network, no cache
+        raise UsageError(
+            f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}). tiktoken downloads an encoding "
+            "once and caches it: either run once with network access, or set TIKTOKEN_CACHE_DIR to a folder that "
+            "already holds its files (on the project machines: TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache).") from None
+
+
+def read_utf8(path):
+    raw = open(path, "rb").read()
+    if not raw.strip():
+        raise UsageError(f"{path} is empty. Put some documents in it, or point --data elsewhere.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}. "
+                         "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+
+
+def read_documents(path):
+    """Returns [(text, label or None)] from a .txt file (documents separated by blank lines),
+    a .jsonl file ({"text": ..., "label": ...} per line) or a folder holding such files."""
+    if not os.path.exists(path):
+        raise UsageError(f"--data {path}: no such file or folder. Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
+        if not files:
+            raise UsageError(f"--data {path}: the folder holds no .txt or .jsonl files.")
+        return [doc for f in files for doc in read_documents(f)]
+    text = read_utf8(path)
+    if path.endswith(".jsonl"):
+        docs, has_label = [], None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). Each line must be one object like {{\"text\": \"...\", \"label\": \"...\"}}.") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise UsageError(f"{path} line {n} has no \"text\" string. Each line must be one object like {{\"text\": \"...\", \"label\": \"...\"}}.")
+            if has_label is None:
+                has_label = "label" in obj
+            if ("label" in obj) != has_label:
+                raise UsageError(f"{path} line {n}: some lines have a \"label\" and others not; label every line or none.")
+            docs.append((obj["text"], str(obj["label"]) if has_label else None))
+        return docs
+    if path.endswith(".txt"):
+        return [(p.strip(), None) for p in text.split("\n\n") if p.strip()]
+    raise UsageError(f"--data {path}: unknown file type; use a .txt or .jsonl file (see data/README.md).")
+
+
+def source_fingerprint(path):
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
+    """Tokenize (or load the cached tokens of) a text corpus; split documents train/val/held-out by seed."""
+    cache = f"{os.path.normpath(path)}.{encoding}.seed{seed}"
+    meta_file, fingerprint = cache + ".meta.json", source_fingerprint(path) if os.path.exists(path) else None
+    meta, write_cache = None, False
+    if fingerprint and os.path.exists(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if meta.get("fingerprint") != fingerprint:
+            meta = None  # the source changed: rebuild
+    if meta is not None:
+        dtype = np.dtype(meta["dtype"])
+        train, val, held = (np.memmap(f"{cache}.{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "eval"))
+        texts, labels, label_names = meta["eval_texts"], meta["eval_labels"], meta["label_names"]
+        eot = meta["eot"]
+    else:
+        docs = read_documents(path)
+        enc = load_encoding(encoding)
+        eot = enc.eot_token
+        order = np.random.default_rng(seed).permutation(len(docs))
+        n_eval = min(2000, max(1, round(0.1 * len(docs))))
+        n_val = min(5000, max(1, round(0.05 * len(docs))))
+        if len(docs) < 3:
+            raise UsageError(f"{path} holds {len(docs)} document(s); at least 3 are needed (train, val, held-out) and hundreds are better. "
+                             "In a .txt file, separate documents with a blank line.")
+        held_docs = [docs[i] for i in order[:n_eval]]
+        tokens = enc.encode_ordinary_batch([t for t, _ in docs])
+        dtype = np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
+
+        def stream(ids):
+            return np.array([t for i in ids for t in tokens[i] + [eot]], dtype=dtype)
+
+        train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
+        texts = [t for t, _ in held_docs]
+        raw_labels = [lab for _, lab in held_docs]
+        label_names = sorted(set(lab for _, lab in docs)) if docs[0][1] is not None and all(lab is not None for _, lab in docs) else []
+        labels = [label_names.index(lab) for lab in raw_labels] if label_names else None
+        meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, eot=eot,
+                    eval_texts=texts, eval_labels=labels, label_names=label_names)
+        write_cache = True  # once the splits pass the checks below
+    # split the held-out stream back into documents (each ends with eot), cut to block_size for clustering
+    ends = np.flatnonzero(np.asarray(held) == eot)
+    held_docs = [np.asarray(held[s:e]) for s, e in zip(np.r_[0, ends[:-1] + 1], ends)]
+    for name, arr in (("train", train), ("val", val), ("held-out", held)):
+        if len(arr) <= block_size:
+            raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
+                             "Add documents, or lower --block_size.")
+    if write_cache:
+        try:  # cache next to the source: each file under a temporary name, then renamed; meta.json last
+            for name, arr in (("train", train), ("val", val), ("eval", held)):
+                arr.tofile(f"{cache}.{name}.bin.tmp")
+                os.replace(f"{cache}.{name}.bin.tmp", f"{cache}.{name}.bin")
+            with open(meta_file + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.replace(meta_file + ".tmp", meta_file)
+        except OSError as e:
+            print(f"note: cannot write the token cache next to {path} ({e.strerror}); tokenizing again next run.")
+    vocab_ids = None
+    if compact_vocab:  # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
+        vocab_ids = np.unique(np.concatenate([np.unique(a) for a in (train, val, held)] + [[eot]])).astype(np.int64)
+        lookup = np.zeros(int(vocab_ids[-1]) + 1, dtype=np.int64)
+        lookup[vocab_ids] = np.arange(len(vocab_ids))
+        train, val, held_docs = lookup[train], lookup[val], [lookup[d] for d in held_docs]
+        vocab_size = len(vocab_ids)
+    else:
+        vocab_size = load_encoding(encoding).n_vocab
+    note = ""
+    if labels is not None and len(set(labels)) < 2:
+        note = f"clustering skipped: the held-out documents carry only one distinct label ({label_names[labels[0]]!r})."
+        labels = None
+    elif labels is None:
+        note = "clustering skipped: the data has no labels (give a .jsonl file with a \"label\" on every line)."
+    keep = [i for i, d in enumerate(held_docs) if len(d) > 0]
+    return Corpus(
+        name=path, vocab_size=vocab_size, train=train, val=val,
+        eval_docs=[held_docs[i][:block_size] for i in keep], eval_texts=[texts[i] for i in keep],
+        eval_labels=None if labels is None else np.array(labels)[keep], label_names=label_names,
+        encoding=encoding, vocab_ids=vocab_ids, note=note)
+
+
+def load_corpus(args, seed):
+    if args.data == "synthetic":
+        return make_synthetic(block_size=args.block_size, seed=seed)
+    return load_text_corpus(args.data, args.encoding, seed, args.block_size, args.compact_vocab)
+
+
+def get_batch(stream, rng, batch_size, block_size, device):
+    """batch_size random windows of block_size tokens from a token stream, as a (B, T) int64 tensor."""
+    starts = rng.integers(0, len(stream) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([np.asarray(stream[s:s + block_size], dtype=np.int64) for s in starts]))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode:
+# causal=True lets position t attend to positions <= t ("look ahead"), causal=False to all ("look around").
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, causal):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        # is_causal and no mask tensor in the bidirectional case, so the fused (flash) kernels apply
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
+                                 nn.Linear(4 * config.n_embd, config.n_embd), nn.Dropout(config.dropout))
+
+    def forward(self, x, causal):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        # ar_diverse: a light head per extra future offset (2..n_future), a residual n_embd x n_embd map in
+        # front of the shared unembedding. Zero init: every offset starts as a copy of the next-token head.
+        self.future_heads = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd)) if config.n_future > 1 else None
+        for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
+            if p.dim() == 2 and name != "future_heads":
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def features(self, idx, causal=True):
+        """Final hidden states (B, T, n_embd): what the evaluations pool and the heads read."""
+        T = idx.size(1)
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for block in self.blocks:
+            x = block(x, causal)
+        return self.ln_f(x)
+
+    def forward(self, idx, causal=True, positions=None):
+        """Logits over the vocabulary (the [MASK] id is never predicted).
+        positions=None: at every position, (B, T, V). positions (B, S): only there, (B, S, V); the LM head
+        is the largest matmul, so objectives that score few positions read out only those.
+        positions (B, k, S): group j is read out through the head for future offset j+1, (B, k, S, V)."""
+        x = self.features(idx, causal)
+        if positions is not None:
+            x = x.gather(1, positions.flatten(1)[..., None].expand(-1, -1, x.size(-1))).view(*positions.shape, -1)
+            if positions.dim() == 3 and positions.size(1) > 1:  # all offsets' heads in one batched matmul
+                x = torch.cat([x[:, :1], x[:, 1:] + x[:, 1:] @ self.future_heads[:positions.size(1) - 1]], dim=1)
+        return F.linear(x, self.wte.weight[:self.config.vocab_size])  # unembedding tied to the embedding
+
+
+# -----------------------------------------------------------------------------------------------------
+# The four objectives. Each is loss = objective(model, idx) for a (B, T) batch of token ids, and each
+# answers three questions: which attention mode, which positions are hidden, which tokens are targets.
+
+
+def ar(model, idx):
+    """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality hides the future);
+    the target of position t is always the next token x[t+1]: one fixed relative position."""
+    logits = model(idx[:, :-1], causal=True)
+    return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+
+
+def ar_diverse(model, idx):
+    """Diversity-enhanced AR, the paper's fix for AR's clustering: the target of position t is x[t+d] for
+    offsets d = 1..n_future, not only x[t+1], so targets sit at varied positions and connect more samples,
+    as masked targets do. Causal attention; nothing hidden. Choices the paper leaves open: each offset has
+    a light head of its own (GPT.future_heads), and each step splits the positions at random into n_future
+    equal groups, one per offset, so the head costs what ar's does; in expectation the loss is the mean
+    over offsets of each offset's cross-entropy. Offset 1 is the ordinary head that generation uses."""
+    positions, targets = future_targets(idx, model.config.n_future)
+    logits = model(idx, causal=True, positions=positions)  # (B, k, S, V)
+    nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none").view(targets.shape)
+    scored = (targets >= 0).float()
+    return ((nll * scored).sum((0, 2)) / scored.sum((0, 2)).clamp(min=1)).mean()
+
+
+def future_targets(idx, k):
+    """ar_diverse's targets: positions (B, k, S), a random equal split of 0..T-2 into one group per offset,
+    and targets (B, k, S) = x[t + offset], or -1 (not scored) where t + offset runs past the window."""
+    B, T = idx.shape
+    S = (T - 1) // k
+    positions = torch.rand(B, T - 1, device=idx.device).argsort(dim=1)[:, :k * S].view(B, k, S)
+    target_positions = positions + torch.arange(1, k + 1, device=idx.device).view(1, k, 1)
+    targets = idx.gather(1, target_positions.clamp(max=T - 1).flatten(1)).view(B, k, S)
+    return positions, targets.masked_fill(target_positions >= T, -1)
+
+
+def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
+    """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide the
+    first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and their targets
+    (the original tokens; -1 for slots past n_hidden[b], which are not scored). The gather has a fixed
+    size, so shapes never depend on the data (torch.compile needs no recompiles or graph breaks)."""
+    B, T = idx.shape
+    positions = torch.rand(B, T, device=idx.device).argsort(dim=1)[:, :n_slots]
+    hidden = torch.arange(n_slots, device=idx.device) < n_hidden[:, None]
+    originals = idx.gather(1, positions)
+    replacement = torch.full_like(originals, vocab_size)  # [MASK]
+    if bert_corruption:  # BERT: of the hidden positions, 80% -> [MASK], 10% -> a random token, 10% unchanged
+        r = torch.rand(originals.shape, device=idx.device)
+        replacement = torch.where(r < 0.8, replacement, torch.where(r < 0.9, torch.randint_like(originals, vocab_size), originals))
+    inputs = idx.scatter(1, positions, torch.where(hidden, replacement, originals))
+    return inputs, positions, originals.masked_fill(~hidden, -1)
+
+
+def hide_and_predict(model, idx, n_hidden, n_slots, bert_corruption):
+    """Bidirectional attention over the corrupted input; cross-entropy at the hidden positions only."""
+    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, model.config.vocab_size, bert_corruption)
+    logits = model(inputs, causal=False, positions=positions)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
+def mlm(model, idx):
+    """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%) of
+    positions is hidden; the targets are the hidden tokens, wherever they sit. The visible length is
+    always about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
+    B, T = idx.shape
+    n = max(1, round(model.config.mask_ratio * T))
+    return hide_and_predict(model, idx, torch.full((B,), n, device=idx.device), n, bert_corruption=True)
+
+
+def mlm_varlen(model, idx):
+    """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per
+    sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time
+    prefixes do. Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens."""
+    B, T = idx.shape
+    c = model.config
+    ratios = torch.empty(B, device=idx.device).uniform_(c.varlen_min, c.varlen_max)
+    n_slots = math.ceil(c.varlen_max * T)
+    n_hidden = (ratios * T).round().long().clamp(1, n_slots)
+    return hide_and_predict(model, idx, n_hidden, n_slots, bert_corruption=False)
+
+
+OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
+
+# -----------------------------------------------------------------------------------------------------
+# Evaluation: the paper's two downstream uses of a pretrained model.
+# 1. Clustering: do the representations of held-out documents group by their label?
+# 2. Generation: how well does the model continue prefixes of different lengths?
+
+PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
+
+
+@torch.no_grad()
+def embed_documents(model, docs, causal, device, batch_size=256):
+    """Mean of the final hidden states over each document's tokens. Documents of equal length are batched
+    together, so there is no padding at all to leak into the mean or (bidirectionally) into attention."""
+    model.eval()
+    features = [None] * len(docs)
+    by_length = {}
+    for i, d in enumerate(docs):
+        by_length.setdefault(len(d), []).append(i)
+    for length, ids in by_length.items():
+        for s in range(0, len(ids), batch_size):
+            chunk = ids[s:s + batch_size]
+            x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long, device=device)
+            pooled = model.features(x, causal).mean(dim=1).float().cpu().numpy()
+            for i, f in zip(chunk, pooled):
+                features[i] = f
+    return np.stack(features)
+
+
+def cluster_accuracy(labels, assignment):
+    """Accuracy under the best one-to-one matching of clusters to labels (Hungarian algorithm)."""
+    from scipy.optimize import linear_sum_assignment
+    k = max(labels.max(), assignment.max()) + 1
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (assignment, labels), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return counts[rows, cols].sum() / len(labels)
+
+
+def cluster_scores(features, labels, seed):
+    """KMeans with k = number of labels on standardized features -> NMI, ARI, matched accuracy."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.preprocessing import StandardScaler
+    if not hasattr(features, "tocsr"):
+        features = StandardScaler().fit_transform(features)
+    assignment = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(features)
+    return dict(nmi=float(normalized_mutual_info_score(labels, assignment)),
+                ari=float(adjusted_rand_score(labels, assignment)),
+                acc=float(cluster_accuracy(labels, assignment)))
+
+
+def probe_accuracy(features, labels, seed):
+    """A linear probe: logistic regression trained on half the held-out documents, scored on the other half."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    stratify = labels if np.bincount(labels).min() >= 2 else None
+    f_tr, f_te, y_tr, y_te = train_test_split(features, labels, test_size=0.5, random_state=seed, stratify=stratify)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(f_tr, y_tr)
+    return float(probe.score(f_te, y_te))
+
+
+def evaluate_clustering(model, corpus, causal, seed, device):
+    """The trained model and two baselines: the same architecture untrained, and TF-IDF + KMeans."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    labels = corpus.eval_labels
+    result = cluster_scores(feats := embed_documents(model, corpus.eval_docs, causal, device), labels, seed)
+    result["probe_acc"] = probe_accuracy(feats, labels, seed)
+    torch.manual_seed(seed)  # the untrained baseline is the model this run started from
+    untrained = GPT(model.config).to(device)
+    feats = embed_documents(untrained, corpus.eval_docs, causal, device)
+    random_init = dict(cluster_scores(feats, labels, seed), probe_acc=probe_accuracy(feats, labels, seed))
+    tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
+    result["baselines"] = {"random_init": random_init, "tfidf": tfidf}
+    return result
+
+
+def gen_windows(corpus, block_size, n):
+    """Up to n held-out sequences of exactly block_size tokens, cut from the held-out documents in a row."""
+    stream = np.concatenate(corpus.eval_docs)
+    n = min(n, len(stream) // block_size)
+    return torch.tensor(stream[:n * block_size].reshape(n, block_size), dtype=torch.long)
+
+
+def scored_positions(block_size):
+    """For each prefix fraction f: after a prefix of l = f*T tokens, score the next min(T/8, T-l) tokens."""
+    out = {}
+    for f in PREFIX_FRACTIONS:
+        prefix = int(f * block_size)
+        out[f] = list(range(prefix, prefix + min(block_size // 8, block_size - prefix)))
+    return out
+
+
+@torch.no_grad()
+def next_token_nll(model, seqs, positions, causal, batch_size=256):
+    """-log p(x[p] | x[<p]) for each sequence and each position p in positions: (N, len(positions)).
+    Causal models read it off one teacher-forced pass (logits at p-1). Masked models must generate the
+    way they can: the block holds the true tokens before p and [MASK] at p and every later position,
+    and the prediction is read at p. One forward pass per (sequence, position): batched here."""
+    model.eval()
+    N, T = seqs.shape
+    device = next(model.parameters()).device
+    pos = torch.tensor(positions, device=device)
+    if causal:
+        out = []
+        for s in range(0, N, batch_size):
+            x = seqs[s:s + batch_size].to(device)
+            logits = model(x, causal=True, positions=(pos - 1).expand(len(x), -1)).float()
+            out.append(F.cross_entropy(logits.transpose(1, 2), x[:, pos], reduction="none"))
+        return torch.cat(out).cpu()
+    P = len(positions)
+    flat_seq = torch.arange(N).repeat_interleave(P)  # one row per (sequence, position)
+    flat_pos = pos.cpu().repeat(N)
+    nll = torch.empty(N * P)
+    for s in range(0, N * P, batch_size):
+        x = seqs[flat_seq[s:s + batch_size]].to(device)
+        p = flat_pos[s:s + batch_size].to(device)
+        targets = x.gather(1, p[:, None]).squeeze(1)
+        x = x.masked_fill(torch.arange(T, device=device)[None, :] >= p[:, None], model.config.vocab_size)
+        logits = model(x, causal=False, positions=p[:, None])[:, 0].float()
+        nll[s:s + batch_size] = F.cross_entropy(logits, targets, reduction="none").cpu()
+    return nll.view(N, P)
+
+
+def evaluate_generation(model, corpus, causal, n_seqs):
+    t0 = time.time()
+    T = model.config.block_size
+    seqs = gen_windows(corpus, T, n_seqs)
+    by_fraction = scored_positions(T)
+    nll = next_token_nll(model, seqs, [p for ps in by_fraction.values() for p in ps], causal)
+    ppl_by_prefix, col = {}, 0
+    for f, ps in by_fraction.items():
+        ppl_by_prefix[str(f)] = float(torch.exp(nll[:, col:col + len(ps)].mean()))
+        col += len(ps)
+    return {"ppl": float(torch.exp(nll.mean())), "ppl_by_prefix": ppl_by_prefix, "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=None):
+    """Continue a prefix one token at a time. One loop serves both kinds of model: the block holds the
+    tokens so far and [MASK] after them; a causal model predicts position p from position p-1 (and never
+    sees the masks), a masked model predicts it in place, from everything visible around it."""
+    model.eval()
+    T, device = model.config.block_size, next(model.parameters()).device
+    x = torch.full((1, T), model.config.vocab_size, dtype=torch.long, device=device)
+    x[0, :len(prefix)] = torch.as_tensor(prefix, device=device)
+    end = min(T, len(prefix) + n_new)
+    for p in range(len(prefix), end):
+        read_at = torch.tensor([[p - 1 if causal else p]], device=device)
+        logits = model(x, causal=causal, positions=read_at)[0, 0].float() / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        x[0, p] = torch.multinomial(F.softmax(logits, dim=-1).cpu(), 1, generator=generator).item()
+    return x[0, :end].tolist()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def unigram_entropy(stream):
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(stream, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12)):
+        if key in name:
+            return flops
+    return 312e12  # unknown card: compare with an A100's dense bf16 peak, as nanoGPT does
+
+
+def flops_per_token(model):
+    """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the matmuls plus attention."""
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def autocast_context(device):
+    """bf16 autocast on CUDA (fp16 + a GradScaler where bf16 is unsupported); plain fp32 elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def make_optimizer(model, args, device):
+    """AdamW, fused on CUDA; weight decay on matrices and embeddings, not on biases and LayerNorm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.99), fused=device.type == "cuda")
+
+
+def learning_rate(it, args):
+    """Linear warmup, then cosine decay to a tenth of the peak at lr_decay_iters."""
+    decay_iters = args.lr_decay_iters or args.max_iters
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    progress = min(1.0, (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters))
+    return args.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def estimate_val_loss(model, objective, corpus, args, device, seed):
+    """Mean objective loss on fixed val batches with fixed masks (a forked RNG), so successive estimates
+    are comparable and evaluating never disturbs the training run's random stream."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        losses = [objective(model, get_batch(corpus.val, rng, args.batch_size, args.block_size, device)).item()
+                  for _ in range(args.eval_iters)]
+    model.train()
+    return float(np.mean(losses))
+
+
+def save_checkpoint(path, **state):
+    """Write to a temporary name, then rename: an interrupted save never leaves a broken checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def train(args, corpus, objective_name, seed, out_dir, device, ddp):
+    """Pretrain one model with one objective. Returns (model, stats)."""
+    rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
+    master = rank == 0
+    objective = OBJECTIVES[objective_name]
+    config = GPTConfig(vocab_size=corpus.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
+                       varlen_max=args.varlen_max, n_future=args.n_future if objective_name == "ar_diverse" else 1)
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    model = GPT(config).to(device)
+    optimizer = make_optimizer(model, args, device)
+    data_rng = np.random.default_rng([seed, rank])
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    iter_num = 0
+    tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
+                 "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, or point --out_dir at the run.")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["objective"] != objective_name or ckpt["config"] != asdict(config):
+            raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with config {ckpt['config']}; "
+                             "give the same --objective, data and model flags as that run, or another --out_dir.")
+        if ckpt["tokenizer"] != tokenizer:
+            raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; use the same --data and --seed.")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num = ckpt["iter"]
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        if master:
+            data_rng.bit_generator.state = ckpt["rng"]["numpy"]
+        else:  # other ranks: a fresh stream for this point of the run
+            data_rng = np.random.default_rng([seed, rank, iter_num])
+        print(f"resumed {ckpt_path} at iter {iter_num}")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model.config = config  # so the objectives can read model.config through the wrapper
+    autocast, scaler = autocast_context(device)
+    tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
+    if master:
+        print(f"{objective_name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
+              f"{tokens_per_iter} tokens/iter on {device}{f' x {world} processes' if world > 1 else ''}")
+    val_loss, t_start, timed_tokens, timed_seconds = float("nan"), time.time(), 0, 0.0
+    t_last, losses_since_log, start_iter = time.time(), [], iter_num
+    while True:
+        lr = learning_rate(iter_num, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
+            val_loss = estimate_val_loss(raw_model, objective, corpus, args, device, seed)
+            print(f"iter {iter_num}: val loss {val_loss:.4f}")
+            if iter_num > start_iter or iter_num == args.max_iters:
+                os.makedirs(out_dir, exist_ok=True)
+                save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                config=asdict(config), objective=objective_name, iter=iter_num, seed=seed, tokenizer=tokenizer,
+                                rng={"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
+                                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
+        if iter_num >= args.max_iters:
+            break
+        x = get_batch(corpus.train, data_rng, args.batch_size, args.block_size, device)
+        for micro in range(args.gradient_accumulation_steps):
+            last_micro = micro == args.gradient_accumulation_steps - 1
+            sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss = objective(model, x) / args.gradient_accumulation_steps
+                if not last_micro:  # fetch the next micro-batch while the device works on this one
+                    x = get_batch(corpus.train, data_rng, args.batch_size, args.block_size, device)
+                (scaler.scale(loss) if scaler else loss).backward()
+            losses_since_log.append(loss.detach())
+        if scaler:
+            scaler.unscale_(optimizer)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
+            # the only host-device sync of the training loop: once per log interval
+            iters = len(losses_since_log) // args.gradient_accumulation_steps
+            train_loss = torch.stack(losses_since_log).sum().item() / iters
+            dt = time.time() - t_last
+            if iter_num - start_iter > iters:  # the first interval includes warm-up (allocation, compilation)
+                timed_tokens, timed_seconds = timed_tokens + iters * tokens_per_iter, timed_seconds + dt
+            if master:
+                msg = f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, {iters * tokens_per_iter / dt:,.0f} tokens/s"
+                if device.type == "cuda":
+                    msg += f", MFU {100 * flops_per_token(raw_model) * iters * tokens_per_iter / dt / peak_flops(device):.1f}%"
+                print(msg)
+            t_last, losses_since_log = time.time(), []
+    seconds = time.time() - t_start
+    stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else (iter_num - start_iter) * tokens_per_iter / seconds,
+             "final_val_loss": val_loss, "seconds": seconds}
+    return raw_model, stats
+
+
+# -----------------------------------------------------------------------------------------------------
+# Benchmark: training steps on random token ids, optionally side by side with nanoGPT's model.py
+
+
+def bench(args, device):
+    """Time training steps (after warm-up) of one objective; with --bench_nanogpt, time nanoGPT's GPT at
+    the same size in the same run, alternating rounds so both see the same machine conditions."""
+    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
+                       varlen_max=args.varlen_max, n_future=args.n_future if args.objective == "ar_diverse" else 1)
+    autocast, _ = autocast_context(device)
+    torch.manual_seed(args.seed)
+    data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
+
+    def make_step(model, loss_fn):
+        optimizer = make_optimizer(model, args, device)
+
+        def step():
+            with autocast:
+                loss = loss_fn(model)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    ours = GPT(config).to(device)
+    objective = OBJECTIVES[args.objective]
+    runs = {"lookaround": make_step(torch.compile(ours) if args.compile else ours, lambda m: objective(m, data[:, :-1]))}
+    if args.bench_nanogpt:
+        spec = importlib.util.spec_from_file_location("nanogpt_model", args.bench_nanogpt)
+        nanogpt = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nanogpt)
+        ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=True)).to(device)
+        # nanoGPT trains on x = window[:-1], y = window[1:], each block_size long
+        runs["nanogpt"] = make_step(torch.compile(ref) if args.compile else ref, lambda m: m(data[:, :-1], data[:, 1:])[1])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in runs.values():  # warm-up: allocation, autotuning, compilation
+        for _ in range(3):
+            step()
+    sync()
+    times = {name: [] for name in runs}
+    rounds = 5
+    for _ in range(rounds):
+        for name, step in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(max(1, args.bench_iters // rounds)):
+                step()
+            sync()
+            times[name].append((time.perf_counter() - t0) / max(1, args.bench_iters // rounds))
+    tokens = args.batch_size * args.block_size
+    report = {"objective": args.objective, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+              "n_params": ours.num_params(), "batch_size": args.batch_size, "block_size": args.block_size,
+              "ms_per_iter": 1000 * float(np.median(times["lookaround"])),
+              "tokens_per_s": tokens / float(np.median(times["lookaround"])), "mfu": None}
+    if device.type == "cuda":
+        report["mfu"] = flops_per_token(ours) * report["tokens_per_s"] / peak_flops(device)
+    print(f"bench {args.objective} on {report['device']} ({torch.get_num_threads()} threads), {report['n_params'] / 1e6:.2f}M params, "
+          f"batch {args.batch_size} x block {args.block_size}, vocab {args.vocab_size}:")
+    print(f"  lookaround {report['ms_per_iter']:8.1f} ms/iter {report['tokens_per_s']:10,.0f} tokens/s"
+          + (f"  MFU {100 * report['mfu']:.1f}%" if report["mfu"] is not None else ""))
+    if "nanogpt" in times:
+        report["nanogpt_ms_per_iter"] = 1000 * float(np.median(times["nanogpt"]))
+        report["nanogpt_tokens_per_s"] = tokens / float(np.median(times["nanogpt"]))
+        report["speed_ratio"] = report["tokens_per_s"] / report["nanogpt_tokens_per_s"]
+        print(f"  nanoGPT    {report['nanogpt_ms_per_iter']:8.1f} ms/iter {report['nanogpt_tokens_per_s']:10,.0f} tokens/s"
+              f"  (lookaround / nanoGPT = {report['speed_ratio']:.2f}x)")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+# -----------------------------------------------------------------------------------------------------
+# Main: one run = train + both evaluations + results.json; --objective all / --seeds repeat it.
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def run(args, objective, seed, corpus, out_dir, device, ddp):
+    model, train_stats = train(args, corpus, objective, seed, out_dir, device, ddp)
+    if ddp and ddp["rank"] != 0:
+        return None
+    causal = CAUSAL[objective]
+    results = {"objective": objective, "seed": seed, "data": args.data, "train": train_stats, "cluster": None, "gen": None}
+    H = unigram_entropy(corpus.train)
+    print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in {train_stats['seconds']:.1f} s, "
+          f"{train_stats['tokens_per_s']:,.0f} tokens/s; val loss {train_stats['final_val_loss']:.3f} "
+          f"(unigram entropy {H:.3f}, uniform ln V {math.log(corpus.vocab_size):.3f})")
+    if args.eval_cluster and corpus.eval_labels is not None:
+        c = results["cluster"] = evaluate_clustering(model, corpus, causal, seed, device)
+        b = c["baselines"]
+        print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels:   NMI    ARI    ACC  probe")
+        for name, r in ((objective, c), (f"random init ({'causal' if causal else 'bidirectional'})", b["random_init"]), ("tf-idf + k-means", b["tfidf"])):
+            print(f"  {name:<40} {fmt(r['nmi'])}  {fmt(r['ari'])}  {fmt(r['acc'])}  {fmt(r.get('probe_acc'))}")
+    elif args.eval_cluster:
+        print(corpus.note or "clustering skipped.")
+    if args.eval_gen:
+        g = results["gen"] = evaluate_generation(model, corpus, causal, args.gen_seqs)
+        print(f"generation: perplexity of the next tokens after a prefix of f*T tokens ({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
+        print("  " + "  ".join(f"f={f:<6}" for f in g["ppl_by_prefix"]) + "  all")
+        print("  " + "  ".join(f"{v:<8.2f}" for v in g["ppl_by_prefix"].values()) + f"  {g['ppl']:.2f}")
+    if args.sample:
+        seqs = gen_windows(corpus, args.block_size, args.sample)
+        generator = torch.Generator().manual_seed(seed)
+        prefix_len = args.block_size // 4
+        print(f"samples ({'sampled left to right' if causal else 'unmasked left to right'}, temperature {args.temperature}, top-k {args.top_k}):")
+        for seq in seqs:
+            out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature, args.top_k, generator)
+            print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def summarize(all_results):
+    """The paper-style comparison: objectives and baselines as rows; clustering and generation as columns."""
+    rows = {}
+    for r in all_results:
+        obj, c, g = r["objective"], r["cluster"], r["gen"]
+        rows.setdefault(obj, []).append({**(c or {}), **({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()} | {"ppl": g["ppl"]} if g else {})})
+        if c:
+            mode = "causal" if CAUSAL[obj] else "bidirectional"
+            if obj in ("ar", "mlm") or f"random init ({mode})" not in rows:
+                rows.setdefault(f"random init ({mode})", {})[r["seed"]] = c["baselines"]["random_init"]
+            rows.setdefault("tf-idf + k-means", {})[r["seed"]] = c["baselines"]["tfidf"]
+    columns = ["nmi", "ari", "acc", "probe_acc"] + [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
+    table = {}
+    for name, runs in rows.items():
+        runs = list(runs.values()) if isinstance(runs, dict) else runs
+        table[name] = {}
+        for col in columns:
+            vals = [run[col] for run in runs if run.get(col) is not None]
+            if vals:
+                table[name][col] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+    n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
+    header = ["NMI", "ARI", "ACC", "probe"] + [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]
+    width = 14 if n_seeds > 1 else 10
+    print(f"\nsummary over {n_seeds} seed(s){' (mean±std)' if n_seeds > 1 else ''}: clustering of held-out documents, "
+          "generation perplexity after a prefix of f*T tokens")
+    print(" " * 28 + "".join(f"{h:>{width}}" for h in header))
+    order = [n for n in OBJECTIVE_NAMES if n in table] + [n for n in table if n not in OBJECTIVE_NAMES]
+    for name in order:
+        cells = []
+        for col in columns:
+            v = table[name].get(col)
+            digits = 3 if col in ("nmi", "ari", "acc", "probe_acc") else 2
+            cells.append("-" if v is None else f"{v['mean']:.{digits}f}" + (f"±{v['std']:.{digits}f}" if n_seeds > 1 else ""))
+        print(f"{name:<28}" + "".join(f"{c:>{width}}" for c in cells))
+    return table
+
+
+def setup_ddp(device_name):
+    """Under torchrun (RANK set): one process per device, NCCL on CUDA, Gloo on CPU."""
+    if "RANK" not in os.environ:
+        return None
+    import torch.distributed as dist
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = device_name in ("cuda", "auto") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return {"rank": rank, "local_rank": local_rank, "world": world, "device": torch.device("cuda", local_rank) if use_cuda else None}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp = None
+    try:
+        check_args(args)
+        ddp = setup_ddp(args.device)
+        device = ddp["device"] if ddp and ddp["device"] is not None else resolve_device(args.device)
+        if device.type == "cpu":  # one thread per core this process may use, shared among local processes
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            torch.set_num_threads(max(1, cores // (int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if args.bench:
+            bench(args, device)
+            return 0
+        objectives = OBJECTIVE_NAMES if args.objective == "all" else [args.objective]
+        all_results = []
+        for seed in args.seeds:
+            corpus = load_corpus(args, seed)  # identical data for every objective at this seed
+            if corpus.note and (not ddp or ddp["rank"] == 0):
+                print(f"note: {corpus.note}")
+            for objective in objectives:
+                out_dir = os.path.join(args.out_dir, *([objective] if len(objectives) > 1 else []),
+                                       *([f"seed{seed}"] if len(args.seeds) > 1 else []))
+                result = run(args, objective, seed, corpus, out_dir, device, ddp)
+                if result is not None:
+                    all_results.append(result)
+        if len(all_results) > 1:
+            table = summarize(all_results)
+            with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+                json.dump({"runs": all_results, "table": table}, f, indent=2)
+        return 0
+    except UsageError as e:
+        print(f"lookaround: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ddp:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

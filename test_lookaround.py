@@ -1,0 +1,570 @@
+"""Tests for lookaround.py. Run: python -m pytest -q test_lookaround.py
+
+Real-text tests read LOOKAROUND_AG_NEWS (path to the AG News test.csv) and TIKTOKEN_CACHE_DIR (or network)
+and skip with a reason where those are absent."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lookaround as L
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
+        "--warmup_iters", "2", "--eval_iters", "2", "--log_interval", "5", "--gen_seqs", "8"]
+
+
+def tiny_model(vocab_size=97, n_future=4, seed=0):
+    torch.manual_seed(seed)
+    return L.GPT(L.GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64, n_future=n_future))
+
+
+def random_ids(B=4, T=32, V=97, seed=0):
+    return torch.randint(V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and objectives
+
+
+@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+def test_loss_at_init_is_close_to_ln_vocab(name):
+    torch.manual_seed(1)
+    loss = L.OBJECTIVES[name](tiny_model(), random_ids(B=16)).item()
+    assert abs(loss - math.log(97)) < 0.15, loss
+
+
+def test_forward_shapes_and_mask_row():
+    model = tiny_model()
+    idx = random_ids()
+    assert model(idx).shape == (4, 32, 97)  # the [MASK] id is never predicted
+    assert model.wte.weight.shape[0] == 98
+    assert model(idx, causal=False, positions=torch.zeros(4, 5, dtype=torch.long)).shape == (4, 5, 97)
+    assert model(idx, positions=torch.zeros(4, 3, 5, dtype=torch.long)).shape == (4, 3, 5, 97)
+
+
+@pytest.mark.parametrize("three_d", [False, True])
+def test_causal_attention_does_not_leak_the_future(three_d):
+    model = tiny_model().eval()
+    with torch.no_grad():  # non-zero offset heads, so the per-offset path is exercised too
+        model.future_heads.normal_(std=0.1)
+    idx = random_ids(B=2)
+    t = 12
+    changed = idx.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 97
+    positions = torch.arange(t + 1).expand(2, -1)
+    if three_d:
+        positions = positions[:, None, :].expand(2, 4, -1)
+    a = model(idx, causal=True, positions=positions)
+    b = model(changed, causal=True, positions=positions)
+    assert torch.allclose(a, b, atol=1e-6)
+    # and the test can fail: bidirectional attention does see the change
+    assert not torch.allclose(model(idx, causal=False)[:, :t + 1], model(changed, causal=False)[:, :t + 1], atol=1e-4)
+
+
+def test_mlm_varlen_targets_never_reach_the_input():
+    torch.manual_seed(0)
+    idx = random_ids(B=64)
+    B, T = idx.shape
+    ratios = torch.empty(B).uniform_(0.05, 0.95)
+    n_slots = math.ceil(0.95 * T)
+    n_hidden = (ratios * T).round().long().clamp(1, n_slots)
+    inputs, positions, targets = L.hide_tokens(idx, n_hidden, n_slots, 97, bert_corruption=False)
+    scored = targets >= 0
+    assert (scored.sum(1) == n_hidden).all()
+    assert (inputs.gather(1, positions)[scored] == 97).all()  # every target position shows [MASK]
+    assert (targets[scored] == idx.gather(1, positions)[scored]).all()
+    unhidden = torch.ones_like(idx, dtype=torch.bool).scatter(1, positions, ~scored)
+    assert (inputs[unhidden] == idx[unhidden]).all()  # everything else is untouched
+    visible = (inputs != 97).sum(1).float() / T
+    assert visible.min() < 0.2 and visible.max() > 0.8  # the visible length really varies
+
+
+def test_mlm_bert_corruption_keeps_targets_out_of_the_input_except_the_keep_case():
+    torch.manual_seed(0)
+    V = 1000  # large, so a random replacement rarely equals the original by chance
+    idx = torch.randint(V, (256, 64))
+    n = round(0.15 * 64)
+    inputs, positions, targets = L.hide_tokens(idx, torch.full((256,), n), n, V, bert_corruption=True)
+    assert (targets >= 0).all() and targets.shape == (256, n)
+    shown = inputs.gather(1, positions)
+    frac_mask = (shown == V).float().mean().item()
+    frac_same = (shown == targets).float().mean().item()
+    assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.02, (frac_mask, frac_same)
+    unhidden = torch.ones_like(idx, dtype=torch.bool).scatter(1, positions, False)
+    assert (inputs[unhidden] == idx[unhidden]).all()
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm_varlen"])
+def test_fast_masked_loss_equals_full_logits_reference(name):
+    model = tiny_model()
+    idx = random_ids(B=8)
+    torch.manual_seed(3)
+    fast = L.OBJECTIVES[name](model, idx)
+    # reference: the same hidden positions (same RNG draws), logits at every position, loss where hidden
+    torch.manual_seed(3)
+    c = model.config
+    B, T = idx.shape
+    if name == "mlm":
+        n = round(c.mask_ratio * T)
+        inputs, positions, targets = L.hide_tokens(idx, torch.full((B,), n), n, 97, bert_corruption=True)
+    else:
+        ratios = torch.empty(B).uniform_(c.varlen_min, c.varlen_max)
+        n_slots = math.ceil(c.varlen_max * T)
+        inputs, positions, targets = L.hide_tokens(idx, (ratios * T).round().long().clamp(1, n_slots), n_slots, 97, bert_corruption=False)
+    full_targets = torch.full_like(idx, -1).scatter(1, positions, targets)
+    reference = F.cross_entropy(model(inputs, causal=False).flatten(0, 1), full_targets.flatten(), ignore_index=-1)
+    assert torch.allclose(fast, reference, atol=1e-5), (fast, reference)
+
+
+def test_ar_diverse_batched_heads_equal_a_per_offset_reference():
+    model = tiny_model(n_future=3)
+    with torch.no_grad():
+        model.future_heads.normal_(std=0.1)
+    idx = random_ids(B=8)
+    torch.manual_seed(5)
+    fast = L.ar_diverse(model, idx)
+    torch.manual_seed(5)
+    positions, targets = L.future_targets(idx, 3)
+    h = model.features(idx, causal=True)
+    per_offset = []
+    for d in range(3):  # one offset at a time, a plain loop as a reader would write it
+        rows = h[torch.arange(8)[:, None], positions[:, d]]
+        if d > 0:
+            rows = rows + rows @ model.future_heads[d - 1]
+        logits = rows @ model.wte.weight[:97].T
+        per_offset.append(F.cross_entropy(logits.flatten(0, 1), targets[:, d].flatten(), ignore_index=-1))
+    assert torch.allclose(fast, torch.stack(per_offset).mean(), atol=1e-5)
+    # the targets are the tokens d steps ahead
+    b, d, s = 0, 2, 0
+    t = positions[b, d, s].item()
+    assert targets[b, d, s].item() == (idx[b, t + d + 1].item() if t + d + 1 < 32 else -1)
+
+
+@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+def test_forward_compiles_without_graph_breaks(name):
+    # torch.compile compiles GPT.forward; each objective calls it with fixed-shape positions
+    model = tiny_model()
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda *a, **k: calls.append((a, k)) or real_forward(*a, **k)
+    L.OBJECTIVES[name](model, random_ids())
+    (args, kwargs), = calls
+    explanation = torch._dynamo.explain(real_forward)(*args, **kwargs)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_ar_loss_is_next_token_cross_entropy():
+    model = tiny_model()
+    idx = random_ids()
+    logits = model(idx)
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+    assert torch.allclose(L.ar(model, idx), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+def test_each_objective_loss_falls_on_a_fixed_batch(name):
+    corpus = L.make_synthetic(n_train_docs=50, n_val_docs=2, n_eval_docs=4, block_size=32)
+    torch.manual_seed(0)
+    model = L.GPT(L.GPTConfig(vocab_size=corpus.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64))
+    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, 32, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = L.OBJECTIVES[name](model, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.75, losses  # nats
+
+
+# ---------------------------------------------------------------------------------------------------
+# The built-in corpus
+
+
+def test_synthetic_corpus_is_deterministic_labelled_and_readable():
+    a = L.make_synthetic(n_train_docs=40, n_val_docs=8, n_eval_docs=40, block_size=48, seed=3)
+    b = L.make_synthetic(n_train_docs=40, n_val_docs=8, n_eval_docs=40, block_size=48, seed=3)
+    c = L.make_synthetic(n_train_docs=40, n_val_docs=8, n_eval_docs=40, block_size=48, seed=4)
+    assert np.array_equal(a.train, b.train) and not np.array_equal(a.train, c.train)
+    assert all(len(d) == 48 for d in a.eval_docs)  # documents fill the block
+    assert sorted(np.bincount(a.eval_labels)) == [10, 10, 10, 10]
+    assert a.train.max() < a.vocab_size
+    text = a.decode(a.eval_docs[0])
+    assert all(w.strip(".,") in a.itos for w in text.split())
+
+
+def test_synthetic_topics_are_partly_lexical_partly_structural():
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    c = L.make_synthetic(n_train_docs=0, n_val_docs=0, n_eval_docs=800, seed=1)
+    topic_words = {w for ws in L.SYN_TOPIC_WORDS.values() for w in ws}
+    stripped = [" ".join(w for w in t.split() if w not in topic_words) for t in c.eval_texts]
+
+    def probe(texts, ngrams):
+        X = CountVectorizer(token_pattern=r"\S+", ngram_range=ngrams).fit_transform(texts)
+        return cross_val_score(LogisticRegression(max_iter=3000), X, c.eval_labels, cv=4).mean()
+
+    bag_of_words = probe(c.eval_texts, (1, 1))
+    assert bag_of_words < 0.97  # a bag of words cannot separate the topics perfectly
+    assert probe(stripped, (2, 2)) > probe(stripped, (1, 1)) + 0.03  # word order carries topic evidence
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def test_cluster_metrics_on_known_clusters():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    separated = np.eye(4)[labels] * 10 + rng.normal(scale=0.1, size=(200, 4))
+    perfect = L.cluster_scores(separated, labels, seed=0)
+    assert perfect["nmi"] > 0.999 and perfect["ari"] > 0.999 and perfect["acc"] == 1.0
+    assert L.probe_accuracy(separated, labels, seed=0) == 1.0
+    shuffled = L.cluster_scores(separated, rng.permutation(labels), seed=0)
+    assert shuffled["nmi"] < 0.1 and abs(shuffled["ari"]) < 0.1
+    assert L.cluster_accuracy(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0])) == 1.0
+
+
+def test_embeddings_ignore_nothing_and_pad_nothing():
+    model = tiny_model()
+    docs = [np.arange(10), np.arange(20), np.arange(5, 15)]
+    feats = L.embed_documents(model, docs, causal=False, device=torch.device("cpu"))
+    alone = model.features(torch.arange(20)[None], causal=False).mean(1)[0].detach().numpy()
+    assert np.allclose(feats[1], alone, atol=1e-5)  # a document is embedded exactly as on its own
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_batched_generation_scoring_equals_one_position_at_a_time(causal):
+    model = tiny_model().eval()
+    seqs = random_ids(B=3)
+    positions = [p for ps in L.scored_positions(32).values() for p in ps]
+    fast = L.next_token_nll(model, seqs, positions, causal, batch_size=7)
+    V, T = 97, 32
+    for n in range(3):
+        for j, p in enumerate(positions):
+            if causal:  # only the true prefix, nothing after it
+                logits = model(seqs[n:n + 1, :p], causal=True)[0, -1]
+            else:  # the true prefix, then [MASK] at p and everything after it
+                x = seqs[n:n + 1].clone()
+                x[0, p:] = V
+                logits = model(x, causal=False)[0, p]
+            ref = -F.log_softmax(logits, -1)[seqs[n, p]]
+            assert abs(fast[n, j].item() - ref.item()) < 1e-4
+
+
+def test_scored_positions_follow_the_prefix_fractions():
+    sp = L.scored_positions(64)
+    assert sp[0.125] == list(range(8, 16)) and sp[0.75] == list(range(48, 56))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sample_keeps_the_prefix_and_fills_the_rest(causal):
+    model = tiny_model()
+    out = L.sample(model, [1, 2, 3], 10, causal, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out[:3] == [1, 2, 3] and len(out) == 13 and all(0 <= t < 97 for t in out)
+
+
+def check_results_schema(r):
+    assert set(r) == {"objective", "seed", "data", "train", "cluster", "gen"}
+    assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
+    assert {"iters", "tokens_per_s", "final_val_loss", "seconds"} <= set(r["train"])
+    if r["cluster"] is not None:
+        assert {"nmi", "ari", "acc", "probe_acc"} <= set(r["cluster"])
+        assert {"nmi", "ari", "acc", "probe_acc"} <= set(r["cluster"]["baselines"]["random_init"])
+        assert {"nmi", "ari", "acc"} <= set(r["cluster"]["baselines"]["tfidf"])
+    if r["gen"] is not None:
+        assert set(r["gen"]["ppl_by_prefix"]) == {"0.125", "0.25", "0.5", "0.75"}
+        assert all(v > 1 for v in r["gen"]["ppl_by_prefix"].values()) and r["gen"]["ppl"] > 1
+        assert r["gen"]["seconds"] >= 0
+
+
+def test_default_style_run_trains_reports_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert L.main(TINY + ["--objective", "mlm_varlen", "--max_iters", "30", "--eval_interval", "15",
+                          "--sample", "1", "--out_dir", str(out)]) == 0
+    r = json.load(open(out / "results.json"))
+    check_results_schema(r)
+    assert r["cluster"] is not None and r["gen"] is not None and r["train"]["iters"] == 30
+    text = capsys.readouterr().out
+    assert "unigram entropy" in text and "NMI" in text and "perplexity" in text and "->" in text
+    assert os.path.exists(out / "ckpt.pt")
+
+
+def test_default_run_learns_below_unigram_entropy(tmp_path):
+    # the default model for a short budget: the loss must beat what a context-free model can do
+    out = tmp_path / "run"
+    assert L.main(["--max_iters", "120", "--eval_interval", "120", "--no-eval_cluster", "--no-eval_gen", "--out_dir", str(out)]) == 0
+    r = json.load(open(out / "results.json"))
+    corpus = L.make_synthetic(seed=1)
+    assert r["train"]["final_val_loss"] < L.unigram_entropy(corpus.train) - 0.5
+
+
+def test_objective_all_with_seeds_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "all"
+    assert L.main(TINY + ["--objective", "all", "--seeds", "1,2", "--max_iters", "4", "--eval_interval", "4", "--out_dir", str(out)]) == 0
+    for name in L.OBJECTIVE_NAMES:
+        for seed in (1, 2):
+            check_results_schema(json.load(open(out / name / f"seed{seed}" / "results.json")))
+    summary = json.load(open(out / "summary.json"))
+    assert len(summary["runs"]) == 8
+    assert set(summary["table"]) >= set(L.OBJECTIVE_NAMES) | {"random init (causal)", "random init (bidirectional)", "tf-idf + k-means"}
+    assert summary["table"]["ar"]["nmi"]["n"] == 2
+    assert "±" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop: resume, torchrun, flags
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    common = TINY + ["--objective", "mlm", "--dropout", "0.1", "--lr_decay_iters", "20", "--eval_interval", "10",
+                     "--no-eval_cluster", "--no-eval_gen"]
+    assert L.main(common + ["--max_iters", "20", "--out_dir", str(tmp_path / "a")]) == 0
+    assert L.main(common + ["--max_iters", "10", "--out_dir", str(tmp_path / "b")]) == 0
+    assert L.main(common + ["--max_iters", "20", "--out_dir", str(tmp_path / "b"), "--resume"]) == 0
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["iter"] == b["iter"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ra, rb = (json.load(open(tmp_path / x / "results.json")) for x in "ab")
+    assert ra["train"]["final_val_loss"] == rb["train"]["final_val_loss"]
+    # and the comparison can fail: a run that skips the interruption point's state differs
+    assert L.main(common + ["--max_iters", "20", "--seed", "2", "--out_dir", str(tmp_path / "c")]) == 0
+    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)
+    assert not torch.equal(a["model"]["wte.weight"], c["model"]["wte.weight"])
+
+
+def test_resume_without_checkpoint_fails_clearly(tmp_path, capsys):
+    assert L.main(TINY + ["--resume", "--out_dir", str(tmp_path / "none")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "lookaround.py"),
+           *TINY, "--device", "cpu", "--objective", "ar_diverse", "--max_iters", "6", "--eval_interval", "6", "--no-eval_cluster",
+           "--out_dir", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "x 2 processes" in p.stdout
+    r = json.load(open(out / "results.json"))
+    assert r["train"]["iters"] == 6 and math.isfinite(r["train"]["final_val_loss"])
+
+
+def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert L.main(["--device", "cuda", "--out_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "--device cpu" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--varlen_min", "0.9", "--varlen_max", "0.2"], "varlen_min"),
+    (["--n_embd", "30", "--n_head", "4"], "divisible"),
+    (["--objective", "all", "--resume"], "--resume"),
+    (["--seeds", "1,x"], "--seeds"),
+])
+def test_impossible_flag_combinations_are_refused(flags, words, tmp_path, capsys):
+    assert L.main(flags + ["--out_dir", str(tmp_path / "x")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_documents_every_flag():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "lookaround.py"), "--help"], capture_output=True, text=True)
+    assert p.returncode == 0
+    for flag in ["--n_layer", "--n_head", "--n_embd", "--block_size", "--batch_size", "--dropout", "--learning_rate", "--max_iters",
+                 "--warmup_iters", "--weight_decay", "--grad_clip", "--gradient_accumulation_steps", "--eval_interval", "--log_interval",
+                 "--out_dir", "--seed", "--device", "--compile", "--objective", "--data", "--mask_ratio", "--varlen_min", "--varlen_max",
+                 "--n_future", "--resume", "--eval_cluster", "--eval_gen", "--sample", "--seeds", "--encoding", "--compact_vocab",
+                 "--bench", "--vocab_size"]:
+        assert flag in p.stdout, flag
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real text
+
+
+def write(path, content, mode="w"):
+    with open(path, mode) as f:
+        f.write(content)
+    return str(path)
+
+
+def jsonl_corpus(tmp_path, n=60, labelled=True):
+    words = ["alpha beta gamma delta", "river stone bridge water", "market price trade coin"]
+    lines = [json.dumps({"text": f"{words[i % 3]} document number {i} " * 3, **({"label": f"t{i % 3}"} if labelled else {})}) for i in range(n)]
+    return write(tmp_path / "c.jsonl", "\n".join(lines) + "\n")
+
+
+def have_encoding():
+    try:
+        L.load_encoding("gpt2")
+        return True
+    except L.UsageError:
+        return False
+
+
+needs_gpt2 = pytest.mark.skipif(not have_encoding(), reason="tiktoken's gpt2 files are not reachable: set TIKTOKEN_CACHE_DIR (e.g. ../shared/tiktoken_cache) or go online")
+
+
+@needs_gpt2
+def test_jsonl_corpus_compaction_cache_and_rebuild(tmp_path, capsys):
+    path = jsonl_corpus(tmp_path)
+    corpus = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
+    assert corpus.vocab_size < 200 and corpus.train.max() < corpus.vocab_size
+    assert corpus.eval_labels is not None and corpus.label_names == ["t0", "t1", "t2"]
+    meta = path + ".gpt2.seed1.meta.json"
+    assert os.path.exists(meta) and os.path.exists(path + ".gpt2.seed1.train.bin")
+    # decoding maps compact ids back to text
+    assert "document number" in corpus.decode(corpus.eval_docs[0])
+    # the cache is reused: same arrays, meta untouched
+    stamp = os.stat(meta).st_mtime_ns
+    again = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
+    assert os.stat(meta).st_mtime_ns == stamp and np.array_equal(again.train, corpus.train)
+    # a changed source rebuilds it
+    write(path, json.dumps({"text": "brand new words entirely here " * 5, "label": "t9"}) + "\n", mode="a")
+    rebuilt = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
+    assert os.stat(meta).st_mtime_ns != stamp and len(rebuilt.train) + len(rebuilt.val) > len(corpus.train) + len(corpus.val)
+    # another split seed, another cache; the splits differ
+    other = L.load_text_corpus(path, "gpt2", 2, 16, compact_vocab=True)
+    assert os.path.exists(path + ".gpt2.seed2.meta.json") and not np.array_equal(other.val, rebuilt.val)
+    # the full vocabulary on request
+    assert L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=False).vocab_size == 50257
+
+
+@needs_gpt2
+def test_txt_corpus_is_unlabelled_and_skips_clustering_with_a_reason(tmp_path, capsys):
+    path = write(tmp_path / "plain.txt", "\n\n".join(f"paragraph {i} says something about the weather today " * 3 for i in range(40)))
+    out = tmp_path / "run"
+    assert L.main(TINY + ["--data", path, "--max_iters", "4", "--eval_interval", "4", "--out_dir", str(out)]) == 0
+    r = json.load(open(out / "results.json"))
+    assert r["cluster"] is None and r["gen"] is not None
+    assert "no labels" in capsys.readouterr().out
+
+
+@needs_gpt2
+def test_checkpoint_stores_the_vocabulary_mapping(tmp_path):
+    path = jsonl_corpus(tmp_path)
+    out = tmp_path / "run"
+    assert L.main(TINY + ["--data", path, "--max_iters", "3", "--eval_interval", "3", "--no-eval_cluster", "--no-eval_gen",
+                          "--block_size", "16", "--out_dir", str(out)]) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    corpus = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
+    assert np.array_equal(ckpt["tokenizer"]["vocab_ids"], corpus.vocab_ids) and ckpt["tokenizer"]["encoding"] == "gpt2"
+
+
+@needs_gpt2
+def test_only_one_label_skips_clustering_and_training_goes_on(tmp_path, capsys):
+    path = write(tmp_path / "one.jsonl", "\n".join(json.dumps({"text": f"same topic text {i} " * 6, "label": "only"}) for i in range(40)))
+    out = tmp_path / "run"
+    assert L.main(TINY + ["--data", path, "--block_size", "16", "--max_iters", "3", "--eval_interval", "3", "--out_dir", str(out)]) == 0
+    assert "only one distinct label" in capsys.readouterr().out
+    assert json.load(open(out / "results.json"))["cluster"] is None
+
+
+def bad_inputs(tmp_path):
+    many = "\n".join(json.dumps({"text": f"words {i} " * 5, "label": "a"}) for i in range(10))
+    return {
+        "missing": (str(tmp_path / "nope.jsonl"), "no such file"),
+        "empty": (write(tmp_path / "empty.jsonl", ""), "is empty"),
+        "not utf-8": (write(tmp_path / "latin.txt", b"caf\xe9 au lait\n\nmore text here", "wb"), "byte 3 (line 1)"),
+        "bad json": (write(tmp_path / "bad.jsonl", many + "\n{not json}\n"), "line 11 is not valid JSON"),
+        "no text": (write(tmp_path / "notext.jsonl", many + "\n" + json.dumps({"body": "x", "label": "a"}) + "\n"), "line 11 has no \"text\""),
+        "too short": (write(tmp_path / "short.jsonl", "\n".join(json.dumps({"text": "hi", "label": str(i % 2)}) for i in range(6))), "too few for --block_size"),
+        "too few": (write(tmp_path / "two.jsonl", '{"text": "a"}\n{"text": "b"}\n'), "at least 3 are needed"),
+    }
+
+
+@needs_gpt2
+@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8", "bad json", "no text", "too short", "too few"])
+def test_bad_input_is_a_clear_error_with_nothing_written(case, tmp_path, capsys):
+    path, words = bad_inputs(tmp_path)[case]
+    before = set(os.listdir(tmp_path))
+    assert L.main(TINY + ["--data", path, "--out_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err, err
+    assert set(os.listdir(tmp_path)) == before  # no cache, no checkpoint, no out_dir
+
+
+@needs_gpt2
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    path, _ = bad_inputs(tmp_path)["bad json"]
+    p = subprocess.run([sys.executable, os.path.join(HERE, "lookaround.py"), "--data", path, "--out_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "line 11" in p.stderr
+
+
+def test_unknown_or_unloadable_encoding_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    path = jsonl_corpus(tmp_path)
+    assert L.main(TINY + ["--data", path, "--encoding", "no_such_encoding", "--out_dir", str(tmp_path / "o")]) == 2
+    assert "unknown tiktoken encoding" in capsys.readouterr().err
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    assert L.main(TINY + ["--data", path, "--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "TIKTOKEN_CACHE_DIR" in err and "network" in err
+    assert not (tmp_path / "o").exists() and not os.path.exists(path + ".gpt2.seed1.meta.json")
+
+
+def test_prepare_ag_news_converts_local_csv(tmp_path):
+    csv_path = write(tmp_path / "test.csv", '"3","Fears for T N pension","Unions say they are \\\\disappointed\\\\."\n'
+                                          '"2","Team wins","A \\\\nbig night."\n')
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--csv", csv_path, "--out", str(tmp_path / "ag")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "ag" / "test.jsonl")]
+    assert [r["label"] for r in rows] == ["Business", "Sports"]
+    assert rows[0]["text"].startswith("Fears for T N pension. Unions") and "\\" not in rows[1]["text"]
+    bad = write(tmp_path / "bad.csv", '"7","x","y"\n')
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--csv", bad, "--out", str(tmp_path / "ag2")],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "row 1" in p.stderr and not (tmp_path / "ag2").exists()
+
+
+AG_NEWS = os.environ.get("LOOKAROUND_AG_NEWS")
+
+
+@needs_gpt2
+@pytest.mark.skipif(not AG_NEWS or not os.path.exists(AG_NEWS), reason="set LOOKAROUND_AG_NEWS to the AG News test.csv (../shared/datasets/ag_news/test.csv)")
+def test_ag_news_end_to_end(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--csv", AG_NEWS, "--out", str(tmp_path / "ag")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    path = str(tmp_path / "ag" / "test.jsonl")
+    out = tmp_path / "run"
+    assert L.main(TINY + ["--data", path, "--objective", "mlm", "--max_iters", "10", "--eval_interval", "10", "--out_dir", str(out)]) == 0
+    r = json.load(open(out / "results.json"))
+    check_results_schema(r)
+    assert r["cluster"] is not None and 0 <= r["cluster"]["nmi"] <= 1
+    assert r["cluster"]["baselines"]["tfidf"]["nmi"] > 0.03  # chance is ~0.003: the held-out labels line up with their texts
+    corpus = L.load_text_corpus(path, "gpt2", 1, 32, compact_vocab=True)
+    assert len(corpus.eval_docs) == 760 and 5000 < corpus.vocab_size < 50257
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def test_bench_writes_a_valid_bench_json(tmp_path):
+    out = tmp_path / "bench"
+    assert L.main(TINY + ["--bench", "--objective", "mlm", "--bench_iters", "5", "--vocab_size", "512", "--out_dir", str(out)]) == 0
+    b = json.load(open(out / "bench.json"))
+    assert set(b) >= {"objective", "device", "n_params", "batch_size", "block_size", "ms_per_iter", "tokens_per_s", "mfu"}
+    assert b["objective"] == "mlm" and b["ms_per_iter"] > 0 and b["tokens_per_s"] > 0 and b["batch_size"] == 8
