@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -131,7 +132,8 @@ def check_args(args):
         problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: need 0 < varlen_min <= varlen_max < 1.")
     if args.n_future < 1 or args.n_future >= args.block_size:
         problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
-    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "bench_iters"]:
+    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                 "log_interval", "bench_iters"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1.")
     if args.block_size < 8:
@@ -140,6 +142,10 @@ def check_args(args):
         problems.append("--max_iters and --warmup_iters cannot be negative.")
     if args.temperature <= 0:
         problems.append("--temperature must be positive.")
+    if not 0 <= args.dropout < 1:
+        problems.append(f"--dropout {args.dropout} must lie in [0, 1).")
+    if args.top_k < 0 or args.sample < 0 or args.gen_seqs < 1 or args.vocab_size < 2:
+        problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 and --vocab_size at least 2.")
     if args.seeds is not None:
         try:
             args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -185,8 +191,10 @@ class Corpus:
     vocab_size: int  # ids 0..vocab_size-1; [MASK] is vocab_size
     train: np.ndarray
     val: np.ndarray
-    eval_docs: list  # held-out documents, each an int array of at most block_size tokens
-    eval_texts: list  # their text (the TF-IDF baseline reads it)
+    held: np.ndarray  # the held-out documents as a stream (separators included), as train and val
+    held_starts: np.ndarray  # where each held-out document starts in it
+    eval_docs: list  # held-out documents cut to block_size tokens: what the clustering evaluation embeds
+    eval_texts: list  # the same cut documents as text (the TF-IDF baseline reads it)
     eval_labels: np.ndarray = None  # int label per held-out document, or None
     label_names: list = field(default_factory=list)
     itos: list = None  # synthetic corpus: word per id
@@ -299,10 +307,12 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
 
     labels = [i % n_topics for i in range(n_train_docs + n_val_docs + n_eval_docs)]
     docs = [document(k) for k in labels]
-    eval_docs = [np.array(d[:block_size]) for d in docs[n_train_docs + n_val_docs:]]
+    held_docs = docs[n_train_docs + n_val_docs:]
+    eval_docs = [np.array(d[:block_size]) for d in held_docs]
     return Corpus(
         name="synthetic", vocab_size=len(itos), itos=itos,
         train=stream(docs[:n_train_docs]), val=stream(docs[n_train_docs:n_train_docs + n_val_docs]),
+        held=stream(held_docs), held_starts=np.cumsum([0] + [len(d) + 1 for d in held_docs[:-1]]),
         eval_docs=eval_docs, eval_texts=[" ".join(itos[t] for t in d) for d in eval_docs],
         eval_labels=np.array(labels[n_train_docs + n_val_docs:]), label_names=topics)
 
@@ -310,7 +320,10 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
 # --- Real text: .txt / .jsonl / a folder of them, tokenized with tiktoken -----------------------------
 
 def load_encoding(name):
-    import tiktoken
+    try:
+        import tiktoken
+    except ImportError:
+        raise UsageError("text data needs tiktoken: pip install -r requirements.txt") from None
     try:
         return tiktoken.get_encoding(name)
     except ValueError:
@@ -322,138 +335,160 @@ def load_encoding(name):
             "already holds its files (on the project machines: TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache).") from None
 
 
-def read_utf8(path):
-    raw = open(path, "rb").read()
-    if not raw.strip():
-        raise UsageError(f"{path} is empty. Put some documents in it, or point --data elsewhere.")
+def source_files(path):
+    """The files behind --data: the file itself, or every .txt/.jsonl file below a folder, sorted."""
+    if not os.path.exists(path):
+        raise UsageError(f"--data {path}: no such file or folder. Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
+    if os.path.isfile(path):
+        if not path.endswith((".txt", ".jsonl")):
+            raise UsageError(f"--data {path}: unknown file type; use a .txt or .jsonl file (see data/README.md).")
+        return [path]
+    files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
+    if not files:
+        raise UsageError(f"--data {path}: the folder holds no .txt or .jsonl files.")
+    return files
+
+
+def read_bytes(path):
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UsageError(f"{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}. "
-                         "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}. Check the path and its permissions.") from None
 
 
 def read_documents(path):
     """Returns [(text, label or None)] from a .txt file (documents separated by blank lines),
     a .jsonl file ({"text": ..., "label": ...} per line) or a folder holding such files."""
-    if not os.path.exists(path):
-        raise UsageError(f"--data {path}: no such file or folder. Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
     if os.path.isdir(path):
-        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
-        if not files:
-            raise UsageError(f"--data {path}: the folder holds no .txt or .jsonl files.")
-        return [doc for f in files for doc in read_documents(f)]
-    text = read_utf8(path)
-    if path.endswith(".jsonl"):
-        docs, has_label = [], None
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). Each line must be one object like {{\"text\": \"...\", \"label\": \"...\"}}.") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise UsageError(f"{path} line {n} has no \"text\" string. Each line must be one object like {{\"text\": \"...\", \"label\": \"...\"}}.")
-            if has_label is None:
-                has_label = "label" in obj
-            if ("label" in obj) != has_label:
-                raise UsageError(f"{path} line {n}: some lines have a \"label\" and others not; label every line or none.")
-            docs.append((obj["text"], str(obj["label"]) if has_label else None))
-        return docs
+        return [doc for f in source_files(path) for doc in read_documents(f)]
+    raw = read_bytes(path)
+    if not raw.strip():
+        raise UsageError(f"{path} is empty. Put some documents in it, or point --data elsewhere.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}. "
+                         "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
     if path.endswith(".txt"):
-        return [(p.strip(), None) for p in text.split("\n\n") if p.strip()]
-    raise UsageError(f"--data {path}: unknown file type; use a .txt or .jsonl file (see data/README.md).")
+        return [(p.strip(), None) for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
+    docs, has_label = [], None
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and friends
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). "
+                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise UsageError(f"{path} line {n} has no \"text\" string. Each line must be one object like {{\"text\": \"...\", \"label\": \"...\"}}.")
+        labelled = obj.get("label") is not None
+        has_label = labelled if has_label is None else has_label
+        if labelled != has_label:
+            raise UsageError(f"{path} line {n}: some lines have a \"label\" and others not; label every line or none.")
+        if obj["text"].strip():
+            docs.append((obj["text"], str(obj["label"]) if labelled else None))
+    return docs
+
+
+CACHE_VERSION = 1  # bump when the cache's layout or the split rule changes
 
 
 def source_fingerprint(path):
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
-    h = hashlib.sha256()
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    """sha256 over the source files' names and bytes (and the cache version): any edit rebuilds the cache."""
+    h = hashlib.sha256(f"lookaround-cache-v{CACHE_VERSION}".encode())
+    for f in source_files(path):
+        h.update(os.path.relpath(f, path if os.path.isdir(path) else os.path.dirname(path) or ".").encode() + b"\0")
+        h.update(read_bytes(f))
     return h.hexdigest()
+
+
+def read_token_cache(cache, fingerprint):
+    """(meta, [train, val, held]) from a token cache that matches the source, or None to rebuild."""
+    try:
+        with open(cache + ".meta.json") as f:
+            meta = json.load(f)
+        if meta["fingerprint"] != fingerprint:
+            return None
+        return meta, [np.memmap(f"{cache}.{s}.bin", dtype=np.dtype(meta["dtype"]), mode="r") for s in ("train", "val", "held")]
+    except (OSError, ValueError, KeyError):  # missing, half-deleted or damaged: rebuild
+        return None
+
+
+def write_token_cache(cache, meta, arrays):
+    """Each file under a temporary name (unique per process, for torchrun), then renamed; meta.json last,
+    so a cache with a meta file is always whole."""
+    tmp = f".tmp{os.getpid()}"
+    try:
+        for name, arr in zip(("train", "val", "held"), arrays):
+            arr.tofile(f"{cache}.{name}.bin{tmp}")
+            os.replace(f"{cache}.{name}.bin{tmp}", f"{cache}.{name}.bin")
+        with open(f"{cache}.meta.json{tmp}", "w") as f:
+            json.dump(meta, f)
+        os.replace(f"{cache}.meta.json{tmp}", cache + ".meta.json")
+    except OSError as e:
+        print(f"note: cannot write the token cache {cache}.* ({e.strerror}); tokenizing again next run.")
 
 
 def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
     """Tokenize (or load the cached tokens of) a text corpus; split documents train/val/held-out by seed."""
     cache = f"{os.path.normpath(path)}.{encoding}.seed{seed}"
-    meta_file, fingerprint = cache + ".meta.json", source_fingerprint(path) if os.path.exists(path) else None
-    meta, write_cache = None, False
-    if fingerprint and os.path.exists(meta_file):
-        with open(meta_file) as f:
-            meta = json.load(f)
-        if meta.get("fingerprint") != fingerprint:
-            meta = None  # the source changed: rebuild
-    if meta is not None:
-        dtype = np.dtype(meta["dtype"])
-        train, val, held = (np.memmap(f"{cache}.{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "eval"))
-        texts, labels, label_names = meta["eval_texts"], meta["eval_labels"], meta["label_names"]
-        eot = meta["eot"]
+    fingerprint = source_fingerprint(path)
+    enc = load_encoding(encoding)
+    cached = read_token_cache(cache, fingerprint)
+    if cached:
+        meta, (train, val, held) = cached
     else:
         docs = read_documents(path)
-        enc = load_encoding(encoding)
-        eot = enc.eot_token
+        if len(docs) < 3:
+            raise UsageError(f"{path} holds {len(docs)} non-empty document(s); at least 3 are needed (train, val, held-out) "
+                             "and hundreds are better. In a .txt file, separate documents with a blank line.")
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = min(2000, max(1, round(0.1 * len(docs))))
         n_val = min(5000, max(1, round(0.05 * len(docs))))
-        if len(docs) < 3:
-            raise UsageError(f"{path} holds {len(docs)} document(s); at least 3 are needed (train, val, held-out) and hundreds are better. "
-                             "In a .txt file, separate documents with a blank line.")
-        held_docs = [docs[i] for i in order[:n_eval]]
         tokens = enc.encode_ordinary_batch([t for t, _ in docs])
         dtype = np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
 
         def stream(ids):
-            return np.array([t for i in ids for t in tokens[i] + [eot]], dtype=dtype)
+            return np.array([t for i in ids for t in tokens[i] + [enc.eot_token]], dtype=dtype)
 
         train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
-        texts = [t for t, _ in held_docs]
-        raw_labels = [lab for _, lab in held_docs]
-        label_names = sorted(set(lab for _, lab in docs)) if docs[0][1] is not None and all(lab is not None for _, lab in docs) else []
-        labels = [label_names.index(lab) for lab in raw_labels] if label_names else None
-        meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, eot=eot,
-                    eval_texts=texts, eval_labels=labels, label_names=label_names)
-        write_cache = True  # once the splits pass the checks below
-    # split the held-out stream back into documents (each ends with eot), cut to block_size for clustering
-    ends = np.flatnonzero(np.asarray(held) == eot)
-    held_docs = [np.asarray(held[s:e]) for s, e in zip(np.r_[0, ends[:-1] + 1], ends)]
-    for name, arr in (("train", train), ("val", val), ("held-out", held)):
+        label_names = sorted({lab for _, lab in docs}) if docs[0][1] is not None else []
+        meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, label_names=label_names,
+                    held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None)
+    # the held-out stream back into documents (each ends with the end-of-text token)
+    ends = np.flatnonzero(np.asarray(held) == enc.eot_token)
+    starts = np.r_[0, ends[:-1] + 1]
+    for name, arr in (("train", train), ("val", val)):
         if len(arr) <= block_size:
             raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
                              "Add documents, or lower --block_size.")
-    if write_cache:
-        try:  # cache next to the source: each file under a temporary name, then renamed; meta.json last
-            for name, arr in (("train", train), ("val", val), ("eval", held)):
-                arr.tofile(f"{cache}.{name}.bin.tmp")
-                os.replace(f"{cache}.{name}.bin.tmp", f"{cache}.{name}.bin")
-            with open(meta_file + ".tmp", "w") as f:
-                json.dump(meta, f)
-            os.replace(meta_file + ".tmp", meta_file)
-        except OSError as e:
-            print(f"note: cannot write the token cache next to {path} ({e.strerror}); tokenizing again next run.")
-    vocab_ids = None
+    if not (starts + block_size <= len(held)).any():
+        raise UsageError(f"{path}: the held-out split has {len(held)} tokens, too few for one --block_size {block_size} "
+                         "window for the generation evaluation. Add documents, or lower --block_size.")
+    if not cached:
+        write_token_cache(cache, meta, (train, val, held))
+    eval_raw = [np.asarray(held[s:e][:block_size]) for s, e in zip(starts, ends)]
+    vocab_ids, vocab_size = None, enc.n_vocab
     if compact_vocab:  # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
-        vocab_ids = np.unique(np.concatenate([np.unique(a) for a in (train, val, held)] + [[eot]])).astype(np.int64)
-        lookup = np.zeros(int(vocab_ids[-1]) + 1, dtype=np.int64)
+        vocab_ids = np.unique(np.concatenate([np.unique(a) for a in (train, val, held)] + [[enc.eot_token]])).astype(np.int64)
+        lookup = np.zeros(int(vocab_ids[-1]) + 1, dtype=np.uint16 if len(vocab_ids) <= 2 ** 16 else np.uint32)
         lookup[vocab_ids] = np.arange(len(vocab_ids))
-        train, val, held_docs = lookup[train], lookup[val], [lookup[d] for d in held_docs]
+        train, val, held = lookup[train], lookup[val], lookup[held]
         vocab_size = len(vocab_ids)
-    else:
-        vocab_size = load_encoding(encoding).n_vocab
-    note = ""
+    labels, label_names, note = meta["held_labels"], meta["label_names"], ""
     if labels is not None and len(set(labels)) < 2:
         note = f"clustering skipped: the held-out documents carry only one distinct label ({label_names[labels[0]]!r})."
         labels = None
     elif labels is None:
         note = "clustering skipped: the data has no labels (give a .jsonl file with a \"label\" on every line)."
-    keep = [i for i, d in enumerate(held_docs) if len(d) > 0]
     return Corpus(
-        name=path, vocab_size=vocab_size, train=train, val=val,
-        eval_docs=[held_docs[i][:block_size] for i in keep], eval_texts=[texts[i] for i in keep],
-        eval_labels=None if labels is None else np.array(labels)[keep], label_names=label_names,
+        name=path, vocab_size=vocab_size, train=train, val=val, held=held, held_starts=starts,
+        eval_docs=[np.asarray(held[s:s + len(d)]) for s, d in zip(starts, eval_raw)],
+        eval_texts=[enc.decode(d.tolist()) for d in eval_raw],  # the text the models see, no more
+        eval_labels=None if labels is None else np.array(labels), label_names=label_names,
         encoding=encoding, vocab_ids=vocab_ids, note=note)
 
 
@@ -651,7 +686,7 @@ def embed_documents(model, docs, causal, device, batch_size=256):
     by_length = {}
     for i, d in enumerate(docs):
         by_length.setdefault(len(d), []).append(i)
-    for length, ids in by_length.items():
+    for ids in by_length.values():
         for s in range(0, len(ids), batch_size):
             chunk = ids[s:s + batch_size]
             x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long, device=device)
@@ -712,10 +747,10 @@ def evaluate_clustering(model, corpus, causal, seed, device):
 
 
 def gen_windows(corpus, block_size, n):
-    """Up to n held-out sequences of exactly block_size tokens, cut from the held-out documents in a row."""
-    stream = np.concatenate(corpus.eval_docs)
-    n = min(n, len(stream) // block_size)
-    return torch.tensor(stream[:n * block_size].reshape(n, block_size), dtype=torch.long)
+    """Up to n held-out sequences of block_size tokens, each starting where a held-out document starts
+    (and running on into the next one after its separator, as training windows do)."""
+    starts = corpus.held_starts[corpus.held_starts + block_size <= len(corpus.held)][:n]
+    return torch.tensor(np.stack([np.asarray(corpus.held[s:s + block_size], dtype=np.int64) for s in starts]))
 
 
 def scored_positions(block_size):
@@ -811,16 +846,18 @@ def peak_flops(device):
 
 
 def flops_per_token(model):
-    """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the matmuls plus attention."""
+    """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the parameters other than the
+    position embedding, plus attention. It counts the output layer at every position, also for objectives
+    that read out fewer (mlm), whose MFU it therefore overstates."""
     c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+    return 6 * (model.num_params() - model.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 def autocast_context(device):
     """bf16 autocast on CUDA (fp16 + a GradScaler where bf16 is unsupported); plain fp32 elsewhere."""
     if device.type != "cuda":
         return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return torch.autocast("cuda", dtype=dtype), scaler
 
@@ -848,7 +885,7 @@ def estimate_val_loss(model, objective, corpus, args, device, seed):
     are comparable and evaluating never disturbs the training run's random stream."""
     model.eval()
     rng = np.random.default_rng(seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(seed)
         losses = [objective(model, get_batch(corpus.val, rng, args.batch_size, args.block_size, device)).item()
                   for _ in range(args.eval_iters)]
@@ -870,10 +907,13 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     config = GPTConfig(vocab_size=corpus.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
                        varlen_max=args.varlen_max, n_future=args.n_future if objective_name == "ar_diverse" else 1)
-    torch.manual_seed(seed)  # the same initial weights on every rank
+    torch.manual_seed(seed)  # the same initial weights on every rank...
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, args, device)
+    autocast, scaler = autocast_context(device)
+    # ...then random streams of its own per rank: batches (numpy), masks and dropout (torch)
     data_rng = np.random.default_rng([seed, rank])
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     iter_num = 0
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
@@ -889,14 +929,17 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
             raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; use the same --data and --seed.")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
         iter_num = ckpt["iter"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-        if master:
+        if master:  # the checkpoint holds rank 0's random state: continue exactly where it stopped
             data_rng.bit_generator.state = ckpt["rng"]["numpy"]
-        else:  # other ranks: a fresh stream for this point of the run
+            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+            if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
+                torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        else:  # other ranks: fresh streams for this point of the run
             data_rng = np.random.default_rng([seed, rank, iter_num])
+            torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
         print(f"resumed {ckpt_path} at iter {iter_num}")
     raw_model = model
     if args.compile:
@@ -905,7 +948,6 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         model.config = config  # so the objectives can read model.config through the wrapper
-    autocast, scaler = autocast_context(device)
     tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
     if master:
         print(f"{objective_name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
@@ -917,14 +959,17 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
         for group in optimizer.param_groups:
             group["lr"] = lr
         if master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
+            t_eval = time.time()
             val_loss = estimate_val_loss(raw_model, objective, corpus, args, device, seed)
             print(f"iter {iter_num}: val loss {val_loss:.4f}")
             if iter_num > start_iter or iter_num == args.max_iters:
                 os.makedirs(out_dir, exist_ok=True)
                 save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                config=asdict(config), objective=objective_name, iter=iter_num, seed=seed, tokenizer=tokenizer,
+                                scaler=scaler.state_dict() if scaler else None, config=asdict(config), objective=objective_name,
+                                iter=iter_num, seed=seed, tokenizer=tokenizer,
                                 rng={"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
                                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
+            t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
         if iter_num >= args.max_iters:
             break
         x = get_batch(corpus.train, data_rng, args.batch_size, args.block_size, device)
@@ -959,7 +1004,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
             if master:
                 msg = f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, {iters * tokens_per_iter / dt:,.0f} tokens/s"
                 if device.type == "cuda":
-                    msg += f", MFU {100 * flops_per_token(raw_model) * iters * tokens_per_iter / dt / peak_flops(device):.1f}%"
+                    msg += f", MFU {100 * flops_per_token(raw_model) * iters * tokens_per_iter / dt / (world * peak_flops(device)):.1f}%"
                 print(msg)
             t_last, losses_since_log = time.time(), []
     seconds = time.time() - t_start

@@ -376,6 +376,8 @@ def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
     (["--n_embd", "30", "--n_head", "4"], "divisible"),
     (["--objective", "all", "--resume"], "--resume"),
     (["--seeds", "1,x"], "--seeds"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--gen_seqs", "0"], "--gen_seqs"),
 ])
 def test_impossible_flag_combinations_are_refused(flags, words, tmp_path, capsys):
     assert L.main(flags + ["--out_dir", str(tmp_path / "x")]) == 2
@@ -447,6 +449,33 @@ def test_jsonl_corpus_compaction_cache_and_rebuild(tmp_path, capsys):
 
 
 @needs_gpt2
+def test_text_quirks_unicode_line_separators_crlf_and_a_damaged_cache(tmp_path):
+    # U+2028 is legal inside a JSON string: it must not split the line
+    lines = [json.dumps({"text": f"line\u2028break number {i} " * 4, "label": str(i % 2)}, ensure_ascii=False) for i in range(30)]
+    path = write(tmp_path / "u.jsonl", "\n".join(lines))
+    assert len(L.read_documents(path)) == 30
+    # Windows line endings and whitespace-only lines still separate .txt documents
+    txt = write(tmp_path / "crlf.txt", "\r\n \r\n".join(f"document {i}\r\nsecond line" for i in range(5)))
+    assert len(L.read_documents(txt)) == 5
+    # a cache with a file missing is rebuilt, not a crash
+    first = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
+    os.remove(path + ".gpt2.seed1.train.bin")
+    again = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
+    assert np.array_equal(first.train, again.train) and os.path.exists(path + ".gpt2.seed1.train.bin")
+
+
+@needs_gpt2
+def test_generation_windows_start_at_held_out_documents(tmp_path):
+    corpus = L.load_text_corpus(jsonl_corpus(tmp_path), "gpt2", 1, 16, compact_vocab=True)
+    windows = L.gen_windows(corpus, 16, 4)
+    assert len(windows) == 4
+    for w, d in zip(windows, corpus.eval_docs):
+        assert w[:len(d)].tolist() == d.tolist()
+    syn = L.make_synthetic(n_train_docs=4, n_val_docs=2, n_eval_docs=8, block_size=32)
+    assert L.gen_windows(syn, 32, 8).tolist() == [d.tolist() for d in syn.eval_docs]
+
+
+@needs_gpt2
 def test_txt_corpus_is_unlabelled_and_skips_clustering_with_a_reason(tmp_path, capsys):
     path = write(tmp_path / "plain.txt", "\n\n".join(f"paragraph {i} says something about the weather today " * 3 for i in range(40)))
     out = tmp_path / "run"
@@ -486,11 +515,12 @@ def bad_inputs(tmp_path):
         "no text": (write(tmp_path / "notext.jsonl", many + "\n" + json.dumps({"body": "x", "label": "a"}) + "\n"), "line 11 has no \"text\""),
         "too short": (write(tmp_path / "short.jsonl", "\n".join(json.dumps({"text": "hi", "label": str(i % 2)}) for i in range(6))), "too few for --block_size"),
         "too few": (write(tmp_path / "two.jsonl", '{"text": "a"}\n{"text": "b"}\n'), "at least 3 are needed"),
+        "unknown type": (write(tmp_path / "data.csv", "a,b\n"), "unknown file type"),
     }
 
 
 @needs_gpt2
-@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8", "bad json", "no text", "too short", "too few"])
+@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8", "bad json", "no text", "too short", "too few", "unknown type"])
 def test_bad_input_is_a_clear_error_with_nothing_written(case, tmp_path, capsys):
     path, words = bad_inputs(tmp_path)[case]
     before = set(os.listdir(tmp_path))
