@@ -522,7 +522,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, causal):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         # is_causal and no mask tensor in the bidirectional case, so the fused (flash) kernels apply
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -1026,6 +1026,7 @@ def bench(args, device):
     autocast, _ = autocast_context(device)
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # nanoGPT's inputs and next-token targets
 
     def make_step(model, loss_fn):
         optimizer = make_optimizer(model, args, device)
@@ -1041,29 +1042,30 @@ def bench(args, device):
 
     ours = GPT(config).to(device)
     objective = OBJECTIVES[args.objective]
-    runs = {"lookaround": make_step(torch.compile(ours) if args.compile else ours, lambda m: objective(m, data[:, :-1]))}
+    runs = {"lookaround": make_step(torch.compile(ours) if args.compile else ours, lambda m: objective(m, x))}
     if args.bench_nanogpt:
-        spec = importlib.util.spec_from_file_location("nanogpt_model", args.bench_nanogpt)
-        nanogpt = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(nanogpt)
-        ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=True)).to(device)
-        # nanoGPT trains on x = window[:-1], y = window[1:], each block_size long
-        runs["nanogpt"] = make_step(torch.compile(ref) if args.compile else ref, lambda m: m(data[:, :-1], data[:, 1:])[1])
+        try:
+            spec = importlib.util.spec_from_file_location("nanogpt_model", args.bench_nanogpt)
+            nanogpt = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(nanogpt)
+            ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                                                n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=True)).to(device)
+        except Exception as e:
+            raise UsageError(f"--bench_nanogpt {args.bench_nanogpt}: could not build nanoGPT's GPT from it ({type(e).__name__}: {e}); "
+                             "point it at model.py in a nanoGPT checkout.") from None
+        runs["nanogpt"] = make_step(torch.compile(ref) if args.compile else ref, lambda m: m(x, y)[1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in runs.values():  # warm-up: allocation, autotuning, compilation
         for _ in range(3):
             step()
     sync()
     times = {name: [] for name in runs}
-    rounds = 5
-    for _ in range(rounds):
+    for _ in range(args.bench_iters):  # alternate single steps and take medians: robust to drift and hiccups
         for name, step in runs.items():
             t0 = time.perf_counter()
-            for _ in range(max(1, args.bench_iters // rounds)):
-                step()
+            step()
             sync()
-            times[name].append((time.perf_counter() - t0) / max(1, args.bench_iters // rounds))
+            times[name].append(time.perf_counter() - t0)
     tokens = args.batch_size * args.block_size
     report = {"objective": args.objective, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
               "n_params": ours.num_params(), "batch_size": args.batch_size, "block_size": args.block_size,
@@ -1151,14 +1153,14 @@ def summarize(all_results):
         for col in columns:
             vals = [run[col] for run in runs if run.get(col) is not None]
             if vals:
-                table[name][col] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+                table[name][col] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
     n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
     header = ["NMI", "ARI", "ACC", "probe"] + [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]
     width = 14 if n_seeds > 1 else 10
-    print(f"\nsummary over {n_seeds} seed(s){' (mean±std)' if n_seeds > 1 else ''}: clustering of held-out documents, "
+    print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}: clustering of held-out documents, "
           "generation perplexity after a prefix of f*T tokens")
     print(" " * 28 + "".join(f"{h:>{width}}" for h in header))
-    order = [n for n in OBJECTIVE_NAMES if n in table] + [n for n in table if n not in OBJECTIVE_NAMES]
+    order = [n for n in OBJECTIVE_NAMES if n in table] + sorted(n for n in table if n not in OBJECTIVE_NAMES)
     for name in order:
         cells = []
         for col in columns:

@@ -598,3 +598,26 @@ def test_bench_writes_a_valid_bench_json(tmp_path):
     b = json.load(open(out / "bench.json"))
     assert set(b) >= {"objective", "device", "n_params", "batch_size", "block_size", "ms_per_iter", "tokens_per_s", "mfu"}
     assert b["objective"] == "mlm" and b["ms_per_iter"] > 0 and b["tokens_per_s"] > 0 and b["batch_size"] == 8
+
+
+def test_bench_times_a_reference_model_side_by_side(tmp_path):
+    # a stand-in with nanoGPT's interface: GPTConfig(...), GPT(config), forward(idx, targets) -> (logits, loss)
+    ref = write(tmp_path / "model.py", """
+import torch, torch.nn as nn, torch.nn.functional as F
+from dataclasses import dataclass
+@dataclass
+class GPTConfig:
+    block_size: int = 8; vocab_size: int = 8; n_layer: int = 1; n_head: int = 1; n_embd: int = 8; dropout: float = 0.0; bias: bool = True
+class GPT(nn.Module):
+    def __init__(self, c):
+        super().__init__(); self.emb = nn.Embedding(c.vocab_size, c.n_embd); self.head = nn.Linear(c.n_embd, c.vocab_size)
+    def forward(self, idx, targets):
+        logits = self.head(self.emb(idx))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+""")
+    out = tmp_path / "bench"
+    assert L.main(TINY + ["--bench", "--bench_iters", "5", "--vocab_size", "64", "--bench_nanogpt", ref, "--out_dir", str(out)]) == 0
+    b = json.load(open(out / "bench.json"))
+    assert b["nanogpt_tokens_per_s"] > 0 and b["speed_ratio"] == pytest.approx(b["tokens_per_s"] / b["nanogpt_tokens_per_s"])
+    bad = write(tmp_path / "not_nanogpt.py", "x = 1\n")
+    assert L.main(TINY + ["--bench", "--bench_nanogpt", bad, "--out_dir", str(tmp_path / "b2")]) == 2
