@@ -118,6 +118,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def config_from_args(args, objective, vocab_size):
+    """The model for one run. Only ar_diverse trains the extra future-offset heads, so only it builds them."""
+    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                     n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
+                     varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1)
+
+
 class UsageError(Exception):
     """A problem with the flags or the data that the user can fix; main() prints it without a traceback."""
 
@@ -904,9 +911,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
     master = rank == 0
     objective = OBJECTIVES[objective_name]
-    config = GPTConfig(vocab_size=corpus.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                       n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
-                       varlen_max=args.varlen_max, n_future=args.n_future if objective_name == "ar_diverse" else 1)
+    config = config_from_args(args, objective_name, corpus.vocab_size)
     torch.manual_seed(seed)  # the same initial weights on every rank...
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, args, device)
@@ -1019,10 +1024,8 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
 
 def bench(args, device):
     """Time training steps (after warm-up) of one objective; with --bench_nanogpt, time nanoGPT's GPT at
-    the same size in the same run, alternating rounds so both see the same machine conditions."""
-    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                       n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
-                       varlen_max=args.varlen_max, n_future=args.n_future if args.objective == "ar_diverse" else 1)
+    the same size in the same run, alternating single steps so both see the same machine conditions."""
+    config = config_from_args(args, args.objective, args.vocab_size)
     autocast, _ = autocast_context(device)
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)

@@ -568,6 +568,34 @@ def test_prepare_ag_news_converts_local_csv(tmp_path):
     assert p.returncode != 0 and "row 1" in p.stderr and not (tmp_path / "ag2").exists()
 
 
+def test_prepare_ag_news_downloads_when_online(tmp_path):
+    # a local web server on the loopback address stands in for the public copy of the CSVs
+    import functools
+    import http.server
+    import threading
+    web = tmp_path / "web"
+    web.mkdir()
+    write(web / "train.csv", '"1","Talks resume","Leaders meet again."\n"4","New chip","Faster and cooler."\n')
+    write(web / "test.csv", '"2","Cup final","A late goal."\n')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(web))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{{split}}.csv"
+        p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--url", url, "--out", str(tmp_path / "ag")],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()  # the port now refuses connections
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(x)["label"] for x in open(tmp_path / "ag" / "train.jsonl")] == ["World", "Sci/Tech"]
+    assert [json.loads(x)["label"] for x in open(tmp_path / "ag" / "test.jsonl")] == ["Sports"]
+    # offline (nothing listening): a clear message that names the --csv way out, and nothing written
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--url", url, "--out", str(tmp_path / "ag3")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "--csv" in p.stderr and not (tmp_path / "ag3").exists()
+
+
 AG_NEWS = os.environ.get("LOOKAROUND_AG_NEWS")
 
 

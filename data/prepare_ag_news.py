@@ -40,6 +40,7 @@ def convert(csv_text, source):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", nargs="+", help="local AG News CSV files (e.g. train.csv test.csv); default: download both")
+    p.add_argument("--url", default=URL, help="download address, {split} standing for train or test")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ag_news"), help="output folder")
     args = p.parse_args(argv)
     sources = {}
@@ -52,7 +53,7 @@ def main(argv=None):
     else:
         for split in ("train", "test"):
             try:
-                with urllib.request.urlopen(URL.format(split=split), timeout=60) as r:
+                with urllib.request.urlopen(args.url.format(split=split), timeout=60) as r:
                     sources[split] = r.read().decode("utf-8")
             except OSError as e:
                 sys.exit(f"prepare_ag_news: could not download {split}.csv ({e}). Without network, pass local copies: "
