@@ -15,10 +15,10 @@ future tokens, not one fixed position) and a variable-length masked objective (d
 per sequence so the visible length varies).
 
 Read top to bottom: config and flags -> data -> model -> the four objectives -> evaluation ->
-training loop -> main. The four objectives differ only in the attention mode (causal or not), which
+training loop -> benchmark -> main. The four objectives differ only in the attention mode (causal or not), which
 positions are hidden, and which tokens are the targets.
 
-    python lookaround.py                                   # CPU, built-in corpus, a few minutes
+    python lookaround.py                                   # built-in corpus; about 2 minutes on a laptop CPU
     python lookaround.py --objective mlm_varlen --device cuda
     python lookaround.py --objective all --seeds 1,2,3     # the paper's comparison side by side
 """
@@ -63,7 +63,7 @@ OBJECTIVE_NAMES = ["ar", "ar_diverse", "mlm", "mlm_varlen"]
 CAUSAL = {"ar": True, "ar_diverse": True, "mlm": False, "mlm_varlen": False}  # attention mode per objective
 
 
-def parse_args(argv=None):
+def make_parser():
     d = GPTConfig()
     p = argparse.ArgumentParser(
         description="Autoregressive vs masked pretraining (Zhang et al., ICML 2024) in one file.",
@@ -74,48 +74,52 @@ def parse_args(argv=None):
     a("--encoding", default="gpt2", help="tiktoken encoding for text data")
     a("--compact_vocab", action=argparse.BooleanOptionalAction, default=True, help="size the vocabulary to the token ids the corpus uses")
     # model (the same names as GPTConfig)
-    a("--n_layer", type=int, default=d.n_layer)
-    a("--n_head", type=int, default=d.n_head)
-    a("--n_embd", type=int, default=d.n_embd)
-    a("--block_size", type=int, default=d.block_size)
-    a("--dropout", type=float, default=d.dropout)
+    a("--n_layer", type=int, default=d.n_layer, help="Transformer blocks")
+    a("--n_head", type=int, default=d.n_head, help="attention heads per block")
+    a("--n_embd", type=int, default=d.n_embd, help="width of the residual stream")
+    a("--block_size", type=int, default=d.block_size, help="context length in tokens")
+    a("--dropout", type=float, default=d.dropout, help="dropout probability")
     # objectives
     a("--mask_ratio", type=float, default=d.mask_ratio, help="mlm: fraction of positions hidden")
     a("--varlen_min", type=float, default=d.varlen_min, help="mlm_varlen: lowest per-sequence mask ratio")
     a("--varlen_max", type=float, default=d.varlen_max, help="mlm_varlen: highest per-sequence mask ratio")
     a("--n_future", type=int, default=d.n_future, help="ar_diverse: future tokens predicted per position")
     # optimisation (nanoGPT's names)
-    a("--batch_size", type=int, default=32)
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--learning_rate", type=float, default=2e-3)
-    a("--max_iters", type=int, default=1000)
-    a("--lr_decay_iters", type=int, default=None, help="end of the cosine decay (default: max_iters); set it to extend a run with --resume")
-    a("--warmup_iters", type=int, default=50)
-    a("--weight_decay", type=float, default=0.1)
-    a("--grad_clip", type=float, default=1.0)
+    a("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--learning_rate", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    a("--max_iters", type=int, default=1000, help="optimizer steps")
+    a("--lr_decay_iters", type=int, default=None, help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
+    a("--warmup_iters", type=int, default=50, help="linear warmup steps")
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices and embeddings")
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
     # logging, evaluation, checkpoints
-    a("--eval_interval", type=int, default=200)
+    a("--eval_interval", type=int, default=200, help="steps between val-loss estimates and checkpoints")
     a("--eval_iters", type=int, default=10, help="val batches per val-loss estimate")
-    a("--log_interval", type=int, default=50)
-    a("--out_dir", default="out")
+    a("--log_interval", type=int, default=50, help="steps between training-loss lines")
+    a("--out_dir", default="out", help="where ckpt.pt, results.json (and summary.json, bench.json) go")
     a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
     a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True, help="clustering evaluation (where the data has labels)")
     a("--eval_gen", action=argparse.BooleanOptionalAction, default=True, help="generation evaluation (perplexity by prefix length)")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
     a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
-    a("--temperature", type=float, default=1.0)
-    a("--top_k", type=int, default=50)
+    a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
+    a("--top_k", type=int, default=50, help="--sample: keep the k most likely tokens; 0 keeps all")
     # system
-    a("--seed", type=int, default=1)
+    a("--seed", type=int, default=1, help="sets the weights, the random streams, the built-in corpus and the text split")
     a("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: repeat every run and report mean ± std")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--compile", action="store_true", help="torch.compile the model")
     # benchmark
     a("--bench", action="store_true", help="time training steps on random token ids; no data, no evaluation")
-    a("--bench_iters", type=int, default=20)
+    a("--bench_iters", type=int, default=20, help="--bench: timed steps per model")
     a("--vocab_size", type=int, default=8192, help="--bench: vocabulary of the random ids")
     a("--bench_nanogpt", default=None, help="--bench: path to nanoGPT's model.py, timed side by side as the reference")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def config_from_args(args, objective, vocab_size):
@@ -207,7 +211,7 @@ class Corpus:
     itos: list = None  # synthetic corpus: word per id
     encoding: str = None  # text corpora: tiktoken encoding name
     vocab_ids: np.ndarray = None  # text corpora: model id -> tiktoken id (vocabulary compaction)
-    note: str = ""  # said once when the corpus loads (e.g. why clustering is skipped)
+    note: str = ""  # said when the corpus loads and in each run's report (e.g. why clustering is skipped)
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
@@ -262,7 +266,7 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
     itos += [w for t in topics for w in SYN_TOPIC_WORDS[t] if w not in itos]
     stoi = {w: i for i, w in enumerate(itos)}
     # Structure per topic: each subject noun prefers two verbs, each verb prefers three objects,
-    # each adjective prefers one noun, and the topic weights the sentence templates its own way.
+    # and the topic weights the sentence templates its own way.
     style = []
     for _ in topics:
         style.append(dict(
@@ -462,7 +466,11 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
             return np.array([t for i in ids for t in tokens[i] + [enc.eot_token]], dtype=dtype)
 
         train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
-        label_names = sorted({lab for _, lab in docs}) if docs[0][1] is not None else []
+        labelled = sum(lab is not None for _, lab in docs)
+        if 0 < labelled < len(docs):
+            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; label every "
+                             "document (all .jsonl with \"label\") or none.")
+        label_names = sorted({lab for _, lab in docs}) if labelled else []
         meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, label_names=label_names,
                     held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None)
     # the held-out stream back into documents (each ends with the end-of-text token)
@@ -562,7 +570,7 @@ class GPT(nn.Module):
         # front of the shared unembedding. Zero init: every offset starts as a copy of the next-token head.
         self.future_heads = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd)) if config.n_future > 1 else None
         for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
-            if p.dim() == 2 and name != "future_heads":
+            if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
             elif name.endswith(".bias"):
@@ -927,9 +935,9 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
         if not os.path.exists(ckpt_path):
             raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, or point --out_dir at the run.")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["objective"] != objective_name or ckpt["config"] != asdict(config):
-            raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with config {ckpt['config']}; "
-                             "give the same --objective, data and model flags as that run, or another --out_dir.")
+        if ckpt["objective"] != objective_name or ckpt["config"] != asdict(config) or ckpt["seed"] != seed:
+            raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and config {ckpt['config']}; "
+                             "give the same --objective, --seed, data and model flags as that run, or another --out_dir.")
         if ckpt["tokenizer"] != tokenizer:
             raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; use the same --data and --seed.")
         model.load_state_dict(ckpt["model"])
@@ -1038,7 +1046,8 @@ def bench(args, device):
             with autocast:
                 loss = loss_fn(model)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
@@ -1063,8 +1072,8 @@ def bench(args, device):
             step()
     sync()
     times = {name: [] for name in runs}
-    for _ in range(args.bench_iters):  # alternate single steps and take medians: robust to drift and hiccups
-        for name, step in runs.items():
+    for i in range(args.bench_iters):  # alternate single steps (and their order), take medians: robust to drift
+        for name, step in (runs.items() if i % 2 == 0 else reversed(runs.items())):
             t0 = time.perf_counter()
             step()
             sync()
@@ -1145,7 +1154,7 @@ def summarize(all_results):
         rows.setdefault(obj, []).append({**(c or {}), **({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()} | {"ppl": g["ppl"]} if g else {})})
         if c:
             mode = "causal" if CAUSAL[obj] else "bidirectional"
-            if obj in ("ar", "mlm") or f"random init ({mode})" not in rows:
+            if obj in ("ar", "mlm") or r["seed"] not in rows.get(f"random init ({mode})", {}):
                 rows.setdefault(f"random init ({mode})", {})[r["seed"]] = c["baselines"]["random_init"]
             rows.setdefault("tf-idf + k-means", {})[r["seed"]] = c["baselines"]["tfidf"]
     columns = ["nmi", "ari", "acc", "probe_acc"] + [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
@@ -1184,7 +1193,7 @@ def setup_ddp(device_name):
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return {"rank": rank, "local_rank": local_rank, "world": world, "device": torch.device("cuda", local_rank) if use_cuda else None}
+    return {"rank": rank, "world": world, "device": torch.device("cuda", local_rank) if use_cuda else None}
 
 
 def main(argv=None):

@@ -345,9 +345,13 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert not torch.equal(a["model"]["wte.weight"], c["model"]["wte.weight"])
 
 
-def test_resume_without_checkpoint_fails_clearly(tmp_path, capsys):
+def test_resume_without_checkpoint_or_with_another_seed_fails_clearly(tmp_path, capsys):
     assert L.main(TINY + ["--resume", "--out_dir", str(tmp_path / "none")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    run = TINY + ["--max_iters", "2", "--eval_interval", "2", "--no-eval_cluster", "--no-eval_gen", "--out_dir", str(tmp_path / "r")]
+    assert L.main(run) == 0
+    assert L.main(run + ["--seed", "2", "--max_iters", "4", "--resume"]) == 2  # another seed means another data split
+    assert "--seed" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
@@ -386,13 +390,16 @@ def test_impossible_flag_combinations_are_refused(flags, words, tmp_path, capsys
 
 
 def test_help_documents_every_flag():
+    for action in L.make_parser()._actions:  # every flag says what it does (and so shows its default)
+        assert action.help and action.help.strip(), action.option_strings
     p = subprocess.run([sys.executable, os.path.join(HERE, "lookaround.py"), "--help"], capture_output=True, text=True)
-    assert p.returncode == 0
+    assert p.returncode == 0 and p.stdout.count("(default:") >= 40
     for flag in ["--n_layer", "--n_head", "--n_embd", "--block_size", "--batch_size", "--dropout", "--learning_rate", "--max_iters",
                  "--warmup_iters", "--weight_decay", "--grad_clip", "--gradient_accumulation_steps", "--eval_interval", "--log_interval",
                  "--out_dir", "--seed", "--device", "--compile", "--objective", "--data", "--mask_ratio", "--varlen_min", "--varlen_max",
                  "--n_future", "--resume", "--eval_cluster", "--eval_gen", "--sample", "--seeds", "--encoding", "--compact_vocab",
-                 "--bench", "--vocab_size"]:
+                 "--bench", "--vocab_size", "--eval_iters", "--gen_seqs", "--temperature", "--top_k", "--bench_iters",
+                 "--bench_nanogpt", "--lr_decay_iters"]:
         assert flag in p.stdout, flag
 
 
@@ -503,6 +510,16 @@ def test_only_one_label_skips_clustering_and_training_goes_on(tmp_path, capsys):
     assert L.main(TINY + ["--data", path, "--block_size", "16", "--max_iters", "3", "--eval_interval", "3", "--out_dir", str(out)]) == 0
     assert "only one distinct label" in capsys.readouterr().out
     assert json.load(open(out / "results.json"))["cluster"] is None
+
+
+@needs_gpt2
+def test_a_folder_mixing_labelled_and_unlabelled_documents_is_refused(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    jsonl_corpus(folder)
+    write(folder / "notes.txt", "an unlabelled paragraph\n\nand another")
+    assert L.main(TINY + ["--data", str(folder), "--out_dir", str(tmp_path / "o")]) == 2
+    assert "have a label and the rest none" in capsys.readouterr().err
 
 
 def bad_inputs(tmp_path):
