@@ -456,6 +456,10 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
         if len(docs) < 3:
             raise UsageError(f"{path} holds {len(docs)} non-empty document(s); at least 3 are needed (train, val, held-out) "
                              "and hundreds are better. In a .txt file, separate documents with a blank line.")
+        labelled = sum(lab is not None for _, lab in docs)
+        if 0 < labelled < len(docs):
+            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; label every "
+                             "document (all .jsonl with \"label\") or none.")
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = min(2000, max(1, round(0.1 * len(docs))))
         n_val = min(5000, max(1, round(0.05 * len(docs))))
@@ -466,10 +470,6 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
             return np.array([t for i in ids for t in tokens[i] + [enc.eot_token]], dtype=dtype)
 
         train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
-        labelled = sum(lab is not None for _, lab in docs)
-        if 0 < labelled < len(docs):
-            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; label every "
-                             "document (all .jsonl with \"label\") or none.")
         label_names = sorted({lab for _, lab in docs}) if labelled else []
         meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, label_names=label_names,
                     held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None)
