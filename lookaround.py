@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -1187,7 +1188,6 @@ def setup_ddp(device_name):
     """Under torchrun (RANK set): one process per device, NCCL on CUDA, Gloo on CPU."""
     if "RANK" not in os.environ:
         return None
-    import torch.distributed as dist
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     use_cuda = device_name in ("cuda", "auto") and torch.cuda.is_available()
     if use_cuda:
@@ -1224,6 +1224,8 @@ def main(argv=None):
                 result = run(args, objective, seed, corpus, out_dir, device, ddp)
                 if result is not None:
                     all_results.append(result)
+        if ddp:  # rank 0 evaluated while the others waited here: leave the process group together
+            dist.barrier()
         if len(all_results) > 1:
             table = summarize(all_results)
             with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
@@ -1234,7 +1236,6 @@ def main(argv=None):
         return 2
     finally:
         if ddp:
-            import torch.distributed as dist
             dist.destroy_process_group()
 
 
