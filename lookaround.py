@@ -592,12 +592,16 @@ class GPT(nn.Module):
         """Logits over the vocabulary (the [MASK] id is never predicted).
         positions=None: at every position, (B, T, V). positions (B, S): only there, (B, S, V); the LM head
         is the largest matmul, so objectives that score few positions read out only those.
-        positions (B, k, S): group j is read out through the head for future offset j+1, (B, k, S, V)."""
+        positions (k, B, S): group j is read out through the head for future offset j+1, (k, B, S, V)."""
         x = self.features(idx, causal)
-        if positions is not None:
-            x = x.gather(1, positions.flatten(1)[..., None].expand(-1, -1, x.size(-1))).view(*positions.shape, -1)
-            if positions.dim() == 3 and positions.size(1) > 1:  # all offsets' heads in one batched matmul
-                x = torch.cat([x[:, :1], x[:, 1:] + x[:, 1:] @ self.future_heads[:positions.size(1) - 1]], dim=1)
+        if positions is not None:  # pick rows of the flattened (B*T, C) states (index_select: a little cheaper than gather)
+            B, T, C = x.shape
+            rows = positions + T * torch.arange(B, device=idx.device)[:, None]
+            x = x.flatten(0, 1).index_select(0, rows.flatten()).view(*positions.shape, C)
+            if positions.dim() == 3 and positions.size(0) > 1:  # all offsets' heads in one bmm; offset-first layout,
+                # so the batch dimension is the offset and the head weights are not copied for every sequence
+                extra = x[1:].flatten(1, 2)
+                x = torch.cat([x[:1], torch.baddbmm(extra, extra, self.future_heads[:len(extra)]).view_as(x[1:])])
         return F.linear(x, self.wte.weight[:self.config.vocab_size])  # unembedding tied to the embedding
 
 
@@ -621,20 +625,22 @@ def ar_diverse(model, idx):
     equal groups, one per offset, so the head costs what ar's does; in expectation the loss is the mean
     over offsets of each offset's cross-entropy. Offset 1 is the ordinary head that generation uses."""
     positions, targets = future_targets(idx, model.config.n_future)
-    logits = model(idx, causal=True, positions=positions)  # (B, k, S, V)
+    # the last token is never an input that is scored (it has no future), and causal attention makes the
+    # states of the others independent of it: leave it out, as ar does
+    logits = model(idx[:, :-1], causal=True, positions=positions)  # (k, B, S, V)
     nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none").view(targets.shape)
     scored = (targets >= 0).float()
-    return ((nll * scored).sum((0, 2)) / scored.sum((0, 2)).clamp(min=1)).mean()
+    return ((nll * scored).sum((1, 2)) / scored.sum((1, 2)).clamp(min=1)).mean()
 
 
 def future_targets(idx, k):
-    """ar_diverse's targets: positions (B, k, S), a random equal split of 0..T-2 into one group per offset,
-    and targets (B, k, S) = x[t + offset], or -1 (not scored) where t + offset runs past the window."""
+    """ar_diverse's targets: positions (k, B, S), a random equal split of each row's 0..T-2 into one group
+    per offset, and targets (k, B, S) = x[t + offset], or -1 (not scored) where t + offset runs past the window."""
     B, T = idx.shape
     S = (T - 1) // k
-    positions = torch.rand(B, T - 1, device=idx.device).argsort(dim=1)[:, :k * S].view(B, k, S)
-    target_positions = positions + torch.arange(1, k + 1, device=idx.device).view(1, k, 1)
-    targets = idx.gather(1, target_positions.clamp(max=T - 1).flatten(1)).view(B, k, S)
+    positions = torch.rand(B, T - 1, device=idx.device).argsort(dim=1)[:, :k * S].view(B, k, S).transpose(0, 1)
+    target_positions = positions + torch.arange(1, k + 1, device=idx.device).view(k, 1, 1)
+    targets = idx[torch.arange(B, device=idx.device)[:, None], target_positions.clamp(max=T - 1)]
     return positions, targets.masked_fill(target_positions >= T, -1)
 
 

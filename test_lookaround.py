@@ -47,7 +47,7 @@ def test_forward_shapes_and_mask_row():
     assert model(idx).shape == (4, 32, 97)  # the [MASK] id is never predicted
     assert model.wte.weight.shape[0] == 98
     assert model(idx, causal=False, positions=torch.zeros(4, 5, dtype=torch.long)).shape == (4, 5, 97)
-    assert model(idx, positions=torch.zeros(4, 3, 5, dtype=torch.long)).shape == (4, 3, 5, 97)
+    assert model(idx, positions=torch.zeros(3, 4, 5, dtype=torch.long)).shape == (3, 4, 5, 97)  # (offset, B, S)
 
 
 @pytest.mark.parametrize("three_d", [False, True])
@@ -61,7 +61,7 @@ def test_causal_attention_does_not_leak_the_future(three_d):
     changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 97
     positions = torch.arange(t + 1).expand(2, -1)
     if three_d:
-        positions = positions[:, None, :].expand(2, 4, -1)
+        positions = positions.expand(4, 2, -1)  # (offset, B, S)
     a = model(idx, causal=True, positions=positions)
     b = model(changed, causal=True, positions=positions)
     assert torch.allclose(a, b, atol=1e-6)
@@ -136,16 +136,18 @@ def test_ar_diverse_batched_heads_equal_a_per_offset_reference():
     h = model.features(idx, causal=True)
     per_offset = []
     for d in range(3):  # one offset at a time, a plain loop as a reader would write it
-        rows = h[torch.arange(8)[:, None], positions[:, d]]
+        rows = h[torch.arange(8)[:, None], positions[d]]
         if d > 0:
             rows = rows + rows @ model.future_heads[d - 1]
         logits = rows @ model.wte.weight[:97].T
-        per_offset.append(F.cross_entropy(logits.flatten(0, 1), targets[:, d].flatten(), ignore_index=-1))
+        per_offset.append(F.cross_entropy(logits.flatten(0, 1), targets[d].flatten(), ignore_index=-1))
     assert torch.allclose(fast, torch.stack(per_offset).mean(), atol=1e-5)
-    # the targets are the tokens d steps ahead
-    b, d, s = 0, 2, 0
-    t = positions[b, d, s].item()
-    assert targets[b, d, s].item() == (idx[b, t + d + 1].item() if t + d + 1 < 32 else -1)
+    # every target is the token d + 1 steps ahead (or -1 past the window); each row's positions are distinct
+    for d in range(3):
+        for b in range(8):
+            assert len(set(positions[:, b].flatten().tolist())) == positions[:, b].numel()
+            for t, target in zip(positions[d, b].tolist(), targets[d, b].tolist()):
+                assert 0 <= t <= 30 and target == (idx[b, t + d + 1].item() if t + d + 1 < 32 else -1)
 
 
 @pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
