@@ -852,13 +852,6 @@ def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=
 # Training loop
 
 
-def unigram_entropy(stream):
-    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
-    counts = np.bincount(np.asarray(stream, dtype=np.int64))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def peak_flops(device):
     name = torch.cuda.get_device_name(device)
     for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12)):
@@ -1116,6 +1109,13 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def unigram_entropy(stream):
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(stream, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def run(args, objective, seed, corpus, out_dir, device, ddp):
     model, train_stats = train(args, corpus, objective, seed, out_dir, device, ddp)
     if ddp and ddp["rank"] != 0:
@@ -1159,11 +1159,10 @@ def summarize(all_results):
     for r in all_results:
         obj, c, g = r["objective"], r["cluster"], r["gen"]
         rows.setdefault(obj, []).append({**(c or {}), **({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()} | {"ppl": g["ppl"]} if g else {})})
-        if c:
+        if c:  # baselines: one per seed (and attention mode); every run of that seed computed the same one
             mode = "causal" if CAUSAL[obj] else "bidirectional"
-            if obj in ("ar", "mlm") or r["seed"] not in rows.get(f"random init ({mode})", {}):
-                rows.setdefault(f"random init ({mode})", {})[r["seed"]] = c["baselines"]["random_init"]
-            rows.setdefault("tf-idf + k-means", {})[r["seed"]] = c["baselines"]["tfidf"]
+            rows.setdefault(f"random init ({mode})", {}).setdefault(r["seed"], c["baselines"]["random_init"])
+            rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], c["baselines"]["tfidf"])
     columns = ["nmi", "ari", "acc", "probe_acc"] + [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
     table = {}
     for name, runs in rows.items():
