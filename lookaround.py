@@ -102,6 +102,7 @@ def make_parser():
     a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
     a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True, help="clustering evaluation (where the data has labels)")
     a("--eval_gen", action=argparse.BooleanOptionalAction, default=True, help="generation evaluation (perplexity by prefix length)")
+    a("--readout_views", type=int, default=8, help="masked objectives' trained readout: random hidings per document")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
     a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
     a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
@@ -116,6 +117,8 @@ def make_parser():
     a("--bench_iters", type=int, default=20, help="--bench: timed steps per model")
     a("--vocab_size", type=int, default=8192, help="--bench: vocabulary of the random ids")
     a("--bench_nanogpt", default=None, help="--bench: path to nanoGPT's model.py, timed side by side as the reference")
+    a("--bench_old", default=None, help="--bench: path to another lookaround.py (e.g. an earlier commit's), "
+                                        "its same objective timed side by side")
     return p
 
 
@@ -145,7 +148,7 @@ def check_args(args):
     if args.n_future < 1 or args.n_future >= args.block_size:
         problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
     for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                 "log_interval", "bench_iters"]:
+                 "log_interval", "bench_iters", "readout_views"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1.")
     if args.block_size < 8:
@@ -173,6 +176,8 @@ def check_args(args):
         problems.append("--bench times one objective; pick one with --objective.")
     if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
         problems.append(f"--bench_nanogpt {args.bench_nanogpt}: no such file; point it at model.py in a nanoGPT checkout.")
+    if args.bench_old and not os.path.isfile(args.bench_old):
+        problems.append(f"--bench_old {args.bench_old}: no such file; write one with git show COMMIT:lookaround.py > old.py.")
     if problems:
         raise UsageError("\n".join(problems))
 
@@ -592,11 +597,12 @@ class GPT(nn.Module):
         """Logits over the vocabulary (the [MASK] id is never predicted).
         positions=None: at every position, (B, T, V). positions (B, S): only there, (B, S, V); the LM head
         is the largest matmul, so objectives that score few positions read out only those.
+        positions (R,): rows of the flattened (B*T) states, packed across the batch, (R, V).
         positions (k, B, S): group j is read out through the head for future offset j+1, (k, B, S, V)."""
         x = self.features(idx, causal)
-        if positions is not None:  # pick rows of the flattened (B*T, C) states (index_select: a little cheaper than gather)
+        if positions is not None:  # pick rows of the flattened (B*T, C) states (index_select: cheaper than gather)
             B, T, C = x.shape
-            rows = positions + T * torch.arange(B, device=idx.device)[:, None]
+            rows = positions if positions.dim() == 1 else positions + T * torch.arange(B, device=idx.device)[:, None]
             x = x.flatten(0, 1).index_select(0, rows.flatten()).view(*positions.shape, C)
             if positions.dim() == 3 and positions.size(0) > 1:  # all offsets' heads in one bmm; offset-first layout,
                 # so the batch dimension is the offset and the head weights are not copied for every sequence
@@ -680,13 +686,36 @@ def mlm(model, idx):
 def mlm_varlen(model, idx):
     """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per
     sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time
-    prefixes do. Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens."""
+    prefixes do. Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens.
+    The ratios of a batch are drawn stratified (see varlen_mask_ratios), so the batch hides nearly the same
+    total every step, and only the hidden positions, packed across the batch, reach the output layer: about
+    half of the positions, where a per-row readout of fixed width would pay for varlen_max of them."""
     B, T = idx.shape
     c = model.config
-    ratios = torch.empty(B, device=idx.device).uniform_(c.varlen_min, c.varlen_max)
-    n_slots = math.ceil(c.varlen_max * T)
-    n_hidden = (ratios * T).round().long().clamp(1, n_slots)
-    return hide_and_predict(model, idx, n_hidden, n_slots, bert_corruption=False)
+    ratios = varlen_mask_ratios(torch.randperm(B, device=idx.device), torch.rand((), device=idx.device), c)
+    # The most each stratum can hide (u -> 1) fixes the shapes, whatever is drawn: no recompiles under torch.compile
+    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
+    n_slots, n_rows = int(most.max()), int(most.sum())
+    inputs, positions, targets = hide_tokens(idx, hidden_counts(ratios, T), n_slots, c.vocab_size, bert_corruption=False)
+    # Pack: the batch's hidden slots first (rows in order), then unscored slots to fill the n_rows rows.
+    packed = (targets < 0).flatten().int().argsort(stable=True)[:n_rows]
+    rows = (positions + T * torch.arange(B, device=idx.device)[:, None]).flatten()[packed]
+    logits = model(inputs, causal=False, positions=rows)
+    return F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1)
+
+
+def varlen_mask_ratios(strata, u, c):
+    """mlm_varlen's mask ratios, stratified: [varlen_min, varlen_max] is cut into B equal strata, row b draws
+    stratum strata[b] (a random permutation) and every row sits at the same relative place u ~ U(0, 1) in its
+    stratum. Each row's ratio is still U[varlen_min, varlen_max] (the objective is unchanged in expectation),
+    but the batch's total hidden count is nearly constant, so the gradient's variance falls. MDLM's
+    low-discrepancy sampler of the masking level (Sahoo et al., 2024) is the precedent."""
+    return c.varlen_min + (c.varlen_max - c.varlen_min) * (strata + u) / len(strata)
+
+
+def hidden_counts(ratios, T):
+    """round(ratio * T) hidden positions per row, with at least one hidden and (where T > 1) one visible."""
+    return (ratios * T).round().long().clamp(1, max(1, T - 1))
 
 
 OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
@@ -695,27 +724,63 @@ OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_
 # Evaluation: the paper's two downstream uses of a pretrained model.
 # 1. Clustering: do the representations of held-out documents group by their label?
 # 2. Generation: how well does the model continue prefixes of different lengths?
+#
+# How a document becomes one vector is a choice that can flip the clustering comparison, so every run reports
+# two readouts side by side, each a mean of final hidden states:
+# - "trained": the states at the positions the objective trains. A causal model's state at every position but
+#   the last predicts the next token, so: the mean over those. A masked model is trained only where it hides
+#   (its visible positions are never asked to predict anything), so: hide positions as the objective does
+#   (hidden ones shown as [MASK]), average the states at the hidden positions, and average over several random
+#   hidings. This is the paper's view: a sample is represented through the contexts its objective trains on.
+# - "clean": the conventional readout, the mean over every position of the unmasked document.
 
 PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
+READOUTS = ["trained", "clean"]
 
 
 @torch.no_grad()
-def embed_documents(model, docs, causal, device, batch_size=256):
-    """Mean of the final hidden states over each document's tokens. Documents of equal length are batched
-    together, so there is no padding at all to leak into the mean or (bidirectionally) into attention."""
+def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=256):
+    """{"trained": (N, n_embd), "clean": (N, n_embd)}: both readouts of every document. Documents of equal length
+    are batched together, so there is no padding to leak into a mean or (bidirectionally) into attention. The
+    masked hidings come from a random stream seeded by seed, so a run is repeatable and an untrained model read
+    out with the same seed sees the same hidings."""
     model.eval()
-    features = [None] * len(docs)
+    causal, c = CAUSAL[objective], model.config
+    features = {name: [None] * len(docs) for name in READOUTS}
     by_length = {}
     for i, d in enumerate(docs):
         by_length.setdefault(len(d), []).append(i)
-    for ids in by_length.values():
-        for s in range(0, len(ids), batch_size):
-            chunk = ids[s:s + batch_size]
-            x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long, device=device)
-            pooled = model.features(x, causal).mean(dim=1).float().cpu().numpy()
-            for i, f in zip(chunk, pooled):
-                features[i] = f
-    return np.stack(features)
+    with torch.random.fork_rng(devices=[]):  # the hidings are drawn on the CPU; training's streams are untouched
+        torch.manual_seed(seed)
+        for T, ids in by_length.items():
+            for s in range(0, len(ids), batch_size):
+                chunk = ids[s:s + batch_size]
+                x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
+                h = model.features(x.to(device), causal).float()
+                pooled = {"clean": h.mean(dim=1), "trained": h[:, :max(1, T - 1)].mean(dim=1)}  # causal: no last
+                if not causal:
+                    pooled["trained"] = sum(hidden_state_mean(model, x, objective, device) for _ in range(views)) / views
+                for name in READOUTS:
+                    for i, f in zip(chunk, pooled[name].cpu().numpy()):
+                        features[name][i] = f
+    return {name: np.stack(f) for name, f in features.items()}
+
+
+def hidden_state_mean(model, x, objective, device):
+    """One random hiding of each row of x, drawn as the masked objective draws it (mlm: a fixed count; mlm_varlen:
+    stratified ratios across the rows, as across a training batch), every hidden position shown as [MASK];
+    returns the mean of the final states at the hidden positions, (B, n_embd)."""
+    B, T = x.shape
+    c = model.config
+    if objective == "mlm":
+        n_hidden = torch.full((B,), max(1, round(c.mask_ratio * T)))
+    else:
+        n_hidden = hidden_counts(varlen_mask_ratios(torch.randperm(B), torch.rand(()), c), T)
+    inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), c.vocab_size, bert_corruption=False)
+    h = model.features(inputs.to(device), causal=False).float()
+    hidden = (targets >= 0).to(device)[..., None]
+    at_hidden = h.gather(1, positions.to(device)[..., None].expand(-1, -1, h.size(-1)))
+    return (at_hidden * hidden).sum(dim=1) / hidden.sum(dim=1)
 
 
 def cluster_accuracy(labels, assignment):
@@ -753,19 +818,23 @@ def probe_accuracy(features, labels, seed):
     return float(probe.score(f_te, y_te))
 
 
-def evaluate_clustering(model, corpus, causal, seed, device):
-    """The trained model and two baselines: the same architecture untrained, and TF-IDF + KMeans."""
+def evaluate_clustering(model, corpus, objective, seed, device, views):
+    """Both readouts of the trained model and of two baselines: the same architecture untrained (read out the
+    same way) and TF-IDF + KMeans. "cluster" keeps the clean readout's numbers at its top level."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     labels = corpus.eval_labels
-    result = cluster_scores(feats := embed_documents(model, corpus.eval_docs, causal, device), labels, seed)
-    result["probe_acc"] = probe_accuracy(feats, labels, seed)
+
+    def scores(features):
+        return dict(cluster_scores(features, labels, seed), probe_acc=probe_accuracy(features, labels, seed))
     torch.manual_seed(seed)  # the untrained baseline is the model this run started from
     untrained = GPT(model.config).to(device)
-    feats = embed_documents(untrained, corpus.eval_docs, causal, device)
-    random_init = dict(cluster_scores(feats, labels, seed), probe_acc=probe_accuracy(feats, labels, seed))
+    trained_feats, untrained_feats = (embed_documents(m, corpus.eval_docs, objective, device, views, seed)
+                                      for m in (model, untrained))
     tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
-    result["baselines"] = {"random_init": random_init, "tfidf": tfidf}
-    return result
+    readouts = {name: dict(scores(trained_feats[name]),
+                           baselines={"random_init": scores(untrained_feats[name]), "tfidf": tfidf})
+                for name in READOUTS}
+    return dict(readouts["clean"], readouts=readouts)
 
 
 def gen_windows(corpus, block_size, n):
@@ -863,7 +932,7 @@ def peak_flops(device):
 def flops_per_token(model):
     """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the parameters other than the
     position embedding, plus attention. It counts the output layer at every position, also for objectives
-    that read out fewer (mlm), whose MFU it therefore overstates."""
+    that read out fewer (mlm, mlm_varlen), whose MFU it therefore overstates."""
     c = model.config
     return 6 * (model.num_params() - model.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * c.block_size
 
@@ -1027,24 +1096,38 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Benchmark: training steps on random token ids, optionally side by side with nanoGPT's model.py
+# Benchmark: training steps on random token ids, optionally side by side with nanoGPT's model.py and with
+# another version of this file
+
+
+def build_from_file(path, flag, hint, build):
+    """Import a Python file and build a model from it with build(module). Returns (module, model)."""
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{flag.strip('-')}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module, build(module)
+    except Exception as e:
+        raise UsageError(f"{flag} {path}: could not build a model from it ({type(e).__name__}: {e}); {hint}.") from None
 
 
 def bench(args, device):
-    """Time training steps (after warm-up) of one objective; with --bench_nanogpt, time nanoGPT's GPT at
-    the same size in the same run, alternating single steps so both see the same machine conditions."""
-    config = config_from_args(args, args.objective, args.vocab_size)
+    """Time training steps (after warm-up) of one objective. With --bench_nanogpt, also nanoGPT's GPT at the same
+    size; with --bench_old, the same objective from another lookaround.py (an earlier commit's, say). All in one
+    run, alternating single steps so that every model sees the same machine conditions."""
     autocast, _ = autocast_context(device)
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # nanoGPT's inputs and next-token targets
 
     def make_step(model, loss_fn):
+        model = model.to(device)
         optimizer = make_optimizer(model, args, device)
+        compiled = torch.compile(model) if args.compile else model
 
         def step():
             with autocast:
-                loss = loss_fn(model)
+                loss = loss_fn(compiled)
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -1052,20 +1135,21 @@ def bench(args, device):
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    ours = GPT(config).to(device)
-    objective = OBJECTIVES[args.objective]
-    runs = {"lookaround": make_step(torch.compile(ours) if args.compile else ours, lambda m: objective(m, x))}
+    torch.manual_seed(args.seed)
+    ours = GPT(config_from_args(args, args.objective, args.vocab_size))
+    runs = {"lookaround": make_step(ours, lambda m: OBJECTIVES[args.objective](m, x))}
+    if args.bench_old:
+        torch.manual_seed(args.seed)
+        old, old_model = build_from_file(
+            args.bench_old, "--bench_old", "point it at a lookaround.py (e.g. git show COMMIT:lookaround.py > old.py)",
+            lambda mod: mod.GPT(mod.config_from_args(args, args.objective, args.vocab_size)))
+        runs["old"] = make_step(old_model, lambda m: old.OBJECTIVES[args.objective](m, x))
     if args.bench_nanogpt:
-        try:
-            spec = importlib.util.spec_from_file_location("nanogpt_model", args.bench_nanogpt)
-            nanogpt = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(nanogpt)
-            ref = nanogpt.GPT(nanogpt.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                                                n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=True)).to(device)
-        except Exception as e:
-            raise UsageError(f"--bench_nanogpt {args.bench_nanogpt}: could not build nanoGPT's GPT from it ({type(e).__name__}: {e}); "
-                             "point it at model.py in a nanoGPT checkout.") from None
-        runs["nanogpt"] = make_step(torch.compile(ref) if args.compile else ref, lambda m: m(x, y)[1])
+        _, ref = build_from_file(
+            args.bench_nanogpt, "--bench_nanogpt", "point it at model.py in a nanoGPT checkout",
+            lambda mod: mod.GPT(mod.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=True)))
+        runs["nanogpt"] = make_step(ref, lambda m: m(x, y)[1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in runs.values():  # warm-up: allocation, autotuning, compilation
         for _ in range(3):
@@ -1079,22 +1163,24 @@ def bench(args, device):
             sync()
             times[name].append(time.perf_counter() - t0)
     tokens = args.batch_size * args.block_size
-    report = {"objective": args.objective, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+    ms = {name: 1000 * float(np.median(t)) for name, t in times.items()}
+    report = {"objective": args.objective, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "n_params": ours.num_params(), "batch_size": args.batch_size, "block_size": args.block_size,
-              "ms_per_iter": 1000 * float(np.median(times["lookaround"])),
-              "tokens_per_s": tokens / float(np.median(times["lookaround"])), "mfu": None}
+              "vocab_size": args.vocab_size, "ms_per_iter": ms["lookaround"], "tokens_per_s": 1000 * tokens / ms["lookaround"],
+              "mfu": None}
     if device.type == "cuda":
         report["mfu"] = flops_per_token(ours) * report["tokens_per_s"] / peak_flops(device)
-    print(f"bench {args.objective} on {report['device']} ({torch.get_num_threads()} threads), {report['n_params'] / 1e6:.2f}M params, "
-          f"batch {args.batch_size} x block {args.block_size}, vocab {args.vocab_size}:")
-    print(f"  lookaround {report['ms_per_iter']:8.1f} ms/iter {report['tokens_per_s']:10,.0f} tokens/s"
+    print(f"bench {args.objective} on {report['device']} ({torch.get_num_threads()} threads), "
+          f"{report['n_params'] / 1e6:.2f}M params, batch {args.batch_size} x block {args.block_size}, vocab {args.vocab_size}:")
+    print(f"  lookaround {ms['lookaround']:8.1f} ms/iter {report['tokens_per_s']:10,.0f} tokens/s"
           + (f"  MFU {100 * report['mfu']:.1f}%" if report["mfu"] is not None else ""))
-    if "nanogpt" in times:
-        report["nanogpt_ms_per_iter"] = 1000 * float(np.median(times["nanogpt"]))
-        report["nanogpt_tokens_per_s"] = tokens / float(np.median(times["nanogpt"]))
-        report["speed_ratio"] = report["tokens_per_s"] / report["nanogpt_tokens_per_s"]
-        print(f"  nanoGPT    {report['nanogpt_ms_per_iter']:8.1f} ms/iter {report['nanogpt_tokens_per_s']:10,.0f} tokens/s"
-              f"  (lookaround / nanoGPT = {report['speed_ratio']:.2f}x)")
+    for name, label in (("old", "old"), ("nanogpt", "nanoGPT")):
+        if name in ms:  # e.g. nanogpt_ms_per_iter, nanogpt_tokens_per_s, and speed_ratio = ours / theirs
+            report[f"{name}_ms_per_iter"], report[f"{name}_tokens_per_s"] = ms[name], 1000 * tokens / ms[name]
+            ratio = report["tokens_per_s"] / report[f"{name}_tokens_per_s"]
+            report["speed_ratio" if name == "nanogpt" else "speed_ratio_old"] = ratio
+            print(f"  {label:<10} {ms[name]:8.1f} ms/iter {report[f'{name}_tokens_per_s']:10,.0f} tokens/s"
+                  f"  (lookaround / {label} = {ratio:.2f}x)")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -1127,11 +1213,17 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
           f"{train_stats['tokens_per_s']:,.0f} tokens/s; val loss {train_stats['final_val_loss']:.3f} "
           f"(unigram entropy {H:.3f}, uniform ln V {math.log(corpus.vocab_size):.3f})")
     if args.eval_cluster and corpus.eval_labels is not None:
-        c = results["cluster"] = evaluate_clustering(model, corpus, causal, seed, device)
-        b = c["baselines"]
-        print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels:   NMI    ARI    ACC  probe")
-        for name, r in ((objective, c), (f"random init ({'causal' if causal else 'bidirectional'})", b["random_init"]), ("tf-idf + k-means", b["tfidf"])):
-            print(f"  {name:<40} {fmt(r['nmi'])}  {fmt(r['ari'])}  {fmt(r['acc'])}  {fmt(r.get('probe_acc'))}")
+        c = results["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views)
+        print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
+              f"(trained readout: {'positions that predict' if causal else f'{args.readout_views} hidings'}):")
+        print(" " * 30 + "".join(f"{ro + ' readout':<28}" for ro in READOUTS))
+        print(" " * 30 + "  NMI    ARI    ACC  probe    " * len(READOUTS))
+        rows = [(objective, c["readouts"]), (baseline_name(objective), {ro: c["readouts"][ro]["baselines"]["random_init"]
+                                                                        for ro in READOUTS})]
+        rows.append(("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS}))
+        for name, r in rows:
+            print(f"  {name:<28}" + "".join(f"{fmt(r[ro]['nmi'])}  {fmt(r[ro]['ari'])}  {fmt(r[ro]['acc'])}  "
+                                            f"{fmt(r[ro].get('probe_acc')):<5}    " for ro in READOUTS))
     elif args.eval_cluster:
         print(corpus.note or "clustering skipped.")
     if args.eval_gen:
@@ -1153,40 +1245,122 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
     return results
 
 
+def baseline_name(objective):
+    """The untrained model's row: read out as a causal objective (ar and ar_diverse read alike) or as a masked one."""
+    return "random init (causal)" if CAUSAL[objective] else f"random init (as {objective})"
+
+
+CLUSTER_METRICS = ["nmi", "ari", "acc", "probe_acc"]
+GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
+
+
 def summarize(all_results):
-    """The paper-style comparison: objectives and baselines as rows; clustering and generation as columns."""
+    """The paper-style comparison: objectives and baselines as rows; clustering (both readouts) and generation as
+    columns, mean and sample std over seeds."""
     rows = {}
     for r in all_results:
         obj, c, g = r["objective"], r["cluster"], r["gen"]
-        rows.setdefault(obj, []).append({**(c or {}), **({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()} | {"ppl": g["ppl"]} if g else {})})
-        if c:  # baselines: one per seed (and attention mode); every run of that seed computed the same one
-            mode = "causal" if CAUSAL[obj] else "bidirectional"
-            rows.setdefault(f"random init ({mode})", {}).setdefault(r["seed"], c["baselines"]["random_init"])
-            rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], c["baselines"]["tfidf"])
-    columns = ["nmi", "ari", "acc", "probe_acc"] + [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
+        values = {f"{ro}_{k}": c["readouts"][ro][k] for ro in READOUTS for k in CLUSTER_METRICS} if c else {}
+        if g:
+            values.update({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
+        rows.setdefault(obj, {})[r["seed"]] = values
+        if c:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
+            rows.setdefault(baseline_name(obj), {}).setdefault(r["seed"], {
+                f"{ro}_{k}": c["readouts"][ro]["baselines"]["random_init"][k] for ro in READOUTS for k in CLUSTER_METRICS})
+            rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], {
+                f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]})
     table = {}
-    for name, runs in rows.items():
-        runs = list(runs.values()) if isinstance(runs, dict) else runs
+    for name, by_seed in rows.items():
         table[name] = {}
-        for col in columns:
-            vals = [run[col] for run in runs if run.get(col) is not None]
+        for col in [f"{ro}_{k}" for ro in READOUTS for k in CLUSTER_METRICS] + GEN_METRICS:
+            vals = [v[col] for v in by_seed.values() if v.get(col) is not None]
             if vals:
-                table[name][col] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
+                table[name][col] = {"mean": float(np.mean(vals)), "n": len(vals),
+                                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
-    header = ["NMI", "ARI", "ACC", "probe"] + [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]
-    width = 14 if n_seeds > 1 else 10
-    print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}: clustering of held-out documents, "
-          "generation perplexity after a prefix of f*T tokens")
-    print(" " * 28 + "".join(f"{h:>{width}}" for h in header))
     order = [n for n in OBJECTIVE_NAMES if n in table] + sorted(n for n in table if n not in OBJECTIVE_NAMES)
-    for name in order:
-        cells = []
-        for col in columns:
-            v = table[name].get(col)
-            digits = 3 if col in ("nmi", "ari", "acc", "probe_acc") else 2
-            cells.append("-" if v is None else f"{v['mean']:.{digits}f}" + (f"±{v['std']:.{digits}f}" if n_seeds > 1 else ""))
-        print(f"{name:<28}" + "".join(f"{c:>{width}}" for c in cells))
+
+    def cell(name, col, digits, width):
+        v = table[name].get(col)
+        text = "-" if v is None else f"{v['mean']:.{digits}f}" + (f"±{v['std']:.{digits}f}" if n_seeds > 1 else "")
+        return f"{text:>{width}}"
+    width = 13 if n_seeds > 1 else 8
+    print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
+    if any(c.startswith("clean_") for row in table.values() for c in row):
+        print("clustering of held-out documents" + " " * 6 + "".join(f"{ro + ' readout':<{4 * width}}" for ro in READOUTS))
+        print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(READOUTS)))
+        for name in order:
+            print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width) for ro in READOUTS for k in CLUSTER_METRICS))
+    if any(c in GEN_METRICS for row in table.values() for c in row):
+        print("generation: perplexity after a prefix of f*T tokens")
+        print(" " * 28 + "".join(f"{h:>{width + 1}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]))
+        for name in order:
+            if "ppl" in table[name]:
+                print(f"{name:<28}" + "".join(cell(name, col, 2, width + 1) for col in GEN_METRICS))
     return table
+
+
+# The paper's four claims as paired differences: (claim, metric, readout, a, b, value); each row measures
+# value(a's run) - value(b's run) in the same seed (same corpus draw, same initial weights), signed so that > 0
+# is the paper's side. Generation compares log perplexities: differences of mean next-token losses.
+def cluster_value(readout, key):
+    return lambda r: r["cluster"]["readouts"][readout][key] if r["cluster"] else None
+
+
+def log_ppl(prefix=None):
+    return lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]) if r["gen"] else None
+
+
+CLAIMS = [
+    *[(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key))
+      for claim, a in (("masked clusters better than AR", "mlm"), ("diversity-enhanced AR clusters better than AR", "ar_diverse"))
+      for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS],
+    ("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl()),
+    ("variable-length masked generates better than masked, most at short prefixes", "log ppl@1/8 mlm - mlm_varlen",
+     None, "mlm", "mlm_varlen", log_ppl("0.125")),
+    ("variable-length masked generates better than masked, most at short prefixes", "log ppl mlm - mlm_varlen",
+     None, "mlm", "mlm_varlen", log_ppl()),
+]
+
+
+def paired_verdict(diffs):
+    """Mean paired difference, its 95% t-interval and the verdict: reproduced (the interval lies above 0),
+    contradicted (below 0) or inconclusive. One seed gives a difference but no interval and no verdict."""
+    from scipy import stats
+    mean = float(np.mean(diffs))
+    if len(diffs) < 2:
+        return mean, None, None
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+    lo, hi = mean - half, mean + half
+    return mean, [lo, hi], "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+
+
+def claims_table(all_results):
+    """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned for summary.json."""
+    by_run = {(r["objective"], r["seed"]): r for r in all_results}
+    seeds = sorted({r["seed"] for r in all_results})
+    claims = []
+    for claim, metric, readout, a, b, value in CLAIMS:
+        pairs = [(value(by_run[a, s]), value(by_run[b, s])) for s in seeds if (a, s) in by_run and (b, s) in by_run]
+        diffs = [va - vb for va, vb in pairs if va is not None and vb is not None]
+        if diffs:
+            mean, ci, verdict = paired_verdict(diffs)
+            claims.append({"claim": claim, "metric": metric, "readout": readout, "mean_diff": mean, "ci95": ci,
+                           "n_seeds": len(diffs), "n_expected_sign": sum(d > 0 for d in diffs), "verdict": verdict})
+    if not claims:
+        return claims
+    n = max(c["n_seeds"] for c in claims)
+    print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% t-interval)")
+    print(f"  {'metric':<32}{'readout':<9}{'mean diff':>10}{'95% interval':>22}{'> 0':>7}  verdict")
+    for i, c in enumerate(claims):
+        if i == 0 or c["claim"] != claims[i - 1]["claim"]:
+            print(c["claim"])
+        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+        print(f"  {c['metric']:<32}{c['readout'] or '-':<9}{c['mean_diff']:>+10.3f}{ci:>22}"
+              f"{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
+    if n < 2:
+        print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
+    return claims
 
 
 def setup_ddp(device_name):
@@ -1232,9 +1406,9 @@ def main(argv=None):
         if ddp:  # rank 0 evaluated while the others waited here: leave the process group together
             dist.barrier()
         if len(all_results) > 1:
-            table = summarize(all_results)
+            table, claims = summarize(all_results), claims_table(all_results)
             with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-                json.dump({"runs": all_results, "table": table}, f, indent=2)
+                json.dump({"runs": all_results, "table": table, "claims": claims}, f, indent=2)
         return 0
     except UsageError as e:
         print(f"lookaround: error: {e}", file=sys.stderr)

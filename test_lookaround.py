@@ -69,22 +69,79 @@ def test_causal_attention_does_not_leak_the_future(three_d):
     assert not torch.allclose(model(idx, causal=False)[:, :t + 1], model(changed, causal=False)[:, :t + 1], atol=1e-4)
 
 
-def test_mlm_varlen_targets_never_reach_the_input():
+def capture_hiding(monkeypatch):
+    """Record every hide_tokens call an objective makes: its arguments and the corruption it returned."""
+    calls = []
+    real = L.hide_tokens
+
+    def recording(idx, n_hidden, n_slots, vocab_size, bert_corruption):
+        out = real(idx, n_hidden, n_slots, vocab_size, bert_corruption)
+        calls.append({"idx": idx, "n_hidden": n_hidden, "n_slots": n_slots, "out": out})
+        return out
+    monkeypatch.setattr(L, "hide_tokens", recording)
+    return calls
+
+
+def test_mlm_varlen_packed_targets_never_reach_the_input(monkeypatch):
+    calls = capture_hiding(monkeypatch)
+    rows_seen = []
+    model = tiny_model()
+    real_forward = model.forward
+    model.forward = lambda idx, causal, positions: rows_seen.append(positions) or real_forward(idx, causal, positions)
     torch.manual_seed(0)
     idx = random_ids(B=64)
+    L.mlm_varlen(model, idx)
+    (call,), (rows,) = calls, rows_seen
+    inputs, positions, targets = call["out"]
     B, T = idx.shape
-    ratios = torch.empty(B).uniform_(0.05, 0.95)
-    n_slots = math.ceil(0.95 * T)
-    n_hidden = (ratios * T).round().long().clamp(1, n_slots)
-    inputs, positions, targets = L.hide_tokens(idx, n_hidden, n_slots, 97, bert_corruption=False)
-    scored = targets >= 0
-    assert (scored.sum(1) == n_hidden).all()
-    assert (inputs.gather(1, positions)[scored] == 97).all()  # every target position shows [MASK]
-    assert (targets[scored] == idx.gather(1, positions)[scored]).all()
-    unhidden = torch.ones_like(idx, dtype=torch.bool).scatter(1, positions, ~scored)
-    assert (inputs[unhidden] == idx[unhidden]).all()  # everything else is untouched
+    hidden = torch.zeros(B * T, dtype=torch.bool)
+    hidden[(positions + T * torch.arange(B)[:, None])[targets >= 0]] = True
+    assert hidden.view(B, T).sum(1).tolist() == call["n_hidden"].tolist()
+    assert (inputs.flatten()[hidden] == 97).all()  # every hidden position shows [MASK]: no target id reaches the input
+    assert (inputs.flatten()[~hidden] == idx.flatten()[~hidden]).all()  # everything else is untouched
+    # the packed readout: every hidden position exactly once, first; the rest of the fixed-size rows unscored
+    n_total = int(hidden.sum())
+    assert rows.dim() == 1 and len(rows) >= n_total
+    assert sorted(rows[:n_total].tolist()) == hidden.nonzero().flatten().tolist()
+    assert not hidden[rows[n_total:]].any()
     visible = (inputs != 97).sum(1).float() / T
     assert visible.min() < 0.2 and visible.max() > 0.8  # the visible length really varies
+
+
+def test_varlen_ratios_are_uniform_per_row_and_stratified_per_batch():
+    from scipy.stats import kstest
+    c = L.GPTConfig()
+    torch.manual_seed(0)
+    B = 8
+    draws = torch.stack([L.varlen_mask_ratios(torch.randperm(B), torch.rand(()), c) for _ in range(2000)])
+    uniform = (c.varlen_min, c.varlen_max - c.varlen_min)
+    for row in (0, B - 1):  # each row on its own is U[varlen_min, varlen_max]
+        assert kstest(draws[:, row].numpy(), "uniform", args=uniform).pvalue > 0.01
+    # each batch has one ratio in each of the B strata
+    strata = ((draws - c.varlen_min) / (c.varlen_max - c.varlen_min) * B).floor().long()
+    assert (strata.sort(1).values == torch.arange(B)).all()
+    # and the test can fail: without the permutation, row 0 always sits in the lowest stratum
+    unshuffled = torch.stack([L.varlen_mask_ratios(torch.arange(B), torch.rand(()), c) for _ in range(2000)])
+    assert kstest(unshuffled[:, 0].numpy(), "uniform", args=uniform).pvalue < 1e-6
+
+
+def test_mlm_varlen_batch_total_stays_within_its_bound(monkeypatch):
+    calls = capture_hiding(monkeypatch)
+    model = tiny_model()
+    idx = random_ids(B=16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _ in range(300):
+            L.mlm_varlen(model, idx)
+    c, (B, T) = model.config, idx.shape
+    lowest = L.hidden_counts(L.varlen_mask_ratios(torch.arange(B), torch.zeros(()), c), T).sum().item()
+    highest = L.hidden_counts(L.varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T).sum().item()
+    totals = torch.tensor([call["n_hidden"].sum().item() for call in calls])
+    assert lowest <= totals.min() and totals.max() <= highest
+    assert highest - lowest <= (c.varlen_max - c.varlen_min) * T + B  # a band of one row's range, not B rows'
+    # i.i.d. ratios would spread the total about sqrt(B) times wider than this stratified band allows
+    iid = L.hidden_counts(torch.empty(300, B).uniform_(c.varlen_min, c.varlen_max), T).sum(1)
+    assert iid.max() - iid.min() > 2 * (highest - lowest)
 
 
 def test_mlm_bert_corruption_keeps_targets_out_of_the_input_except_the_keep_case():
@@ -103,23 +160,16 @@ def test_mlm_bert_corruption_keeps_targets_out_of_the_input_except_the_keep_case
 
 
 @pytest.mark.parametrize("name", ["mlm", "mlm_varlen"])
-def test_fast_masked_loss_equals_full_logits_reference(name):
+def test_fast_masked_loss_equals_full_logits_reference(name, monkeypatch):
+    calls = capture_hiding(monkeypatch)
     model = tiny_model()
     idx = random_ids(B=8)
-    torch.manual_seed(3)
     fast = L.OBJECTIVES[name](model, idx)
-    # reference: the same hidden positions (same RNG draws), logits at every position, loss where hidden
-    torch.manual_seed(3)
-    c = model.config
-    B, T = idx.shape
-    if name == "mlm":
-        n = round(c.mask_ratio * T)
-        inputs, positions, targets = L.hide_tokens(idx, torch.full((B,), n), n, 97, bert_corruption=True)
-    else:
-        ratios = torch.empty(B).uniform_(c.varlen_min, c.varlen_max)
-        n_slots = math.ceil(c.varlen_max * T)
-        inputs, positions, targets = L.hide_tokens(idx, (ratios * T).round().long().clamp(1, n_slots), n_slots, 97, bert_corruption=False)
+    # reference: the same corruption, logits at every position, the mean loss over the hidden positions
+    (call,) = calls
+    inputs, positions, targets = call["out"]
     full_targets = torch.full_like(idx, -1).scatter(1, positions, targets)
+    assert (full_targets >= 0).sum(1).tolist() == call["n_hidden"].tolist()
     reference = F.cross_entropy(model(inputs, causal=False).flatten(0, 1), full_targets.flatten(), ignore_index=-1)
     assert torch.allclose(fast, reference, atol=1e-5), (fast, reference)
 
@@ -161,6 +211,26 @@ def test_forward_compiles_without_graph_breaks(name):
     (args, kwargs), = calls
     explanation = torch._dynamo.explain(real_forward)(*args, **kwargs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_compiled_mlm_varlen_training_never_recompiles(tmp_path, monkeypatch):
+    # dynamo's guards decide whether a step recompiles, whatever the backend; aot_eager traces forward and
+    # backward like the default backend but skips inductor's code generation (half a minute on 2 cores)
+    import functools
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    assert L.main(TINY + ["--objective", "mlm_varlen", "--compile", "--max_iters", "8", "--eval_interval", "8",
+                          "--no-eval_cluster", "--no-eval_gen", "--out_dir", str(tmp_path / "run")]) == 0
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    # and the counters do see a recompile: a readout whose size followed the data would cause one
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.compile(tiny_model())
+    for n_rows in (100, 90):
+        model(random_ids(B=8), causal=False, positions=torch.arange(n_rows))
+    assert counters["frames"]["total"] == 2
 
 
 def test_ar_loss_is_next_token_cross_entropy():
@@ -240,9 +310,56 @@ def test_cluster_metrics_on_known_clusters():
 def test_embeddings_ignore_nothing_and_pad_nothing():
     model = tiny_model()
     docs = [np.arange(10), np.arange(20), np.arange(5, 15)]
-    feats = L.embed_documents(model, docs, causal=False, device=torch.device("cpu"))
-    alone = model.features(torch.arange(20)[None], causal=False).mean(1)[0].detach().numpy()
-    assert np.allclose(feats[1], alone, atol=1e-5)  # a document is embedded exactly as on its own
+    for objective in ("ar", "mlm"):
+        feats = L.embed_documents(model, docs, objective, torch.device("cpu"))
+        alone = model.features(torch.arange(20)[None], causal=L.CAUSAL[objective])[0].detach()
+        assert np.allclose(feats["clean"][1], alone.mean(0).numpy(), atol=1e-5)  # embedded exactly as on its own
+    # the causal trained readout: the positions that predict a next token, i.e. all but the last
+    alone = model.features(torch.arange(20)[None], causal=True)[0].detach()
+    trained = L.embed_documents(model, docs, "ar", torch.device("cpu"))["trained"][1]
+    assert np.allclose(trained, alone[:19].mean(0).numpy(), atol=1e-5) and not np.allclose(trained, alone.mean(0).numpy())
+
+
+def noisy_where_visible(model):
+    """Wrap model.features: the final states at visible (non-[MASK]) positions become noise (from a stream of its
+    own, so the readout's random hidings stay the same)."""
+    real, noise = model.features, torch.Generator().manual_seed(123)
+
+    def features(idx, causal=True):
+        h = real(idx, causal)
+        visible = (idx != model.config.vocab_size)[..., None]
+        return torch.where(visible, 100 * torch.randn(h.shape, generator=noise), h)
+    return features
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mlm_varlen"])
+def test_masked_trained_readout_reads_only_hidden_positions(objective, monkeypatch):
+    model = tiny_model()
+    docs = [np.arange(i, i + 24) % 97 for i in range(12)] + [np.arange(10)]
+    before = L.embed_documents(model, docs, objective, torch.device("cpu"), views=4, seed=3)
+    again = L.embed_documents(model, docs, objective, torch.device("cpu"), views=4, seed=3)
+    assert np.array_equal(before["trained"], again["trained"])  # the hidings come from the seed: repeatable
+    monkeypatch.setattr(model, "features", noisy_where_visible(model))
+    after = L.embed_documents(model, docs, objective, torch.device("cpu"), views=4, seed=3)
+    assert np.allclose(before["trained"], after["trained"], atol=1e-5)
+    assert not np.allclose(before["clean"], after["clean"])  # and the test can fail: the clean readout does change
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mlm_varlen"])
+def test_masked_trained_readout_hides_as_the_objective_does(objective, monkeypatch):
+    calls = capture_hiding(monkeypatch)
+    model = tiny_model()
+    T = 32
+    docs = [np.arange(i, i + T) % 97 for i in range(64)]
+    L.embed_documents(model, docs, objective, torch.device("cpu"), views=8)
+    assert len(calls) == 8  # one hiding per view of the batch of 64 documents
+    counts = torch.cat([call["n_hidden"] for call in calls]).float()
+    hidden_shown = torch.cat([(call["out"][0] == 97).sum(1) for call in calls]).float()
+    assert torch.equal(counts, hidden_shown)  # every hidden position shows [MASK] (no 80/10/10 in a readout)
+    if objective == "mlm":
+        assert (counts == round(0.15 * T)).all()
+    else:  # ratios spread over U[0.05, 0.95]: counts from 2 to 30 of 32, mean near half
+        assert counts.min() <= 3 and counts.max() >= 29 and abs(counts.mean() - 0.5 * T) < 1.5
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -264,6 +381,38 @@ def test_batched_generation_scoring_equals_one_position_at_a_time(causal):
             assert abs(fast[n, j].item() - ref.item()) < 1e-4
 
 
+def test_paired_verdicts_on_hand_made_differences():
+    mean, ci, verdict = L.paired_verdict([1.0, 2.0, 3.0])  # mean 2, sd 1: half-width t(0.975, 2) / sqrt(3) = 2.484
+    assert mean == 2.0 and ci == pytest.approx([2 - 2.4841, 2 + 2.4841], abs=1e-4) and verdict == "inconclusive"
+    assert L.paired_verdict([0.10, 0.12, 0.11, 0.09, 0.13])[2] == "reproduced"  # a clear win
+    assert L.paired_verdict([-0.10, -0.12, -0.11, -0.09, -0.13])[2] == "contradicted"  # a clear loss
+    assert L.paired_verdict([0.2, -0.1, 0.15, -0.2, 0.05])[2] == "inconclusive"  # an overlap
+    assert L.paired_verdict([0.3]) == (0.3, None, None)  # one seed: a difference, no interval, no verdict
+
+
+def hand_made_run(objective, seed, ppl, nmi=None):
+    scores = {"nmi": nmi, "ari": 0.0, "acc": 0.5, "probe_acc": 0.5}
+    cluster = None if nmi is None else dict(scores, readouts={ro: dict(scores) for ro in L.READOUTS})
+    return {"objective": objective, "seed": seed, "cluster": cluster,
+            "gen": {"ppl": ppl, "ppl_by_prefix": {str(f): ppl for f in L.PREFIX_FRACTIONS}}}
+
+
+def test_claims_are_paired_by_seed(capsys):
+    # seeds differ a lot from each other, but within every seed mlm's perplexity is 10% above ar's: pairing
+    # sees a clear result where comparing the two means over seeds could not
+    runs = [hand_made_run(obj, seed, base * (1.1 if obj == "mlm" else 1.0), nmi=0.1 * seed + (0.01 if obj == "mlm" else 0))
+            for seed, base in ((1, 10.0), (2, 30.0), (3, 90.0)) for obj in ("ar", "mlm")]
+    claims = {(c["metric"], c["readout"]): c for c in L.claims_table(runs)}
+    gen = claims["log ppl mlm - ar", None]
+    assert gen["mean_diff"] == pytest.approx(math.log(1.1)) and gen["verdict"] == "reproduced" and gen["n_expected_sign"] == 3
+    assert claims["NMI mlm - ar", "trained"]["verdict"] == "reproduced"
+    assert len(claims) == 5  # only the rows whose two objectives ran: mlm - ar, on four cluster metrics and one ppl
+    assert "reproduced" in capsys.readouterr().out
+    one_seed = L.claims_table([r for r in runs if r["seed"] == 1])
+    assert all(c["verdict"] is None and c["ci95"] is None for c in one_seed)
+    assert "no verdict is possible" in capsys.readouterr().out
+
+
 def test_scored_positions_follow_the_prefix_fractions():
     sp = L.scored_positions(64)
     assert sp[0.125] == list(range(8, 16)) and sp[0.75] == list(range(48, 56))
@@ -281,9 +430,13 @@ def check_results_schema(r):
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
     assert {"iters", "tokens_per_s", "final_val_loss", "seconds"} <= set(r["train"])
     if r["cluster"] is not None:
-        assert {"nmi", "ari", "acc", "probe_acc"} <= set(r["cluster"])
-        assert {"nmi", "ari", "acc", "probe_acc"} <= set(r["cluster"]["baselines"]["random_init"])
-        assert {"nmi", "ari", "acc"} <= set(r["cluster"]["baselines"]["tfidf"])
+        c = r["cluster"]
+        assert set(c) == {"nmi", "ari", "acc", "probe_acc", "baselines", "readouts"} and set(c["readouts"]) == {"trained", "clean"}
+        for scores in (c, c["readouts"]["trained"], c["readouts"]["clean"]):
+            assert {"nmi", "ari", "acc", "probe_acc"} <= set(scores) and all(0 <= scores[k] <= 1 for k in ("nmi", "acc"))
+            assert {"nmi", "ari", "acc", "probe_acc"} <= set(scores["baselines"]["random_init"])
+            assert {"nmi", "ari", "acc"} <= set(scores["baselines"]["tfidf"])
+        assert {k: c[k] for k in ("nmi", "ari", "acc", "probe_acc")} == {k: c["readouts"]["clean"][k] for k in ("nmi", "ari", "acc", "probe_acc")}
     if r["gen"] is not None:
         assert set(r["gen"]["ppl_by_prefix"]) == {"0.125", "0.25", "0.5", "0.75"}
         assert all(v > 1 for v in r["gen"]["ppl_by_prefix"].values()) and r["gen"]["ppl"] > 1
@@ -319,9 +472,18 @@ def test_objective_all_with_seeds_runs_end_to_end(tmp_path, capsys):
             check_results_schema(json.load(open(out / name / f"seed{seed}" / "results.json")))
     summary = json.load(open(out / "summary.json"))
     assert len(summary["runs"]) == 8
-    assert set(summary["table"]) >= set(L.OBJECTIVE_NAMES) | {"random init (causal)", "random init (bidirectional)", "tf-idf + k-means"}
-    assert summary["table"]["ar"]["nmi"]["n"] == 2
-    assert "±" in capsys.readouterr().out
+    assert set(summary["table"]) == set(L.OBJECTIVE_NAMES) | {"random init (causal)", "random init (as mlm)",
+                                                              "random init (as mlm_varlen)", "tf-idf + k-means"}
+    assert summary["table"]["ar"]["trained_nmi"]["n"] == 2 and summary["table"]["mlm"]["clean_probe_acc"]["n"] == 2
+    # the verdict table: every claim row of the issue, paired over both seeds
+    rows = {(c["claim"], c["metric"], c["readout"]) for c in summary["claims"]}
+    assert len(rows) == len(summary["claims"]) == 11
+    assert {c["readout"] for c in summary["claims"]} == {"trained", "clean", None}
+    for c in summary["claims"]:
+        assert set(c) == {"claim", "metric", "readout", "mean_diff", "ci95", "n_seeds", "n_expected_sign", "verdict"}
+        assert c["n_seeds"] == 2 and len(c["ci95"]) == 2 and c["verdict"] in ("reproduced", "contradicted", "inconclusive")
+    text = capsys.readouterr().out
+    assert "±" in text and "95% t-interval" in text and "trained readout" in text and "clean readout" in text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,7 +563,7 @@ def test_help_documents_every_flag():
                  "--out_dir", "--seed", "--device", "--compile", "--objective", "--data", "--mask_ratio", "--varlen_min", "--varlen_max",
                  "--n_future", "--resume", "--eval_cluster", "--eval_gen", "--sample", "--seeds", "--encoding", "--compact_vocab",
                  "--bench", "--vocab_size", "--eval_iters", "--gen_seqs", "--temperature", "--top_k", "--bench_iters",
-                 "--bench_nanogpt", "--lr_decay_iters"]:
+                 "--bench_nanogpt", "--bench_old", "--lr_decay_iters"]:
         assert flag in p.stdout, flag
 
 
@@ -647,7 +809,7 @@ def test_bench_writes_a_valid_bench_json(tmp_path):
     assert b["objective"] == "mlm" and b["ms_per_iter"] > 0 and b["tokens_per_s"] > 0 and b["batch_size"] == 8
 
 
-def test_bench_times_a_reference_model_side_by_side(tmp_path):
+def test_bench_times_reference_models_side_by_side(tmp_path, capsys):
     # a stand-in with nanoGPT's interface: GPTConfig(...), GPT(config), forward(idx, targets) -> (logits, loss)
     ref = write(tmp_path / "model.py", """
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -663,8 +825,14 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 """)
     out = tmp_path / "bench"
-    assert L.main(TINY + ["--bench", "--bench_iters", "5", "--vocab_size", "64", "--bench_nanogpt", ref, "--out_dir", str(out)]) == 0
+    this_file = os.path.join(HERE, "lookaround.py")  # --bench_old takes any lookaround.py: here, this one
+    assert L.main(TINY + ["--bench", "--objective", "mlm_varlen", "--bench_iters", "5", "--vocab_size", "64",
+                          "--bench_nanogpt", ref, "--bench_old", this_file, "--out_dir", str(out)]) == 0
     b = json.load(open(out / "bench.json"))
     assert b["nanogpt_tokens_per_s"] > 0 and b["speed_ratio"] == pytest.approx(b["tokens_per_s"] / b["nanogpt_tokens_per_s"])
+    assert b["old_tokens_per_s"] > 0 and b["speed_ratio_old"] == pytest.approx(b["tokens_per_s"] / b["old_tokens_per_s"])
     bad = write(tmp_path / "not_nanogpt.py", "x = 1\n")
-    assert L.main(TINY + ["--bench", "--bench_nanogpt", bad, "--out_dir", str(tmp_path / "b2")]) == 2
+    for flag in ("--bench_nanogpt", "--bench_old"):
+        assert L.main(TINY + ["--bench", flag, bad, "--out_dir", str(tmp_path / "b2")]) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
