@@ -916,8 +916,8 @@ def theory(args):
     """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all succeed)."""
     from threadpoolctl import threadpool_limits
     V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
-    print(f"theory: {n} worlds of {K} classes, each a Markov chain over {V} tokens (alpha {args.theory_alpha}), "
-          f"sequences of {L} tokens: {V ** L:,} sequences enumerated per world; seed {seed}")
+    print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
+          f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
     worlds = []
     # problems this small run fastest on one thread; on a busy machine, BLAS threads waiting for each other
     # made the probes' fits 2-3x slower. The limit reaches only libraries already loaded: load them first.
