@@ -14,19 +14,22 @@ It proposes two fixes, both below: a diversity-enhanced autoregressive objective
 future tokens, not one fixed position) and a variable-length masked objective (draw the mask ratio
 per sequence so the visible length varies).
 
-Read top to bottom: config and flags -> data -> model -> the four objectives -> evaluation ->
-training loop -> benchmark -> main. The four objectives differ only in the attention mode (causal or not), which
-positions are hidden, and which tokens are the targets.
+Read top to bottom: config and flags -> data -> model -> the four objectives -> theory -> evaluation ->
+training loop -> benchmark -> main. The four objectives differ only in the attention mode (causal or not),
+which positions are hidden, and which tokens are the targets; the theory section computes each one's optimal
+predictor exactly on worlds small enough to enumerate, with no training.
 
     python lookaround.py                                   # built-in corpus; about 2 minutes on a laptop CPU
     python lookaround.py --objective mlm_varlen --device cuda
     python lookaround.py --objective all --seeds 1,2,3     # the paper's comparison side by side
+    python lookaround.py --theory                          # the comparison computed exactly, no training; < 1 minute
 """
 
 import argparse
 import contextlib
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -85,6 +88,13 @@ def make_parser():
     a("--varlen_min", type=float, default=d.varlen_min, help="mlm_varlen: lowest per-sequence mask ratio")
     a("--varlen_max", type=float, default=d.varlen_max, help="mlm_varlen: highest per-sequence mask ratio")
     a("--n_future", type=int, default=d.n_future, help="ar_diverse: future tokens predicted per position")
+    # theory: the four objectives' optima computed exactly on small enumerable worlds, no training
+    a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
+    a("--theory_worlds", type=int, default=20, help="--theory: independent random worlds, drawn from --seed")
+    a("--theory_vocab", type=int, default=4, help="--theory: tokens per world")
+    a("--theory_len", type=int, default=6, help="--theory: tokens per sequence; every sequence is enumerated")
+    a("--theory_classes", type=int, default=3, help="--theory: classes, each a Markov chain, equally likely")
+    a("--theory_alpha", type=float, default=0.5, help="--theory: Dirichlet concentration of the transition rows")
     # optimisation (nanoGPT's names)
     a("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
@@ -172,6 +182,20 @@ def check_args(args):
         args.seeds = [args.seed]
     if args.resume and (args.objective == "all" or len(args.seeds) > 1):
         problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds.")
+    if args.theory:
+        V, L = args.theory_vocab, args.theory_len
+        if args.bench or args.resume or len(args.seeds) > 1:
+            problems.append("--theory trains nothing: it cannot be combined with --bench, --resume or several --seeds "
+                            "(it draws --theory_worlds worlds from one --seed).")
+        if V < 2 or L < 2 or args.theory_classes < 2 or args.theory_worlds < 1 or not args.theory_alpha > 0:
+            problems.append("--theory needs --theory_vocab, --theory_len and --theory_classes of at least 2, "
+                            "--theory_worlds of at least 1 and a positive --theory_alpha.")
+        elif V ** L > 2 ** 16 or L > 12:  # the probes fit V^L * K rows; mlm_varlen has L * 2^(L-1) patterns
+            problems.append(f"--theory_vocab {V} --theory_len {L} is too large to enumerate: --theory allows at most "
+                            f"2^16 = 65,536 sequences (V^L, here {V ** L:,}) and --theory_len 12.")
+        elif args.n_future > L - 1:
+            problems.append(f"--n_future {args.n_future}: with --theory, ar_diverse's offsets must fit in the sequence "
+                            f"(at most --theory_len - 1 = {L - 1}).")
     if args.bench and args.objective == "all":
         problems.append("--bench times one objective; pick one with --objective.")
     if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
@@ -719,6 +743,262 @@ def hidden_counts(ratios, T):
 
 
 OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
+
+# -----------------------------------------------------------------------------------------------------
+# Theory: the paper's comparison computed exactly, with no training (--theory).
+#
+# The paper reasons about what each objective's *optimal* predictor can know. An objective turns a sequence
+# into (context, target) pairs; its optimum is the exact conditional p*(target | context), and what that
+# optimum can tell apart depends on the co-occurrence graph of contexts and targets: two sequences end up
+# with related representations only if a path of shared targets joins their contexts. A context whose target
+# always sits at one position (ar: the token after the prefix; mlm hiding one token: that token) links only
+# to targets there, so the graph splits into one piece per target position; contexts with targets at several
+# positions (ar_diverse; masked objectives hiding two or more tokens) join the pieces. For generation, a
+# masked model is asked at test time for contexts it may never have trained on: a prefix followed by
+# [MASK]s, of a length its training never showed.
+# This section is lookaround's own construction in that spirit: worlds small enough to enumerate every
+# sequence (K classes, each a Markov chain over V tokens, sequences of L tokens), each objective written as
+# a list of training patterns (visible positions, target position, weight), and for each the optimal
+# predictor, a linear probe of it for the class, the graph's connected components and the coverage of
+# generation contexts, all exact: sums over the enumeration, no sampling and no optimisation noise.
+
+
+def prefix_mask(n):
+    """The visible-position mask (bit j = position j visible) of a prefix of n tokens."""
+    return (1 << n) - 1
+
+
+def varlen_count_probs(L, lo, hi):
+    """{m: P(m)} for mlm_varlen's hidden count m = round(r * L), clamped to 1..L-1, with r ~ U[lo, hi].
+    round(r * L) = n for r * L in [n - 0.5, n + 0.5] (which way a tie rounds, half to even in Python and
+    torch, matters only on a set of measure zero), so P(n) is that interval's share of [lo, hi]. The clamp is
+    the network's (hidden_counts): at least one token hidden and one visible."""
+    if hi == lo:
+        return {min(max(round(lo * L), 1), L - 1): 1.0}
+    probs = {}
+    for n in range(L + 1):
+        share = max(0.0, min(hi, (n + 0.5) / L) - max(lo, (n - 0.5) / L)) / (hi - lo)
+        m = min(max(n, 1), L - 1)
+        probs[m] = probs.get(m, 0.0) + share
+    return {m: p for m, p in probs.items() if p > 0}
+
+
+def training_patterns(objective, L, c):
+    """An objective, in the theory: the (visible mask, target position, weight) pairs its loss is made of,
+    weighted as its sampling weights them (the weights sum to 1). c holds mask_ratio, varlen_min, varlen_max
+    and n_future (the flags, or a GPTConfig). Causal contexts are prefixes; masked contexts show [MASK] at
+    every position that is not visible. BERT's 10% random / 10% kept replacements are left out: every hidden
+    position shows [MASK]."""
+    full = prefix_mask(L)
+    if objective == "ar":  # x[<t] -> x[t]
+        return [(prefix_mask(t), t, 1 / (L - 1)) for t in range(1, L)]
+    if objective == "ar_diverse":  # x[<=t] -> x[t+d]: the mean over offsets of each offset's mean over positions
+        offsets = [d for d in range(1, c.n_future + 1) if d <= L - 1]
+        return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d))) for d in offsets for t in range(L - d)]
+    if objective == "mlm":  # every hidden set of m positions; each hidden token a target
+        counts = {min(max(1, round(c.mask_ratio * L)), L - 1): 1.0}
+    else:  # mlm_varlen: the hidden count as the objective draws it; the loss is a mean over all hidden tokens
+        counts = varlen_count_probs(L, c.varlen_min, c.varlen_max)
+    mean_hidden = sum(m * p for m, p in counts.items())
+    return [(full & ~sum(1 << j for j in hidden), j, p / math.comb(L, m) / mean_hidden)
+            for m, p in counts.items() for hidden in itertools.combinations(range(L), m) for j in hidden]
+
+
+def draw_world(seed, K, V, alpha):
+    """K classes, each a first-order Markov chain over V tokens: start distributions ~ Dirichlet(1),
+    transition rows ~ Dirichlet(alpha) (small alpha: peaked rows, classes easier to tell apart)."""
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.ones(V), size=K), rng.dirichlet(np.full(V, alpha), size=(K, V))
+
+
+def enumerate_world(starts, transitions, L):
+    """Every one of the V^L sequences, tokens (V^L, L) with position 0 the most significant base-V digit, and
+    its joint probability with each class, P (V^L, K); the classes are equally likely."""
+    K, V = starts.shape
+    tokens = np.arange(V ** L)[:, None] // V ** np.arange(L - 1, -1, -1) % V
+    p = starts[:, tokens[:, 0]].T / K
+    for j in range(L - 1):
+        p = p * transitions[:, tokens[:, j], tokens[:, j + 1]].T
+    return tokens, p
+
+
+def context_keys(tokens, visible, V):
+    """Each sequence's context under a visible mask as one integer (the base-V digits of its visible tokens),
+    and the number of possible keys."""
+    key = np.zeros(len(tokens), dtype=np.int64)
+    n_visible = 0
+    for j in range(tokens.shape[1]):
+        if visible >> j & 1:
+            key, n_visible = key * V + tokens[:, j], n_visible + 1
+    return key, V ** n_visible
+
+
+def joint_table(tokens, p_x, key, n_keys, target, V):
+    """P(context, x[target] = v) for every context key and token v, (n_keys, V): one bincount, no loop."""
+    return np.bincount(key * V + tokens[:, target], weights=p_x, minlength=n_keys * V).reshape(n_keys, V)
+
+
+def conditional(joint):
+    """p*(v | context): the rows normalised. Contexts of probability 0 (only in hand-set worlds) give zeros."""
+    return joint / np.maximum(joint.sum(1, keepdims=True), np.finfo(float).tiny)
+
+
+def exact_optimum(tokens, p_x, patterns, V):
+    """One objective at its optimum. For each training pattern, the table P(context, target token); its rows
+    normalised are the optimal predictor p*. Returns the two readouts of p* per sequence, pooled (N, V): the
+    weighted mean of log p*(. | context) over the sequence's training contexts (what mean pooling of the final
+    hidden states reads at the optimum, up to a linear map through the tied unembedding), and per_position
+    (N, L*V): the same mean per target position (zeros where the objective has none); and the co-occurrence
+    matrix A of contexts (rows: (visible mask, key), those that occur) and targets (columns: (position,
+    token)), sparse."""
+    from scipy import sparse
+    N, L = tokens.shape
+    pooled, per_position, target_weight = np.zeros((N, V)), np.zeros((N, L, V)), np.zeros(L)
+    by_visible, blocks = {}, []
+    for visible, target, weight in patterns:
+        by_visible.setdefault(visible, []).append((target, weight))
+    for visible, targets in by_visible.items():
+        key, n_keys = context_keys(tokens, visible, V)
+        block = np.zeros((n_keys, L, V))
+        for target, weight in targets:
+            joint = joint_table(tokens, p_x, key, n_keys, target, V)
+            # a token the world never emits after a context (p* = 0, only in hand-set worlds) gets the log of
+            # the smallest float rather than -inf, so the features stay finite
+            log_p = np.log(np.maximum(conditional(joint), np.finfo(float).tiny))[key]
+            pooled += weight * log_p
+            per_position[:, target] += weight * log_p
+            target_weight[target] += weight
+            block[:, target] += weight * joint
+        block = block.reshape(n_keys, L * V)
+        blocks.append(sparse.csr_matrix(block[block.sum(1) > 0]))
+    per_position[:, target_weight > 0] /= target_weight[target_weight > 0, None]
+    return pooled / target_weight.sum(), per_position.reshape(N, L * V), sparse.vstack(blocks).tocsr()
+
+
+def graph_spectrum(A):
+    """Singular values, largest first, of D+^-1/2 A D-^-1/2 (rows and columns of zero degree dropped). Each
+    connected component contributes exactly one singular value 1. A has only L*V columns, so they are the
+    square roots of the eigenvalues of a small Gram matrix."""
+    from scipy import sparse
+    rows, cols = np.asarray(A.sum(1)).ravel(), np.asarray(A.sum(0)).ravel()
+    A = A[rows > 0][:, cols > 0]
+    B = sparse.diags(rows[rows > 0] ** -0.5) @ A @ sparse.diags(cols[cols > 0] ** -0.5)
+    return np.sqrt(np.clip(np.linalg.eigvalsh((B.T @ B).toarray())[::-1], 0.0, None))
+
+
+def exact_probe_accuracy(features, p_xc):
+    """A linear probe of the class, fitted on the exact distribution: every (x, c) pair is a row weighted by
+    P(x, c) (times N*K, so the weights average 1), and its accuracy is sum_x P(x, argmax probe(x)). C is
+    large: the question is what a linear map can read off p*, not what a regularised one does with finite
+    data; there is no finite data here to overfit. (On the worlds checked, the accuracy agreed with a fit at
+    C = 1e6 and tol = 1e-10 to about 1e-4, at a third of the time.)"""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    N, K = p_xc.shape
+    X, y, w = np.tile(features, (K, 1)), np.repeat(np.arange(K), N), p_xc.T.ravel() * N * K
+    scaler = StandardScaler().fit(X, sample_weight=w)
+    probe = LogisticRegression(C=1e3, max_iter=2000).fit(scaler.transform(X), y, sample_weight=w)
+    return float(p_xc[np.arange(N), probe.predict(scaler.transform(features))].sum())
+
+
+def next_token_perplexity(tokens, p_x, l, V):
+    """exp of the exact cross-entropy of p*(x[l] | x[<l]) over the world: the best any model can do there."""
+    key, n_keys = context_keys(tokens, prefix_mask(l), V)
+    joint = joint_table(tokens, p_x, key, n_keys, l, V)
+    seen = joint > 0
+    return float(np.exp(-(joint[seen] * np.log(conditional(joint)[seen])).sum()))
+
+
+def covered_prefixes(patterns, L):
+    """{"l": bool} for l = 1..L-1: is generation's context after a prefix of l tokens (x[<l], then [MASK] at
+    every later position) -> x[l] one of the objective's training patterns? A causal objective never sees
+    the positions after its prefix, so for it the prefix alone is that same context."""
+    trained = {(visible, target) for visible, target, weight in patterns if weight > 0}
+    return {str(l): (prefix_mask(l), l) in trained for l in range(1, L)}
+
+
+def theory_world(seed, args):
+    """Every measurement on one world: the Bayes accuracy and, per objective, both probes, the graph's
+    components and sigma_{K+1}, and which generation contexts it trained on, with their perplexity."""
+    K, L = args.theory_classes, args.theory_len
+    tokens, p_xc = enumerate_world(*draw_world(seed, K, args.theory_vocab, args.theory_alpha), L)
+    p_x = p_xc.sum(1)
+    bayes = float(p_xc.max(1).sum())
+    ppl = {l: next_token_perplexity(tokens, p_x, l, args.theory_vocab) for l in range(1, L)}
+    objectives = {}
+    for name in OBJECTIVE_NAMES:
+        patterns = training_patterns(name, L, args)
+        pooled, per_position, A = exact_optimum(tokens, p_x, patterns, args.theory_vocab)
+        sv = graph_spectrum(A)
+        coverage = covered_prefixes(patterns, L)
+        acc, acc_pp = exact_probe_accuracy(pooled, p_xc), exact_probe_accuracy(per_position, p_xc)
+        objectives[name] = {
+            "probe_acc": acc, "probe_rel": acc / bayes,
+            "probe_acc_per_position": acc_pp, "probe_rel_per_position": acc_pp / bayes,
+            "components": int((sv > 1 - 1e-8).sum()), "sigma_k1": float(sv[K]) if len(sv) > K else 0.0,
+            "coverage": coverage, "gen_ppl": {l: ppl[int(l)] if covered else None for l, covered in coverage.items()}}
+    return {"seed": int(seed), "bayes_acc": bayes, "objectives": objectives}
+
+
+def theory(args):
+    """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all succeed)."""
+    from threadpoolctl import threadpool_limits
+    V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
+    print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
+          f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
+    worlds = []
+    # problems this small run fastest on one thread; on a busy machine, BLAS threads waiting for each other
+    # made the probes' fits 2-3x slower. The limit reaches only libraries already loaded: load them first.
+    import sklearn.linear_model  # noqa: F401
+    with threadpool_limits(1):
+        for i, world_seed in enumerate(np.random.default_rng(seed).integers(2 ** 31, size=n)):
+            t0 = time.time()
+            worlds.append(theory_world(world_seed, args))
+            bayes = worlds[-1]["bayes_acc"]
+            print(f"world {i + 1}/{n} (seed {world_seed}): bayes {bayes:.3f}, {time.time() - t0:.1f} s")
+
+    def values(name, key):
+        return np.array([w["objectives"][name][key] for w in worlds], dtype=float)
+
+    def mean_std(x, digits=3):
+        return f"{x.mean():.{digits}f} ± {x.std(ddof=1) if len(x) > 1 else 0.0:.{digits}f}"
+
+    def wins(a, b, key):
+        return sum(w["objectives"][a][key] > w["objectives"][b][key] + 1e-9 for w in worlds)
+
+    print(f"\nthe exact optimum of each objective, mean ± std over {n} worlds "
+          f"(Bayes accuracy {mean_std(np.array([w['bayes_acc'] for w in worlds]))})")
+    print(f"{'':<12}{'probe/Bayes pooled':>20}{'probe/Bayes per-pos':>21}{'components':>14}{'sigma_K+1':>17}")
+    for name in OBJECTIVE_NAMES:
+        pooled, per_position = mean_std(values(name, "probe_rel")), mean_std(values(name, "probe_rel_per_position"))
+        print(f"{name:<12}{pooled:>20}{per_position:>21}"
+              f"{mean_std(values(name, 'components'), 1):>14}{mean_std(values(name, 'sigma_k1')):>17}")
+    print("\ngeneration after a prefix of l tokens (then [MASK]s): where the objective trained on that context, the\n"
+          "exact perplexity of its optimum on the next token (mean over worlds)")
+    print(f"{'':<12}" + "".join(f"{f'l={l}':>15}" for l in range(1, L)))
+    for name in OBJECTIVE_NAMES:  # coverage depends on the patterns only: the same in every world
+        cells = [f"{np.mean([w['objectives'][name]['gen_ppl'][str(l)] for w in worlds]):.3f}"
+                 if worlds[0]["objectives"][name]["coverage"][str(l)] else "never trained" for l in range(1, L)]
+        print(f"{name:<12}" + "".join(f"{c:>15}" for c in cells))
+    tally = {"worlds": n,
+             "mlm>ar": wins("mlm", "ar", "probe_acc"), "ar_diverse>ar": wins("ar_diverse", "ar", "probe_acc"),
+             "mlm>ar_per_position": wins("mlm", "ar", "probe_acc_per_position"),
+             "ar_diverse>ar_per_position": wins("ar_diverse", "ar", "probe_acc_per_position"),
+             "mlm_varlen_covers_more": sum(sum(w["objectives"]["mlm_varlen"]["coverage"].values())
+                                           > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
+    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9):")
+    print(f"  mlm > ar:        {tally['mlm>ar']} (pooled), {tally['mlm>ar_per_position']} (per-position)")
+    print(f"  ar_diverse > ar: {tally['ar_diverse>ar']} (pooled), {tally['ar_diverse>ar_per_position']} (per-position)")
+    print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']}")
+    settings = {k: getattr(args, k) for k in ("theory_worlds", "theory_vocab", "theory_len", "theory_classes",
+                                              "theory_alpha", "mask_ratio", "varlen_min", "varlen_max", "n_future")}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path, tmp = os.path.join(args.out_dir, "theory.json"), os.path.join(args.out_dir, f"theory.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"settings": {**settings, "seed": seed}, "worlds": worlds, "tally": tally}, f, indent=2)
+    os.replace(tmp, path)
+    return tally
+
 
 # -----------------------------------------------------------------------------------------------------
 # Evaluation: the paper's two downstream uses of a pretrained model.
@@ -1380,6 +1660,9 @@ def main(argv=None):
     ddp = None
     try:
         check_args(args)
+        if args.theory:  # numpy and scikit-learn only: no device, no processes
+            theory(args)
+            return 0
         ddp = setup_ddp(args.device)
         device = ddp["device"] if ddp and ddp["device"] is not None else resolve_device(args.device)
         if device.type == "cpu":  # one thread per core this process may use, shared among local processes

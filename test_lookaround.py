@@ -836,3 +836,117 @@ class GPT(nn.Module):
         assert L.main(TINY + ["--bench", flag, bad, "--out_dir", str(tmp_path / "b2")]) == 2
         assert flag in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Theory
+
+
+def hand_world():
+    """Two classes, V = 2, L = 3, probabilities set by hand: small enough to check on paper."""
+    starts = np.array([[0.5, 0.5], [0.8, 0.2]])
+    transitions = np.array([[[0.9, 0.1], [0.2, 0.8]],
+                            [[0.3, 0.7], [0.6, 0.4]]])
+    return L.enumerate_world(starts, transitions, 3)
+
+
+def theory_components(patterns):
+    """Connected components of the co-occurrence graph two ways: singular values 1, and scipy's graph search."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+    tokens, p_xc = hand_world()
+    _, _, A = L.exact_optimum(tokens, p_xc.sum(1), patterns, 2)
+    A = A[:, np.asarray(A.sum(0)).ravel() > 0]  # targets no context reaches are no part of the graph
+    bipartite = sparse.bmat([[None, A], [A.T, None]])
+    by_search = connected_components(bipartite, directed=False)[0]
+    by_spectrum = int((L.graph_spectrum(A) > 1 - 1e-8).sum())
+    assert by_search == by_spectrum
+    return by_spectrum
+
+
+def test_theory_enumeration_sums_to_one_and_p_star_matches_a_brute_force_count():
+    tokens, p_xc = hand_world()
+    assert tokens.shape == (8, 3) and p_xc.shape == (8, 2)
+    assert p_xc.sum() == pytest.approx(1.0)
+    row = tokens.tolist().index([0, 1, 1])
+    assert p_xc[row].tolist() == pytest.approx([0.5 * 0.1 * 0.8 / 2, 0.8 * 0.7 * 0.4 / 2])
+    p_x = p_xc.sum(1)
+    for visible in range(8):
+        for target in (j for j in range(3) if not visible >> j & 1):
+            pooled, _, _ = L.exact_optimum(tokens, p_x, [(visible, target, 1.0)], 2)
+            shown = [j for j in range(3) if visible >> j & 1]
+            for i, x in enumerate(tokens.tolist()):  # brute force: every sequence that shows the same context
+                same = [k for k, y in enumerate(tokens.tolist()) if all(y[j] == x[j] for j in shown)]
+                counts = [sum(p_x[k] for k in same if tokens[k, target] == v) for v in range(2)]
+                assert np.exp(pooled[i]) == pytest.approx(np.array(counts) / sum(counts))
+
+
+def test_theory_patterns_are_weighted_like_the_objectives_sample():
+    c = L.GPTConfig()
+    for name in L.OBJECTIVE_NAMES:
+        assert sum(w for _, _, w in L.training_patterns(name, 6, c)) == pytest.approx(1.0), name
+    counts = L.varlen_count_probs(6, c.varlen_min, c.varlen_max)  # against the network's own draw
+    r = np.random.default_rng(0).uniform(c.varlen_min, c.varlen_max, 400_000)
+    drawn = np.bincount(np.clip(np.round(r * 6).astype(int), 1, 5), minlength=6) / len(r)
+    assert all(abs(counts.get(m, 0.0) - drawn[m]) < 0.005 for m in range(6)), (counts, drawn)
+
+
+def test_theory_components_fixed_position_targets_split_the_graph():
+    c = L.GPTConfig()  # L = 3: mlm hides m = max(1, round(0.15 * 3)) = 1 token
+    assert theory_components(L.training_patterns("ar", 3, c)) == 2  # one per target position, L - 1
+    assert theory_components(L.training_patterns("mlm", 3, c)) == 3  # one per hidden position, L
+    assert theory_components(L.training_patterns("ar_diverse", 3, L.GPTConfig(n_future=2))) == 1
+    assert theory_components(L.training_patterns("mlm_varlen", 3, c)) == 1
+    assert theory_components(L.training_patterns("mlm", 3, L.GPTConfig(mask_ratio=0.6))) == 1  # m = 2 joins it
+
+
+def test_theory_probes_stay_below_bayes_and_coverage_follows_the_visible_lengths():
+    tokens, p_xc = hand_world()
+    bayes = p_xc.max(1).sum()
+    c = L.GPTConfig()
+    for name in L.OBJECTIVE_NAMES:
+        pooled, per_position, _ = L.exact_optimum(tokens, p_xc.sum(1), L.training_patterns(name, 3, c), 2)
+        for features in (pooled, per_position):
+            assert L.exact_probe_accuracy(features, p_xc) <= bayes + 1e-12, name
+    assert L.covered_prefixes(L.training_patterns("ar", 3, c), 3) == {"1": True, "2": True}
+    assert L.covered_prefixes(L.training_patterns("mlm", 3, c), 3) == {"1": False, "2": True}  # only l = L - m
+    assert L.covered_prefixes(L.training_patterns("mlm", 3, L.GPTConfig(mask_ratio=0.6)), 3) == {"1": True, "2": False}
+    assert L.covered_prefixes(L.training_patterns("mlm_varlen", 3, c), 3) == {"1": True, "2": True}
+
+
+def test_theory_writes_a_deterministic_theory_json(tmp_path, capsys):
+    runs = []
+    for seed, out in (("1", "a"), ("1", "b"), ("2", "c")):
+        assert L.main(["--theory", "--theory_worlds", "2", "--seed", seed, "--out_dir", str(tmp_path / out)]) == 0
+        runs.append(json.load(open(tmp_path / out / "theory.json")))
+    a, b, c = runs
+    assert a == b and a["worlds"] != c["worlds"]
+    assert set(a) == {"settings", "worlds", "tally"} and len(a["worlds"]) == 2
+    assert set(a["settings"]) == {"theory_worlds", "theory_vocab", "theory_len", "theory_classes", "theory_alpha",
+                                  "seed", "mask_ratio", "varlen_min", "varlen_max", "n_future"}
+    assert set(a["tally"]) == {"worlds", "mlm>ar", "ar_diverse>ar", "mlm>ar_per_position", "ar_diverse>ar_per_position",
+                               "mlm_varlen_covers_more"}
+    world = a["worlds"][0]
+    assert set(world) == {"seed", "bayes_acc", "objectives"} and set(world["objectives"]) == set(L.OBJECTIVE_NAMES)
+    for name, o in world["objectives"].items():
+        assert set(o) == {"probe_acc", "probe_rel", "probe_acc_per_position", "probe_rel_per_position", "components",
+                          "sigma_k1", "coverage", "gen_ppl"}
+        assert list(o["coverage"]) == list(o["gen_ppl"]) == ["1", "2", "3", "4", "5"]
+        assert all((o["gen_ppl"][l] is None) != covered for l, covered in o["coverage"].items())
+        assert o["probe_acc"] <= world["bayes_acc"] + 1e-12 and o["probe_rel"] == o["probe_acc"] / world["bayes_acc"]
+    assert [w["objectives"][n]["components"] for w in a["worlds"] for n in L.OBJECTIVE_NAMES] == [5, 1, 6, 1] * 2
+    out = capsys.readouterr().out
+    assert "world 2/2" in out and "never trained" in out and "tally over 2 worlds" in out
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--theory_len", "1"], "--theory_len"),
+    (["--theory_vocab", "50", "--theory_len", "10"], "2^16"),
+    (["--n_future", "6"], "--n_future 6"),
+    (["--bench"], "--bench"),
+    (["--seeds", "1,2"], "--seeds"),
+])
+def test_theory_refuses_bad_flags(flags, words, tmp_path, capsys):
+    assert L.main(["--theory"] + flags + ["--out_dir", str(tmp_path / "x")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
