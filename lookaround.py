@@ -73,10 +73,13 @@ def make_parser():
         description="Autoregressive vs masked pretraining (Zhang et al., ICML 2024) in one file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--objective", default="ar", choices=OBJECTIVE_NAMES + ["all"], help="pretraining objective; 'all' runs the four in turn")
-    a("--data", default="synthetic", help="'synthetic' (built in) or a path to a .txt file, a .jsonl file or a folder of them")
+    a("--objective", default="ar", choices=OBJECTIVE_NAMES + ["all"],
+      help="pretraining objective; 'all' runs the four in turn")
+    a("--data", default="synthetic",
+      help="'synthetic' (built in) or a path to a .txt file, a .jsonl file or a folder of them")
     a("--encoding", default="gpt2", help="tiktoken encoding for text data")
-    a("--compact_vocab", action=argparse.BooleanOptionalAction, default=True, help="size the vocabulary to the token ids the corpus uses")
+    a("--compact_vocab", action=argparse.BooleanOptionalAction, default=True,
+      help="size the vocabulary to the token ids the corpus uses")
     # model (the same names as GPTConfig)
     a("--n_layer", type=int, default=d.n_layer, help="Transformer blocks")
     a("--n_head", type=int, default=d.n_head, help="attention heads per block")
@@ -100,7 +103,8 @@ def make_parser():
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--learning_rate", type=float, default=2e-3, help="peak learning rate (AdamW)")
     a("--max_iters", type=int, default=1000, help="optimizer steps")
-    a("--lr_decay_iters", type=int, default=None, help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
+    a("--lr_decay_iters", type=int, default=None,
+      help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
     a("--warmup_iters", type=int, default=50, help="linear warmup steps")
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices and embeddings")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
@@ -110,15 +114,18 @@ def make_parser():
     a("--log_interval", type=int, default=50, help="steps between training-loss lines")
     a("--out_dir", default="out", help="where ckpt.pt, results.json (and summary.json, bench.json) go")
     a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
-    a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True, help="clustering evaluation (where the data has labels)")
-    a("--eval_gen", action=argparse.BooleanOptionalAction, default=True, help="generation evaluation (perplexity by prefix length)")
+    a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True,
+      help="clustering evaluation (where the data has labels)")
+    a("--eval_gen", action=argparse.BooleanOptionalAction, default=True,
+      help="generation evaluation (perplexity by prefix length)")
     a("--readout_views", type=int, default=8, help="masked objectives' trained readout: random hidings per document")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
     a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
     a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
     a("--top_k", type=int, default=50, help="--sample: keep the k most likely tokens; 0 keeps all")
     # system
-    a("--seed", type=int, default=1, help="sets the weights, the random streams, the built-in corpus and the text split")
+    a("--seed", type=int, default=1,
+      help="sets the weights, the random streams, the built-in corpus and the text split")
     a("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: repeat every run and report mean ± std")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -150,15 +157,17 @@ class UsageError(Exception):
 def check_args(args):
     problems = []
     if args.n_embd % args.n_head:
-        problems.append(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick sizes where it is (e.g. --n_embd 128 --n_head 4).")
+        problems.append(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; "
+                        "pick sizes where it is (e.g. --n_embd 128 --n_head 4).")
     if not 0 < args.mask_ratio < 1:
         problems.append(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1.")
     if not 0 < args.varlen_min <= args.varlen_max < 1:
-        problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: need 0 < varlen_min <= varlen_max < 1.")
+        problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: "
+                        "need 0 < varlen_min <= varlen_max < 1.")
     if args.n_future < 1 or args.n_future >= args.block_size:
         problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
-    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                 "log_interval", "bench_iters", "readout_views"]:
+    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
+                 "eval_iters", "log_interval", "bench_iters", "readout_views"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1.")
     if args.block_size < 8:
@@ -170,7 +179,8 @@ def check_args(args):
     if not 0 <= args.dropout < 1:
         problems.append(f"--dropout {args.dropout} must lie in [0, 1).")
     if args.top_k < 0 or args.sample < 0 or args.gen_seqs < 1 or args.vocab_size < 2:
-        problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 and --vocab_size at least 2.")
+        problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 "
+                        "and --vocab_size at least 2.")
     if args.seeds is not None:
         try:
             args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -199,9 +209,11 @@ def check_args(args):
     if args.bench and args.objective == "all":
         problems.append("--bench times one objective; pick one with --objective.")
     if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
-        problems.append(f"--bench_nanogpt {args.bench_nanogpt}: no such file; point it at model.py in a nanoGPT checkout.")
+        problems.append(f"--bench_nanogpt {args.bench_nanogpt}: no such file; "
+                        "point it at model.py in a nanoGPT checkout.")
     if args.bench_old and not os.path.isfile(args.bench_old):
-        problems.append(f"--bench_old {args.bench_old}: no such file; write one with git show COMMIT:lookaround.py > old.py.")
+        problems.append(f"--bench_old {args.bench_old}: no such file; "
+                        "write one with git show COMMIT:lookaround.py > old.py.")
     if problems:
         raise UsageError("\n".join(problems))
 
@@ -246,7 +258,8 @@ class Corpus:
     def decode(self, ids):
         ids = [int(i) for i in ids]
         if self.itos is not None:
-            return " ".join("[MASK]" if i >= len(self.itos) else self.itos[i] for i in ids).replace(" .", ".").replace(" ,", ",")
+            words = " ".join("[MASK]" if i >= len(self.itos) else self.itos[i] for i in ids)
+            return words.replace(" .", ".").replace(" ,", ",")
         if self.vocab_ids is not None:
             ids = [int(self.vocab_ids[i]) for i in ids if i < len(self.vocab_ids)]
         return load_encoding(self.encoding).decode(ids)
@@ -324,7 +337,8 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
             elif slot == "A":
                 words.append(rng.choice(SYN_ADJS))
             elif slot == "V":
-                verb = rng.choice(s["verbs"][subject]) if subject in s["verbs"] and rng.random() < 0.8 else rng.choice(SYN_VERBS)
+                preferred = subject in s["verbs"] and rng.random() < 0.8
+                verb = rng.choice(s["verbs"][subject]) if preferred else rng.choice(SYN_VERBS)
                 words.append(verb)
             elif slot == "N":
                 if verb is not None and rng.random() < 0.7:  # the verb picks its object
@@ -368,7 +382,8 @@ def load_encoding(name):
     try:
         return tiktoken.get_encoding(name)
     except ValueError:
-        raise UsageError(f"unknown tiktoken encoding {name!r}; --encoding takes one of: {', '.join(tiktoken.list_encoding_names())}.") from None
+        raise UsageError(f"unknown tiktoken encoding {name!r}; --encoding takes one of: "
+                         f"{', '.join(tiktoken.list_encoding_names())}.") from None
     except Exception as e:  # no network, no cache
         raise UsageError(
             f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}). tiktoken downloads an encoding "
@@ -379,7 +394,8 @@ def load_encoding(name):
 def source_files(path):
     """The files behind --data: the file itself, or every .txt/.jsonl file below a folder, sorted."""
     if not os.path.exists(path):
-        raise UsageError(f"--data {path}: no such file or folder. Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
+        raise UsageError(f"--data {path}: no such file or folder. "
+                         "Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
     if os.path.isfile(path):
         if not path.endswith((".txt", ".jsonl")):
             raise UsageError(f"--data {path}: unknown file type; use a .txt or .jsonl file (see data/README.md).")
@@ -424,7 +440,8 @@ def read_documents(path):
             raise UsageError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). "
                              "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise UsageError(f"{path} line {n} has no \"text\" string. Each line must be one object like {{\"text\": \"...\", \"label\": \"...\"}}.")
+            raise UsageError(f"{path} line {n} has no \"text\" string. "
+                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.")
         labelled = obj.get("label") is not None
         has_label = labelled if has_label is None else has_label
         if labelled != has_label:
@@ -453,7 +470,8 @@ def read_token_cache(cache, fingerprint):
             meta = json.load(f)
         if meta["fingerprint"] != fingerprint:
             return None
-        return meta, [np.memmap(f"{cache}.{s}.bin", dtype=np.dtype(meta["dtype"]), mode="r") for s in ("train", "val", "held")]
+        dtype = np.dtype(meta["dtype"])
+        return meta, [np.memmap(f"{cache}.{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "held")]
     except (OSError, ValueError, KeyError):  # missing, half-deleted or damaged: rebuild
         return None
 
@@ -484,12 +502,12 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
     else:
         docs = read_documents(path)
         if len(docs) < 3:
-            raise UsageError(f"{path} holds {len(docs)} non-empty document(s); at least 3 are needed (train, val, held-out) "
-                             "and hundreds are better. In a .txt file, separate documents with a blank line.")
+            raise UsageError(f"{path} holds {len(docs)} non-empty document(s); at least 3 are needed (train, val, "
+                             "held-out) and hundreds are better. In a .txt file, separate documents with a blank line.")
         labelled = sum(lab is not None for _, lab in docs)
         if 0 < labelled < len(docs):
-            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; label every "
-                             "document (all .jsonl with \"label\") or none.")
+            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; "
+                             "label every document (all .jsonl with \"label\") or none.")
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = min(2000, max(1, round(0.1 * len(docs))))
         n_val = min(5000, max(1, round(0.05 * len(docs))))
@@ -511,14 +529,15 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
             raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
                              "Add documents, or lower --block_size.")
     if not (starts + block_size <= len(held)).any():
-        raise UsageError(f"{path}: the held-out split has {len(held)} tokens, too few for one --block_size {block_size} "
-                         "window for the generation evaluation. Add documents, or lower --block_size.")
+        raise UsageError(f"{path}: the held-out split has {len(held)} tokens, too few for one --block_size "
+                         f"{block_size} window for the generation evaluation. Add documents, or lower --block_size.")
     if not cached:
         write_token_cache(cache, meta, (train, val, held))
     eval_raw = [np.asarray(held[s:e][:block_size]) for s, e in zip(starts, ends)]
     vocab_ids, vocab_size = None, enc.n_vocab
     if compact_vocab:  # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
-        vocab_ids = np.unique(np.concatenate([np.unique(a) for a in (train, val, held)] + [[enc.eot_token]])).astype(np.int64)
+        used = [np.unique(a) for a in (train, val, held)] + [[enc.eot_token]]
+        vocab_ids = np.unique(np.concatenate(used)).astype(np.int64)
         lookup = np.zeros(int(vocab_ids[-1]) + 1, dtype=np.uint16 if len(vocab_ids) <= 2 ** 16 else np.uint32)
         lookup[vocab_ids] = np.arange(len(vocab_ids))
         train, val, held = lookup[train], lookup[val], lookup[held]
@@ -598,10 +617,13 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         # ar_diverse: a light head per extra future offset (2..n_future), a residual n_embd x n_embd map in
         # front of the shared unembedding. Zero init: every offset starts as a copy of the next-token head.
-        self.future_heads = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd)) if config.n_future > 1 else None
+        self.future_heads = None
+        if config.n_future > 1:
+            self.future_heads = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd))
         for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight") else 0.02
+                residual = name.endswith("c_proj.weight") or name.endswith("mlp.2.weight")
+                std = 0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
@@ -658,7 +680,8 @@ def ar_diverse(model, idx):
     # the last token is never an input that is scored (it has no future), and causal attention makes the
     # states of the others independent of it: leave it out, as ar does
     logits = model(idx[:, :-1], causal=True, positions=positions)  # (k, B, S, V)
-    nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none").view(targets.shape)
+    nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none")
+    nll = nll.view(targets.shape)
     scored = (targets >= 0).float()
     return ((nll * scored).sum((1, 2)) / scored.sum((1, 2)).clamp(min=1)).mean()
 
@@ -686,7 +709,8 @@ def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
     replacement = torch.full_like(originals, vocab_size)  # [MASK]
     if bert_corruption:  # BERT: of the hidden positions, 80% -> [MASK], 10% -> a random token, 10% unchanged
         r = torch.rand(originals.shape, device=idx.device)
-        replacement = torch.where(r < 0.8, replacement, torch.where(r < 0.9, torch.randint_like(originals, vocab_size), originals))
+        random_or_kept = torch.where(r < 0.9, torch.randint_like(originals, vocab_size), originals)
+        replacement = torch.where(r < 0.8, replacement, random_or_kept)
     inputs = idx.scatter(1, positions, torch.where(hidden, replacement, originals))
     return inputs, positions, originals.masked_fill(~hidden, -1)
 
@@ -720,7 +744,8 @@ def mlm_varlen(model, idx):
     # The most each stratum can hide (u -> 1) fixes the shapes, whatever is drawn: no recompiles under torch.compile
     most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
     n_slots, n_rows = int(most.max()), int(most.sum())
-    inputs, positions, targets = hide_tokens(idx, hidden_counts(ratios, T), n_slots, c.vocab_size, bert_corruption=False)
+    inputs, positions, targets = hide_tokens(idx, hidden_counts(ratios, T), n_slots, c.vocab_size,
+                                             bert_corruption=False)
     # Pack: the batch's hidden slots first (rows in order), then unscored slots to fill the n_rows rows.
     packed = (targets < 0).flatten().int().argsort(stable=True)[:n_rows]
     rows = (positions + T * torch.arange(B, device=idx.device)[:, None]).flatten()[packed]
@@ -1025,7 +1050,7 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
     masked hidings come from a random stream seeded by seed, so a run is repeatable and an untrained model read
     out with the same seed sees the same hidings."""
     model.eval()
-    causal, c = CAUSAL[objective], model.config
+    causal = CAUSAL[objective]
     features = {name: [None] * len(docs) for name in READOUTS}
     by_length = {}
     for i, d in enumerate(docs):
@@ -1039,7 +1064,8 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
                 h = model.features(x.to(device), causal).float()
                 pooled = {"clean": h.mean(dim=1), "trained": h[:, :max(1, T - 1)].mean(dim=1)}  # causal: no last
                 if not causal:
-                    pooled["trained"] = sum(hidden_state_mean(model, x, objective, device) for _ in range(views)) / views
+                    views_mean = sum(hidden_state_mean(model, x, objective, device) for _ in range(views)) / views
+                    pooled["trained"] = views_mean
                 for name in READOUTS:
                     for i, f in zip(chunk, pooled[name].cpu().numpy()):
                         features[name][i] = f
@@ -1203,7 +1229,8 @@ def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=
 
 def peak_flops(device):
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12)):
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12),
+                       ("3090", 71e12)):
         if key in name:
             return flops
     return 312e12  # unknown card: compare with an A100's dense bf16 peak, as nanoGPT does
@@ -1282,13 +1309,16 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
     if args.resume:
         if not os.path.exists(ckpt_path):
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, or point --out_dir at the run.")
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
+                             "or point --out_dir at the run.")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["objective"] != objective_name or ckpt["config"] != asdict(config) or ckpt["seed"] != seed:
-            raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and config {ckpt['config']}; "
-                             "give the same --objective, --seed, data and model flags as that run, or another --out_dir.")
+            raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and "
+                             f"config {ckpt['config']}; give the same --objective, --seed, data and model flags as "
+                             "that run, or another --out_dir.")
         if ckpt["tokenizer"] != tokenizer:
-            raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; use the same --data and --seed.")
+            raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; "
+                             "use the same --data and --seed.")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt["scaler"]:
@@ -1327,8 +1357,8 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
             if iter_num > start_iter or iter_num == args.max_iters:
                 os.makedirs(out_dir, exist_ok=True)
                 save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                scaler=scaler.state_dict() if scaler else None, config=asdict(config), objective=objective_name,
-                                iter=iter_num, seed=seed, tokenizer=tokenizer,
+                                scaler=scaler.state_dict() if scaler else None, config=asdict(config),
+                                objective=objective_name, iter=iter_num, seed=seed, tokenizer=tokenizer,
                                 rng={"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
                                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
             t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
@@ -1364,14 +1394,19 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
             if iter_num - start_iter > iters:  # the first interval includes warm-up (allocation, compilation)
                 timed_tokens, timed_seconds = timed_tokens + iters * tokens_per_iter, timed_seconds + dt
             if master:
-                msg = f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, {iters * tokens_per_iter / dt:,.0f} tokens/s"
+                tokens_per_s = iters * tokens_per_iter / dt
+                msg = (f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, "
+                       f"{tokens_per_s:,.0f} tokens/s")
                 if device.type == "cuda":
-                    msg += f", MFU {100 * flops_per_token(raw_model) * iters * tokens_per_iter / dt / (world * peak_flops(device)):.1f}%"
+                    mfu = flops_per_token(raw_model) * tokens_per_s / (world * peak_flops(device))
+                    msg += f", MFU {100 * mfu:.1f}%"
                 print(msg)
             t_last, losses_since_log = time.time(), []
     seconds = time.time() - t_start
-    stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else (iter_num - start_iter) * tokens_per_iter / seconds,
-             "final_val_loss": val_loss, "seconds": seconds}
+    if not timed_seconds:  # too short a run to leave its first interval out: time all of it
+        timed_tokens, timed_seconds = (iter_num - start_iter) * tokens_per_iter, seconds
+    stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds, "final_val_loss": val_loss,
+             "seconds": seconds}
     return raw_model, stats
 
 
@@ -1427,8 +1462,9 @@ def bench(args, device):
     if args.bench_nanogpt:
         _, ref = build_from_file(
             args.bench_nanogpt, "--bench_nanogpt", "point it at model.py in a nanoGPT checkout",
-            lambda mod: mod.GPT(mod.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=True)))
+            lambda mod: mod.GPT(mod.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
+                                              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                              dropout=args.dropout, bias=True)))
         runs["nanogpt"] = make_step(ref, lambda m: m(x, y)[1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in runs.values():  # warm-up: allocation, autotuning, compilation
@@ -1444,14 +1480,15 @@ def bench(args, device):
             times[name].append(time.perf_counter() - t0)
     tokens = args.batch_size * args.block_size
     ms = {name: 1000 * float(np.median(t)) for name, t in times.items()}
-    report = {"objective": args.objective, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-              "n_params": ours.num_params(), "batch_size": args.batch_size, "block_size": args.block_size,
-              "vocab_size": args.vocab_size, "ms_per_iter": ms["lookaround"], "tokens_per_s": 1000 * tokens / ms["lookaround"],
-              "mfu": None}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    report = {"objective": args.objective, "device": device_name, "n_params": ours.num_params(),
+              "batch_size": args.batch_size, "block_size": args.block_size, "vocab_size": args.vocab_size,
+              "ms_per_iter": ms["lookaround"], "tokens_per_s": 1000 * tokens / ms["lookaround"], "mfu": None}
     if device.type == "cuda":
         report["mfu"] = flops_per_token(ours) * report["tokens_per_s"] / peak_flops(device)
     print(f"bench {args.objective} on {report['device']} ({torch.get_num_threads()} threads), "
-          f"{report['n_params'] / 1e6:.2f}M params, batch {args.batch_size} x block {args.block_size}, vocab {args.vocab_size}:")
+          f"{report['n_params'] / 1e6:.2f}M params, batch {args.batch_size} x block {args.block_size}, "
+          f"vocab {args.vocab_size}:")
     print(f"  lookaround {ms['lookaround']:8.1f} ms/iter {report['tokens_per_s']:10,.0f} tokens/s"
           + (f"  MFU {100 * report['mfu']:.1f}%" if report["mfu"] is not None else ""))
     for name, label in (("old", "old"), ("nanogpt", "nanoGPT")):
@@ -1487,10 +1524,12 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
     if ddp and ddp["rank"] != 0:
         return None
     causal = CAUSAL[objective]
-    results = {"objective": objective, "seed": seed, "data": args.data, "train": train_stats, "cluster": None, "gen": None}
+    results = {"objective": objective, "seed": seed, "data": args.data, "train": train_stats,
+               "cluster": None, "gen": None}
     H = unigram_entropy(corpus.train)
-    print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in {train_stats['seconds']:.1f} s, "
-          f"{train_stats['tokens_per_s']:,.0f} tokens/s; val loss {train_stats['final_val_loss']:.3f} "
+    print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in "
+          f"{train_stats['seconds']:.1f} s, {train_stats['tokens_per_s']:,.0f} tokens/s; "
+          f"val loss {train_stats['final_val_loss']:.3f} "
           f"(unigram entropy {H:.3f}, uniform ln V {math.log(corpus.vocab_size):.3f})")
     if args.eval_cluster and corpus.eval_labels is not None:
         c = results["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views)
@@ -1498,9 +1537,9 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
               f"(trained readout: {'positions that predict' if causal else f'{args.readout_views} hidings'}):")
         print(" " * 30 + "".join(f"{ro + ' readout':<28}" for ro in READOUTS))
         print(" " * 30 + "  NMI    ARI    ACC  probe    " * len(READOUTS))
-        rows = [(objective, c["readouts"]), (baseline_name(objective), {ro: c["readouts"][ro]["baselines"]["random_init"]
-                                                                        for ro in READOUTS})]
-        rows.append(("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS}))
+        rows = [(objective, c["readouts"]),
+                (baseline_name(objective), {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS}),
+                ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS})]
         for name, r in rows:
             print(f"  {name:<28}" + "".join(f"{fmt(r[ro]['nmi'])}  {fmt(r[ro]['ari'])}  {fmt(r[ro]['acc'])}  "
                                             f"{fmt(r[ro].get('probe_acc')):<5}    " for ro in READOUTS))
@@ -1508,16 +1547,19 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
         print(corpus.note or "clustering skipped.")
     if args.eval_gen:
         g = results["gen"] = evaluate_generation(model, corpus, causal, args.gen_seqs)
-        print(f"generation: perplexity of the next tokens after a prefix of f*T tokens ({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
+        print(f"generation: perplexity of the next tokens after a prefix of f*T tokens "
+              f"({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
         print("  " + "  ".join(f"f={f:<6}" for f in g["ppl_by_prefix"]) + "  all")
         print("  " + "  ".join(f"{v:<8.2f}" for v in g["ppl_by_prefix"].values()) + f"  {g['ppl']:.2f}")
     if args.sample:
         seqs = gen_windows(corpus, args.block_size, args.sample)
         generator = torch.Generator().manual_seed(seed)
         prefix_len = args.block_size // 4
-        print(f"samples ({'sampled left to right' if causal else 'unmasked left to right'}, temperature {args.temperature}, top-k {args.top_k}):")
+        print(f"samples ({'sampled left to right' if causal else 'unmasked left to right'}, "
+              f"temperature {args.temperature}, top-k {args.top_k}):")
         for seq in seqs:
-            out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature, args.top_k, generator)
+            out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature,
+                         args.top_k, generator)
             print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -1545,10 +1587,11 @@ def summarize(all_results):
             values.update({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
         rows.setdefault(obj, {})[r["seed"]] = values
         if c:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
-            rows.setdefault(baseline_name(obj), {}).setdefault(r["seed"], {
-                f"{ro}_{k}": c["readouts"][ro]["baselines"]["random_init"][k] for ro in READOUTS for k in CLUSTER_METRICS})
-            rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], {
-                f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]})
+            untrained = {f"{ro}_{k}": c["readouts"][ro]["baselines"]["random_init"][k]
+                         for ro in READOUTS for k in CLUSTER_METRICS}
+            rows.setdefault(baseline_name(obj), {}).setdefault(r["seed"], untrained)
+            tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
+            rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
     table = {}
     for name, by_seed in rows.items():
         table[name] = {}
@@ -1567,10 +1610,12 @@ def summarize(all_results):
     width = 13 if n_seeds > 1 else 8
     print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
     if any(c.startswith("clean_") for row in table.values() for c in row):
-        print("clustering of held-out documents" + " " * 6 + "".join(f"{ro + ' readout':<{4 * width}}" for ro in READOUTS))
+        print("clustering of held-out documents" + " " * 6 + "".join(f"{ro + ' readout':<{4 * width}}"
+                                                                     for ro in READOUTS))
         print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(READOUTS)))
         for name in order:
-            print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width) for ro in READOUTS for k in CLUSTER_METRICS))
+            print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
+                                          for ro in READOUTS for k in CLUSTER_METRICS))
     if any(c in GEN_METRICS for row in table.values() for c in row):
         print("generation: perplexity after a prefix of f*T tokens")
         print(" " * 28 + "".join(f"{h:>{width + 1}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]))
@@ -1593,7 +1638,8 @@ def log_ppl(prefix=None):
 
 CLAIMS = [
     *[(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key))
-      for claim, a in (("masked clusters better than AR", "mlm"), ("diversity-enhanced AR clusters better than AR", "ar_diverse"))
+      for claim, a in (("masked clusters better than AR", "mlm"),
+                       ("diversity-enhanced AR clusters better than AR", "ar_diverse"))
       for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS],
     ("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl()),
     ("variable-length masked generates better than masked, most at short prefixes", "log ppl@1/8 mlm - mlm_varlen",
@@ -1630,7 +1676,8 @@ def claims_table(all_results):
     if not claims:
         return claims
     n = max(c["n_seeds"] for c in claims)
-    print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% t-interval)")
+    print(f"\nthe paper's claims, paired by seed ({n} seed(s); "
+          "a difference > 0 is the paper's side, with its 95% t-interval)")
     print(f"  {'metric':<32}{'readout':<9}{'mean diff':>10}{'95% interval':>22}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
         if i == 0 or c["claim"] != claims[i - 1]["claim"]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import lookaround as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PREPARE = os.path.join(HERE, "data", "prepare_ag_news.py")
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
         "--warmup_iters", "2", "--eval_iters", "2", "--log_interval", "5", "--gen_seqs", "8"]
 
@@ -317,7 +318,8 @@ def test_embeddings_ignore_nothing_and_pad_nothing():
     # the causal trained readout: the positions that predict a next token, i.e. all but the last
     alone = model.features(torch.arange(20)[None], causal=True)[0].detach()
     trained = L.embed_documents(model, docs, "ar", torch.device("cpu"))["trained"][1]
-    assert np.allclose(trained, alone[:19].mean(0).numpy(), atol=1e-5) and not np.allclose(trained, alone.mean(0).numpy())
+    assert np.allclose(trained, alone[:19].mean(0).numpy(), atol=1e-5)
+    assert not np.allclose(trained, alone.mean(0).numpy())
 
 
 def noisy_where_visible(model):
@@ -368,7 +370,7 @@ def test_batched_generation_scoring_equals_one_position_at_a_time(causal):
     seqs = random_ids(B=3)
     positions = [p for ps in L.scored_positions(32).values() for p in ps]
     fast = L.next_token_nll(model, seqs, positions, causal, batch_size=7)
-    V, T = 97, 32
+    V = 97
     for n in range(3):
         for j, p in enumerate(positions):
             if causal:  # only the true prefix, nothing after it
@@ -400,11 +402,13 @@ def hand_made_run(objective, seed, ppl, nmi=None):
 def test_claims_are_paired_by_seed(capsys):
     # seeds differ a lot from each other, but within every seed mlm's perplexity is 10% above ar's: pairing
     # sees a clear result where comparing the two means over seeds could not
-    runs = [hand_made_run(obj, seed, base * (1.1 if obj == "mlm" else 1.0), nmi=0.1 * seed + (0.01 if obj == "mlm" else 0))
+    gap = {"ar": (1.0, 0.0), "mlm": (1.1, 0.01)}  # mlm: perplexity x 1.1, NMI + 0.01, in every seed
+    runs = [hand_made_run(obj, seed, base * gap[obj][0], nmi=0.1 * seed + gap[obj][1])
             for seed, base in ((1, 10.0), (2, 30.0), (3, 90.0)) for obj in ("ar", "mlm")]
     claims = {(c["metric"], c["readout"]): c for c in L.claims_table(runs)}
     gen = claims["log ppl mlm - ar", None]
-    assert gen["mean_diff"] == pytest.approx(math.log(1.1)) and gen["verdict"] == "reproduced" and gen["n_expected_sign"] == 3
+    assert gen["mean_diff"] == pytest.approx(math.log(1.1)) and gen["verdict"] == "reproduced"
+    assert gen["n_expected_sign"] == 3
     assert claims["NMI mlm - ar", "trained"]["verdict"] == "reproduced"
     assert len(claims) == 5  # only the rows whose two objectives ran: mlm - ar, on four cluster metrics and one ppl
     assert "reproduced" in capsys.readouterr().out
@@ -431,12 +435,13 @@ def check_results_schema(r):
     assert {"iters", "tokens_per_s", "final_val_loss", "seconds"} <= set(r["train"])
     if r["cluster"] is not None:
         c = r["cluster"]
-        assert set(c) == {"nmi", "ari", "acc", "probe_acc", "baselines", "readouts"} and set(c["readouts"]) == {"trained", "clean"}
+        metrics = ["nmi", "ari", "acc", "probe_acc"]
+        assert set(c) == {*metrics, "baselines", "readouts"} and set(c["readouts"]) == {"trained", "clean"}
         for scores in (c, c["readouts"]["trained"], c["readouts"]["clean"]):
-            assert {"nmi", "ari", "acc", "probe_acc"} <= set(scores) and all(0 <= scores[k] <= 1 for k in ("nmi", "acc"))
-            assert {"nmi", "ari", "acc", "probe_acc"} <= set(scores["baselines"]["random_init"])
+            assert set(metrics) <= set(scores) and all(0 <= scores[k] <= 1 for k in ("nmi", "acc"))
+            assert set(metrics) <= set(scores["baselines"]["random_init"])
             assert {"nmi", "ari", "acc"} <= set(scores["baselines"]["tfidf"])
-        assert {k: c[k] for k in ("nmi", "ari", "acc", "probe_acc")} == {k: c["readouts"]["clean"][k] for k in ("nmi", "ari", "acc", "probe_acc")}
+        assert {k: c[k] for k in metrics} == {k: c["readouts"]["clean"][k] for k in metrics}  # top level: clean
     if r["gen"] is not None:
         assert set(r["gen"]["ppl_by_prefix"]) == {"0.125", "0.25", "0.5", "0.75"}
         assert all(v > 1 for v in r["gen"]["ppl_by_prefix"].values()) and r["gen"]["ppl"] > 1
@@ -458,7 +463,8 @@ def test_default_style_run_trains_reports_and_writes_results(tmp_path, capsys):
 def test_default_run_learns_below_unigram_entropy(tmp_path):
     # the default model for a short budget: the loss must beat what a context-free model can do
     out = tmp_path / "run"
-    assert L.main(["--max_iters", "120", "--eval_interval", "120", "--no-eval_cluster", "--no-eval_gen", "--out_dir", str(out)]) == 0
+    assert L.main(["--max_iters", "120", "--eval_interval", "120", "--no-eval_cluster", "--no-eval_gen",
+                   "--out_dir", str(out)]) == 0
     r = json.load(open(out / "results.json"))
     corpus = L.make_synthetic(seed=1)
     assert r["train"]["final_val_loss"] < L.unigram_entropy(corpus.train) - 0.5
@@ -466,7 +472,8 @@ def test_default_run_learns_below_unigram_entropy(tmp_path):
 
 def test_objective_all_with_seeds_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "all"
-    assert L.main(TINY + ["--objective", "all", "--seeds", "1,2", "--max_iters", "4", "--eval_interval", "4", "--out_dir", str(out)]) == 0
+    assert L.main(TINY + ["--objective", "all", "--seeds", "1,2", "--max_iters", "4", "--eval_interval", "4",
+                          "--out_dir", str(out)]) == 0
     for name in L.OBJECTIVE_NAMES:
         for seed in (1, 2):
             check_results_schema(json.load(open(out / name / f"seed{seed}" / "results.json")))
@@ -481,7 +488,8 @@ def test_objective_all_with_seeds_runs_end_to_end(tmp_path, capsys):
     assert {c["readout"] for c in summary["claims"]} == {"trained", "clean", None}
     for c in summary["claims"]:
         assert set(c) == {"claim", "metric", "readout", "mean_diff", "ci95", "n_seeds", "n_expected_sign", "verdict"}
-        assert c["n_seeds"] == 2 and len(c["ci95"]) == 2 and c["verdict"] in ("reproduced", "contradicted", "inconclusive")
+        assert c["n_seeds"] == 2 and len(c["ci95"]) == 2
+        assert c["verdict"] in ("reproduced", "contradicted", "inconclusive")
     text = capsys.readouterr().out
     assert "±" in text and "95% t-interval" in text and "trained readout" in text and "clean readout" in text
 
@@ -512,7 +520,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
 def test_resume_without_checkpoint_or_with_another_seed_fails_clearly(tmp_path, capsys):
     assert L.main(TINY + ["--resume", "--out_dir", str(tmp_path / "none")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    run = TINY + ["--max_iters", "2", "--eval_interval", "2", "--no-eval_cluster", "--no-eval_gen", "--out_dir", str(tmp_path / "r")]
+    run = TINY + ["--max_iters", "2", "--eval_interval", "2", "--no-eval_cluster", "--no-eval_gen",
+                  "--out_dir", str(tmp_path / "r")]
     assert L.main(run) == 0
     assert L.main(run + ["--seed", "2", "--max_iters", "4", "--resume"]) == 2  # another seed means another data split
     assert "--seed" in capsys.readouterr().err
@@ -520,9 +529,9 @@ def test_resume_without_checkpoint_or_with_another_seed_fails_clearly(tmp_path, 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "lookaround.py"),
-           *TINY, "--device", "cpu", "--objective", "ar_diverse", "--max_iters", "6", "--eval_interval", "6", "--no-eval_cluster",
-           "--out_dir", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "lookaround.py"), *TINY, "--device", "cpu", "--objective", "ar_diverse",
+           "--max_iters", "6", "--eval_interval", "6", "--no-eval_cluster", "--out_dir", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "x 2 processes" in p.stdout
@@ -558,12 +567,14 @@ def test_help_documents_every_flag():
         assert action.help and action.help.strip(), action.option_strings
     p = subprocess.run([sys.executable, os.path.join(HERE, "lookaround.py"), "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.count("(default:") >= 40
-    for flag in ["--n_layer", "--n_head", "--n_embd", "--block_size", "--batch_size", "--dropout", "--learning_rate", "--max_iters",
-                 "--warmup_iters", "--weight_decay", "--grad_clip", "--gradient_accumulation_steps", "--eval_interval", "--log_interval",
-                 "--out_dir", "--seed", "--device", "--compile", "--objective", "--data", "--mask_ratio", "--varlen_min", "--varlen_max",
-                 "--n_future", "--resume", "--eval_cluster", "--eval_gen", "--sample", "--seeds", "--encoding", "--compact_vocab",
-                 "--bench", "--vocab_size", "--eval_iters", "--gen_seqs", "--temperature", "--top_k", "--bench_iters",
-                 "--bench_nanogpt", "--bench_old", "--lr_decay_iters"]:
+    flags = """--n_layer --n_head --n_embd --block_size --batch_size --dropout --learning_rate --max_iters
+               --warmup_iters --weight_decay --grad_clip --gradient_accumulation_steps --eval_interval --log_interval
+               --out_dir --seed
+               --device --compile --objective --data --mask_ratio --varlen_min --varlen_max --n_future --resume
+               --eval_cluster --eval_gen --sample --seeds --encoding --compact_vocab --bench --vocab_size --eval_iters
+               --gen_seqs --temperature --top_k --bench_iters --bench_nanogpt --bench_old --lr_decay_iters
+               --readout_views --theory --theory_worlds --theory_vocab --theory_len --theory_classes --theory_alpha"""
+    for flag in flags.split():
         assert flag in p.stdout, flag
 
 
@@ -579,7 +590,8 @@ def write(path, content, mode="w"):
 
 def jsonl_corpus(tmp_path, n=60, labelled=True):
     words = ["alpha beta gamma delta", "river stone bridge water", "market price trade coin"]
-    lines = [json.dumps({"text": f"{words[i % 3]} document number {i} " * 3, **({"label": f"t{i % 3}"} if labelled else {})}) for i in range(n)]
+    docs = [{"text": f"{words[i % 3]} document number {i} " * 3} for i in range(n)]
+    lines = [json.dumps(d | {"label": f"t{i % 3}"} if labelled else d) for i, d in enumerate(docs)]
     return write(tmp_path / "c.jsonl", "\n".join(lines) + "\n")
 
 
@@ -591,7 +603,8 @@ def have_encoding():
         return False
 
 
-needs_gpt2 = pytest.mark.skipif(not have_encoding(), reason="tiktoken's gpt2 files are not reachable: set TIKTOKEN_CACHE_DIR (e.g. ../shared/tiktoken_cache) or go online")
+needs_gpt2 = pytest.mark.skipif(not have_encoding(), reason="tiktoken's gpt2 files are not reachable: set "
+                                "TIKTOKEN_CACHE_DIR (e.g. ../shared/tiktoken_cache) or go online")
 
 
 @needs_gpt2
@@ -611,7 +624,8 @@ def test_jsonl_corpus_compaction_cache_and_rebuild(tmp_path, capsys):
     # a changed source rebuilds it
     write(path, json.dumps({"text": "brand new words entirely here " * 5, "label": "t9"}) + "\n", mode="a")
     rebuilt = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
-    assert os.stat(meta).st_mtime_ns != stamp and len(rebuilt.train) + len(rebuilt.val) > len(corpus.train) + len(corpus.val)
+    assert os.stat(meta).st_mtime_ns != stamp
+    assert len(rebuilt.train) + len(rebuilt.val) > len(corpus.train) + len(corpus.val)
     # another split seed, another cache; the splits differ
     other = L.load_text_corpus(path, "gpt2", 2, 16, compact_vocab=True)
     assert os.path.exists(path + ".gpt2.seed2.meta.json") and not np.array_equal(other.val, rebuilt.val)
@@ -622,7 +636,8 @@ def test_jsonl_corpus_compaction_cache_and_rebuild(tmp_path, capsys):
 @needs_gpt2
 def test_text_quirks_unicode_line_separators_crlf_and_a_damaged_cache(tmp_path):
     # U+2028 is legal inside a JSON string: it must not split the line
-    lines = [json.dumps({"text": f"line\u2028break number {i} " * 4, "label": str(i % 2)}, ensure_ascii=False) for i in range(30)]
+    lines = [json.dumps({"text": f"line\u2028break number {i} " * 4, "label": str(i % 2)}, ensure_ascii=False)
+             for i in range(30)]
     path = write(tmp_path / "u.jsonl", "\n".join(lines))
     assert len(L.read_documents(path)) == 30
     # Windows line endings and whitespace-only lines still separate .txt documents
@@ -648,7 +663,8 @@ def test_generation_windows_start_at_held_out_documents(tmp_path):
 
 @needs_gpt2
 def test_txt_corpus_is_unlabelled_and_skips_clustering_with_a_reason(tmp_path, capsys):
-    path = write(tmp_path / "plain.txt", "\n\n".join(f"paragraph {i} says something about the weather today " * 3 for i in range(40)))
+    text = "\n\n".join(f"paragraph {i} says something about the weather today " * 3 for i in range(40))
+    path = write(tmp_path / "plain.txt", text)
     out = tmp_path / "run"
     assert L.main(TINY + ["--data", path, "--max_iters", "4", "--eval_interval", "4", "--out_dir", str(out)]) == 0
     r = json.load(open(out / "results.json"))
@@ -660,8 +676,8 @@ def test_txt_corpus_is_unlabelled_and_skips_clustering_with_a_reason(tmp_path, c
 def test_checkpoint_stores_the_vocabulary_mapping(tmp_path):
     path = jsonl_corpus(tmp_path)
     out = tmp_path / "run"
-    assert L.main(TINY + ["--data", path, "--max_iters", "3", "--eval_interval", "3", "--no-eval_cluster", "--no-eval_gen",
-                          "--block_size", "16", "--out_dir", str(out)]) == 0
+    assert L.main(TINY + ["--data", path, "--max_iters", "3", "--eval_interval", "3", "--no-eval_cluster",
+                          "--no-eval_gen", "--block_size", "16", "--out_dir", str(out)]) == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     corpus = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
     assert np.array_equal(ckpt["tokenizer"]["vocab_ids"], corpus.vocab_ids) and ckpt["tokenizer"]["encoding"] == "gpt2"
@@ -669,9 +685,11 @@ def test_checkpoint_stores_the_vocabulary_mapping(tmp_path):
 
 @needs_gpt2
 def test_only_one_label_skips_clustering_and_training_goes_on(tmp_path, capsys):
-    path = write(tmp_path / "one.jsonl", "\n".join(json.dumps({"text": f"same topic text {i} " * 6, "label": "only"}) for i in range(40)))
+    lines = (json.dumps({"text": f"same topic text {i} " * 6, "label": "only"}) for i in range(40))
+    path = write(tmp_path / "one.jsonl", "\n".join(lines))
     out = tmp_path / "run"
-    assert L.main(TINY + ["--data", path, "--block_size", "16", "--max_iters", "3", "--eval_interval", "3", "--out_dir", str(out)]) == 0
+    assert L.main(TINY + ["--data", path, "--block_size", "16", "--max_iters", "3", "--eval_interval", "3",
+                          "--out_dir", str(out)]) == 0
     assert "only one distinct label" in capsys.readouterr().out
     assert json.load(open(out / "results.json"))["cluster"] is None
 
@@ -693,15 +711,18 @@ def bad_inputs(tmp_path):
         "empty": (write(tmp_path / "empty.jsonl", ""), "is empty"),
         "not utf-8": (write(tmp_path / "latin.txt", b"caf\xe9 au lait\n\nmore text here", "wb"), "byte 3 (line 1)"),
         "bad json": (write(tmp_path / "bad.jsonl", many + "\n{not json}\n"), "line 11 is not valid JSON"),
-        "no text": (write(tmp_path / "notext.jsonl", many + "\n" + json.dumps({"body": "x", "label": "a"}) + "\n"), "line 11 has no \"text\""),
-        "too short": (write(tmp_path / "short.jsonl", "\n".join(json.dumps({"text": "hi", "label": str(i % 2)}) for i in range(6))), "too few for --block_size"),
+        "no text": (write(tmp_path / "notext.jsonl", many + "\n" + json.dumps({"body": "x", "label": "a"}) + "\n"),
+                    "line 11 has no \"text\""),
+        "too short": (write(tmp_path / "short.jsonl", "\n".join(json.dumps({"text": "hi", "label": str(i % 2)})
+                                                                for i in range(6))), "too few for --block_size"),
         "too few": (write(tmp_path / "two.jsonl", '{"text": "a"}\n{"text": "b"}\n'), "at least 3 are needed"),
         "unknown type": (write(tmp_path / "data.csv", "a,b\n"), "unknown file type"),
     }
 
 
 @needs_gpt2
-@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8", "bad json", "no text", "too short", "too few", "unknown type"])
+@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8", "bad json", "no text", "too short", "too few",
+                                  "unknown type"])
 def test_bad_input_is_a_clear_error_with_nothing_written(case, tmp_path, capsys):
     path, words = bad_inputs(tmp_path)[case]
     before = set(os.listdir(tmp_path))
@@ -714,8 +735,8 @@ def test_bad_input_is_a_clear_error_with_nothing_written(case, tmp_path, capsys)
 @needs_gpt2
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     path, _ = bad_inputs(tmp_path)["bad json"]
-    p = subprocess.run([sys.executable, os.path.join(HERE, "lookaround.py"), "--data", path, "--out_dir", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "lookaround.py"), "--data", path,
+                        "--out_dir", str(tmp_path / "o")], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "line 11" in p.stderr
 
 
@@ -737,14 +758,14 @@ def test_unknown_or_unloadable_encoding_is_a_clear_error(tmp_path, capsys, monke
 def test_prepare_ag_news_converts_local_csv(tmp_path):
     csv_path = write(tmp_path / "test.csv", '"3","Fears for T N pension","Unions say they are \\\\disappointed\\\\."\n'
                                           '"2","Team wins","A \\\\nbig night."\n')
-    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--csv", csv_path, "--out", str(tmp_path / "ag")],
+    p = subprocess.run([sys.executable, PREPARE, "--csv", csv_path, "--out", str(tmp_path / "ag")],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in open(tmp_path / "ag" / "test.jsonl")]
     assert [r["label"] for r in rows] == ["Business", "Sports"]
     assert rows[0]["text"].startswith("Fears for T N pension. Unions") and "\\" not in rows[1]["text"]
     bad = write(tmp_path / "bad.csv", '"7","x","y"\n')
-    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--csv", bad, "--out", str(tmp_path / "ag2")],
+    p = subprocess.run([sys.executable, PREPARE, "--csv", bad, "--out", str(tmp_path / "ag2")],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "row 1" in p.stderr and not (tmp_path / "ag2").exists()
 
@@ -763,7 +784,7 @@ def test_prepare_ag_news_downloads_when_online(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{{split}}.csv"
-        p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--url", url, "--out", str(tmp_path / "ag")],
+        p = subprocess.run([sys.executable, PREPARE, "--url", url, "--out", str(tmp_path / "ag")],
                            capture_output=True, text=True, timeout=60)
     finally:
         server.shutdown()
@@ -772,7 +793,7 @@ def test_prepare_ag_news_downloads_when_online(tmp_path):
     assert [json.loads(x)["label"] for x in open(tmp_path / "ag" / "train.jsonl")] == ["World", "Sci/Tech"]
     assert [json.loads(x)["label"] for x in open(tmp_path / "ag" / "test.jsonl")] == ["Sports"]
     # offline (nothing listening): a clear message that names the --csv way out, and nothing written
-    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--url", url, "--out", str(tmp_path / "ag3")],
+    p = subprocess.run([sys.executable, PREPARE, "--url", url, "--out", str(tmp_path / "ag3")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "--csv" in p.stderr and not (tmp_path / "ag3").exists()
 
@@ -781,18 +802,20 @@ AG_NEWS = os.environ.get("LOOKAROUND_AG_NEWS")
 
 
 @needs_gpt2
-@pytest.mark.skipif(not AG_NEWS or not os.path.exists(AG_NEWS), reason="set LOOKAROUND_AG_NEWS to the AG News test.csv (../shared/datasets/ag_news/test.csv)")
+@pytest.mark.skipif(not AG_NEWS or not os.path.exists(AG_NEWS),
+                    reason="set LOOKAROUND_AG_NEWS to the AG News test.csv (../shared/datasets/ag_news/test.csv)")
 def test_ag_news_end_to_end(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare_ag_news.py"), "--csv", AG_NEWS, "--out", str(tmp_path / "ag")],
+    p = subprocess.run([sys.executable, PREPARE, "--csv", AG_NEWS, "--out", str(tmp_path / "ag")],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     path = str(tmp_path / "ag" / "test.jsonl")
     out = tmp_path / "run"
-    assert L.main(TINY + ["--data", path, "--objective", "mlm", "--max_iters", "10", "--eval_interval", "10", "--out_dir", str(out)]) == 0
+    assert L.main(TINY + ["--data", path, "--objective", "mlm", "--max_iters", "10", "--eval_interval", "10",
+                          "--out_dir", str(out)]) == 0
     r = json.load(open(out / "results.json"))
     check_results_schema(r)
     assert r["cluster"] is not None and 0 <= r["cluster"]["nmi"] <= 1
-    assert r["cluster"]["baselines"]["tfidf"]["nmi"] > 0.03  # chance is ~0.003: the held-out labels line up with their texts
+    assert r["cluster"]["baselines"]["tfidf"]["nmi"] > 0.03  # chance ~0.003: the held-out labels match their texts
     corpus = L.load_text_corpus(path, "gpt2", 1, 32, compact_vocab=True)
     assert len(corpus.eval_docs) == 760 and 5000 < corpus.vocab_size < 50257
 
@@ -803,9 +826,11 @@ def test_ag_news_end_to_end(tmp_path):
 
 def test_bench_writes_a_valid_bench_json(tmp_path):
     out = tmp_path / "bench"
-    assert L.main(TINY + ["--bench", "--objective", "mlm", "--bench_iters", "5", "--vocab_size", "512", "--out_dir", str(out)]) == 0
+    assert L.main(TINY + ["--bench", "--objective", "mlm", "--bench_iters", "5", "--vocab_size", "512",
+                          "--out_dir", str(out)]) == 0
     b = json.load(open(out / "bench.json"))
-    assert set(b) >= {"objective", "device", "n_params", "batch_size", "block_size", "ms_per_iter", "tokens_per_s", "mfu"}
+    assert set(b) >= {"objective", "device", "n_params", "batch_size", "block_size", "vocab_size", "ms_per_iter",
+                      "tokens_per_s", "mfu"}
     assert b["objective"] == "mlm" and b["ms_per_iter"] > 0 and b["tokens_per_s"] > 0 and b["batch_size"] == 8
 
 
@@ -816,10 +841,12 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from dataclasses import dataclass
 @dataclass
 class GPTConfig:
-    block_size: int = 8; vocab_size: int = 8; n_layer: int = 1; n_head: int = 1; n_embd: int = 8; dropout: float = 0.0; bias: bool = True
+    block_size: int = 8; vocab_size: int = 8; n_layer: int = 1; n_head: int = 1; n_embd: int = 8
+    dropout: float = 0.0; bias: bool = True
 class GPT(nn.Module):
     def __init__(self, c):
-        super().__init__(); self.emb = nn.Embedding(c.vocab_size, c.n_embd); self.head = nn.Linear(c.n_embd, c.vocab_size)
+        super().__init__()
+        self.emb = nn.Embedding(c.vocab_size, c.n_embd); self.head = nn.Linear(c.n_embd, c.vocab_size)
     def forward(self, idx, targets):
         logits = self.head(self.emb(idx))
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
@@ -829,8 +856,9 @@ class GPT(nn.Module):
     assert L.main(TINY + ["--bench", "--objective", "mlm_varlen", "--bench_iters", "5", "--vocab_size", "64",
                           "--bench_nanogpt", ref, "--bench_old", this_file, "--out_dir", str(out)]) == 0
     b = json.load(open(out / "bench.json"))
-    assert b["nanogpt_tokens_per_s"] > 0 and b["speed_ratio"] == pytest.approx(b["tokens_per_s"] / b["nanogpt_tokens_per_s"])
-    assert b["old_tokens_per_s"] > 0 and b["speed_ratio_old"] == pytest.approx(b["tokens_per_s"] / b["old_tokens_per_s"])
+    for name, ratio in (("nanogpt", "speed_ratio"), ("old", "speed_ratio_old")):
+        theirs = b[f"{name}_tokens_per_s"]
+        assert theirs > 0 and b[ratio] == pytest.approx(b["tokens_per_s"] / theirs)
     bad = write(tmp_path / "not_nanogpt.py", "x = 1\n")
     for flag in ("--bench_nanogpt", "--bench_old"):
         assert L.main(TINY + ["--bench", flag, bad, "--out_dir", str(tmp_path / "b2")]) == 2

@@ -41,7 +41,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", nargs="+", help="local AG News CSV files (e.g. train.csv test.csv); default: download both")
     p.add_argument("--url", default=URL, help="download address, {split} standing for train or test")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ag_news"), help="output folder")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ag_news"),
+                   help="output folder")
     args = p.parse_args(argv)
     sources = {}
     if args.csv:
