@@ -715,20 +715,16 @@ def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
     return inputs, positions, originals.masked_fill(~hidden, -1)
 
 
-def hide_and_predict(model, idx, n_hidden, n_slots, bert_corruption):
-    """Bidirectional attention over the corrupted input; cross-entropy at the hidden positions only."""
-    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, model.config.vocab_size, bert_corruption)
-    logits = model(inputs, causal=False, positions=positions)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-
-
 def mlm(model, idx):
     """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%) of
     positions is hidden; the targets are the hidden tokens, wherever they sit. The visible length is
     always about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
     B, T = idx.shape
     n = max(1, round(model.config.mask_ratio * T))
-    return hide_and_predict(model, idx, torch.full((B,), n, device=idx.device), n, bert_corruption=True)
+    inputs, positions, targets = hide_tokens(idx, torch.full((B,), n, device=idx.device), n, model.config.vocab_size,
+                                             bert_corruption=True)
+    logits = model(inputs, causal=False, positions=positions)  # only the hidden positions reach the output layer
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 def mlm_varlen(model, idx):
