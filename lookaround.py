@@ -1037,6 +1037,7 @@ def theory(args):
 
 PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
 READOUTS = ["trained", "clean"]
+CLUSTER_METRICS = ["nmi", "ari", "acc", "probe_acc"]
 
 
 @torch.no_grad()
@@ -1531,14 +1532,14 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
         c = results["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views)
         print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
               f"(trained readout: {'positions that predict' if causal else f'{args.readout_views} hidings'}):")
-        print(" " * 30 + "".join(f"{ro + ' readout':<28}" for ro in READOUTS))
-        print(" " * 30 + "  NMI    ARI    ACC  probe    " * len(READOUTS))
         rows = [(objective, c["readouts"]),
                 (baseline_name(objective), {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS}),
                 ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS})]
+        print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in READOUTS).rstrip())
+        print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in READOUTS))
         for name, r in rows:
-            print(f"  {name:<28}" + "".join(f"{fmt(r[ro]['nmi'])}  {fmt(r[ro]['ari'])}  {fmt(r[ro]['acc'])}  "
-                                            f"{fmt(r[ro].get('probe_acc')):<5}    " for ro in READOUTS))
+            print(f"  {name:<28}" + "  ".join("".join(f"{fmt(r[ro].get(k)):>7}" for k in CLUSTER_METRICS)
+                                              for ro in READOUTS))
     elif args.eval_cluster:
         print(corpus.note or "clustering skipped.")
     if args.eval_gen:
@@ -1568,7 +1569,6 @@ def baseline_name(objective):
     return "random init (causal)" if CAUSAL[objective] else f"random init (as {objective})"
 
 
-CLUSTER_METRICS = ["nmi", "ari", "acc", "probe_acc"]
 GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
 
 
@@ -1606,8 +1606,8 @@ def summarize(all_results):
     width = 13 if n_seeds > 1 else 8
     print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
     if any(c.startswith("clean_") for row in table.values() for c in row):
-        print("clustering of held-out documents" + " " * 6 + "".join(f"{ro + ' readout':<{4 * width}}"
-                                                                     for ro in READOUTS))
+        print(("clustering of held-out documents" + " " * 6
+               + "".join(f"{ro + ' readout':<{4 * width}}" for ro in READOUTS)).rstrip())
         print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(READOUTS)))
         for name in order:
             print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
