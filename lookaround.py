@@ -1614,10 +1614,11 @@ def summarize(all_results):
                                           for ro in READOUTS for k in CLUSTER_METRICS))
     if any(c in GEN_METRICS for row in table.values() for c in row):
         print("generation: perplexity after a prefix of f*T tokens")
-        print(" " * 28 + "".join(f"{h:>{width + 1}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]))
+        gen_width = max(width + 1, 10)
+        print(" " * 28 + "".join(f"{h:>{gen_width}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]))
         for name in order:
             if "ppl" in table[name]:
-                print(f"{name:<28}" + "".join(cell(name, col, 2, width + 1) for col in GEN_METRICS))
+                print(f"{name:<28}" + "".join(cell(name, col, 2, gen_width) for col in GEN_METRICS))
     return table
 
 
