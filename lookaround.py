@@ -963,20 +963,14 @@ def theory_world(seed, args):
 
 def theory(args):
     """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all succeed)."""
-    from threadpoolctl import threadpool_limits
     V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
     print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
           f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
     worlds = []
-    # problems this small run fastest on one thread; on a busy machine, BLAS threads waiting for each other
-    # made the probes' fits 2-3x slower. The limit reaches only libraries already loaded: load them first.
-    import sklearn.linear_model  # noqa: F401
-    with threadpool_limits(1):
-        for i, world_seed in enumerate(np.random.default_rng(seed).integers(2 ** 31, size=n)):
-            t0 = time.time()
-            worlds.append(theory_world(world_seed, args))
-            bayes = worlds[-1]["bayes_acc"]
-            print(f"world {i + 1}/{n} (seed {world_seed}): bayes {bayes:.3f}, {time.time() - t0:.1f} s")
+    for i, world_seed in enumerate(np.random.default_rng(seed).integers(2 ** 31, size=n)):
+        t0 = time.time()
+        worlds.append(theory_world(world_seed, args))
+        print(f"world {i + 1}/{n} (seed {world_seed}): bayes {worlds[-1]['bayes_acc']:.3f}, {time.time() - t0:.1f} s")
 
     def values(name, key):
         return np.array([w["objectives"][name][key] for w in worlds], dtype=float)
