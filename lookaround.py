@@ -867,8 +867,8 @@ def conditional(joint):
 def exact_optimum(tokens, p_x, patterns, V):
     """One objective at its optimum. For each training pattern, the table P(context, target token); its rows
     normalised are the optimal predictor p*. Returns the two readouts of p* per sequence, pooled (N, V): the
-    weighted mean of log p*(. | context) over the sequence's training contexts (what mean pooling of the final
-    hidden states reads at the optimum, up to a linear map through the tied unembedding), and per_position
+    weighted mean of log p*(. | context) over the sequence's training contexts (the optimum's counterpart of
+    the networks' trained readout: what the model says where its objective trains it, averaged), and per_position
     (N, L*V): the same mean per target position (zeros where the objective has none); and the co-occurrence
     matrix A of contexts (rows: (visible mask, key), those that occur) and targets (columns: (position,
     token)), sparse."""
