@@ -21,7 +21,7 @@ predictor exactly on worlds small enough to enumerate, with no training.
 
     python lookaround.py                                   # built-in corpus; about 2 minutes on a laptop CPU
     python lookaround.py --objective mlm_varlen --device cuda
-    python lookaround.py --objective all --seeds 1,2,3     # the paper's comparison side by side
+    python lookaround.py --objective all --seeds 1,2,3,4,5 # the paper's comparison, with paired verdicts
     python lookaround.py --theory                          # the comparison computed exactly, no training; < 1 minute
 """
 
