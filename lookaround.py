@@ -736,17 +736,21 @@ def mlm_varlen(model, idx):
     half of the positions, where a per-row readout of fixed width would pay for varlen_max of them."""
     B, T = idx.shape
     c = model.config
-    ratios = varlen_mask_ratios(torch.randperm(B, device=idx.device), torch.rand((), device=idx.device), c)
     # The most each stratum can hide (u -> 1) fixes the shapes, whatever is drawn: no recompiles under torch.compile
     most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
     n_slots, n_rows = int(most.max()), int(most.sum())
-    inputs, positions, targets = hide_tokens(idx, hidden_counts(ratios, T), n_slots, c.vocab_size,
+    inputs, positions, targets = hide_tokens(idx, varlen_hidden_draw(B, T, c, idx.device), n_slots, c.vocab_size,
                                              bert_corruption=False)
     # Pack: the batch's hidden slots first (rows in order), then unscored slots to fill the n_rows rows.
     packed = (targets < 0).flatten().int().argsort(stable=True)[:n_rows]
     rows = (positions + T * torch.arange(B, device=idx.device)[:, None]).flatten()[packed]
     logits = model(inputs, causal=False, positions=rows)
     return F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1)
+
+
+def varlen_hidden_draw(B, T, c, device):
+    """How many positions each of B sequences hides under mlm_varlen: stratified ratios, rounded."""
+    return hidden_counts(varlen_mask_ratios(torch.randperm(B, device=device), torch.rand((), device=device), c), T)
 
 
 def varlen_mask_ratios(strata, u, c):
@@ -1053,10 +1057,12 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
                 chunk = ids[s:s + batch_size]
                 x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
                 h = model.features(x.to(device), causal).float()
-                pooled = {"clean": h.mean(dim=1), "trained": h[:, :max(1, T - 1)].mean(dim=1)}  # causal: no last
-                if not causal:
-                    views_mean = sum(hidden_state_mean(model, x, objective, device) for _ in range(views)) / views
-                    pooled["trained"] = views_mean
+                pooled = {"clean": h.mean(dim=1)}
+                if causal:  # every position but the last predicts a target
+                    pooled["trained"] = h[:, :max(1, T - 1)].mean(dim=1)
+                else:
+                    hidings = [hidden_state_mean(model, x, objective, device) for _ in range(views)]
+                    pooled["trained"] = torch.stack(hidings).mean(dim=0)
                 for name in READOUTS:
                     for i, f in zip(chunk, pooled[name].cpu().numpy()):
                         features[name][i] = f
@@ -1071,8 +1077,8 @@ def hidden_state_mean(model, x, objective, device):
     c = model.config
     if objective == "mlm":
         n_hidden = torch.full((B,), max(1, round(c.mask_ratio * T)))
-    else:
-        n_hidden = hidden_counts(varlen_mask_ratios(torch.randperm(B), torch.rand(()), c), T)
+    else:  # the same draw as training's, across the rows of x instead of a batch
+        n_hidden = varlen_hidden_draw(B, T, c, x.device)
     inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), c.vocab_size, bert_corruption=False)
     h = model.features(inputs.to(device), causal=False).float()
     hidden = (targets >= 0).to(device)[..., None]
