@@ -27,6 +27,7 @@ predictor exactly on worlds small enough to enumerate, with no training.
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -61,6 +62,8 @@ class GPTConfig:
     varlen_min: float = 0.05  # mlm_varlen: the per-sequence mask ratio is drawn from [min, max]
     varlen_max: float = 0.95
     n_future: int = 4  # ar_diverse: how many future tokens each position learns to predict
+    pos_emb: str = "learned"  # "learned": a position table added to the input (nanoGPT); "rope": rotary, on q and k
+    varlen_weight: str = "token"  # mlm_varlen's loss: "token" (every hidden token counts once) or "sequence"
 
 
 OBJECTIVE_NAMES = ["ar", "ar_diverse", "mlm", "mlm_varlen"]
@@ -91,6 +94,10 @@ def make_parser():
     a("--varlen_min", type=float, default=d.varlen_min, help="mlm_varlen: lowest per-sequence mask ratio")
     a("--varlen_max", type=float, default=d.varlen_max, help="mlm_varlen: highest per-sequence mask ratio")
     a("--n_future", type=int, default=d.n_future, help="ar_diverse: future tokens predicted per position")
+    a("--pos_emb", default=d.pos_emb, choices=["learned", "rope"],
+      help="position information: a learned table added to the input (nanoGPT) or rotary embeddings on q and k")
+    a("--varlen_weight", default=d.varlen_weight, choices=["token", "sequence"],
+      help="mlm_varlen's loss: mean over every hidden token of the batch, or every sequence weighted equally")
     # theory: the four objectives' optima computed exactly on small enumerable worlds, no training
     a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
     a("--theory_worlds", type=int, default=20, help="--theory: independent random worlds, drawn from --seed")
@@ -101,7 +108,8 @@ def make_parser():
     # optimisation (nanoGPT's names)
     a("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--learning_rate", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    a("--learning_rate", type=float, default=None,
+      help="peak learning rate (AdamW); unset means the objective's own, from LEARNING_RATES")
     a("--max_iters", type=int, default=1000, help="optimizer steps")
     a("--lr_decay_iters", type=int, default=None,
       help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
@@ -109,7 +117,7 @@ def make_parser():
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices and embeddings")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
     # logging, evaluation, checkpoints
-    a("--eval_interval", type=int, default=200, help="steps between val-loss estimates and checkpoints")
+    a("--eval_interval", type=int, default=50, help="steps between val-loss estimates (the curve) and checkpoints")
     a("--eval_iters", type=int, default=10, help="val batches per val-loss estimate")
     a("--log_interval", type=int, default=50, help="steps between training-loss lines")
     a("--out_dir", default="out", help="where ckpt.pt, results.json (and summary.json, bench.json) go")
@@ -147,7 +155,8 @@ def config_from_args(args, objective, vocab_size):
     """The model for one run. Only ar_diverse trains the extra future-offset heads, so only it builds them."""
     return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                      n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
-                     varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1)
+                     varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1,
+                     pos_emb=args.pos_emb, varlen_weight=args.varlen_weight)
 
 
 class UsageError(Exception):
@@ -164,6 +173,11 @@ def check_args(args):
     if not 0 < args.varlen_min <= args.varlen_max < 1:
         problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: "
                         "need 0 < varlen_min <= varlen_max < 1.")
+    if args.pos_emb == "rope" and args.n_embd % args.n_head == 0 and (args.n_embd // args.n_head) % 2:
+        problems.append(f"--pos_emb rope rotates pairs of channels: the head size --n_embd / --n_head "
+                        f"({args.n_embd // args.n_head}) must be even.")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        problems.append(f"--learning_rate {args.learning_rate} must be positive (or unset: each objective's own).")
     if args.n_future < 1 or args.n_future >= args.block_size:
         problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
     for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
@@ -574,6 +588,20 @@ def get_batch(stream, rng, batch_size, block_size, device):
 # -----------------------------------------------------------------------------------------------------
 # Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode:
 # causal=True lets position t attend to positions <= t ("look ahead"), causal=False to all ("look around").
+# Position information is a choice (--pos_emb). A causal mask tells a model where it is for free (position t sees
+# t + 1 tokens); a bidirectional model with a learned position table must first learn positions before it can use
+# its neighbours, and on a small budget that can leave a masked model predicting unigrams for most of the run.
+# Rotary embeddings (RoPE) make every attention score depend on the relative offset of its two positions, which
+# gives both attention modes that information from the first step.
+
+
+def rotate(x, cos, sin):
+    """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q or k (B, n_head, T, head_size) by the
+    angle position * 10000^(-2i/head_size). A rotation by a at query and by b at key leaves their dot product a
+    function of a - b: the scores see relative offsets only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -584,9 +612,11 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, causal):
+    def forward(self, x, causal, rope):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         # is_causal and no mask tensor in the bidirectional case, so the fused (flash) kernels apply
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -601,8 +631,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
                                  nn.Linear(4 * config.n_embd, config.n_embd), nn.Dropout(config.dropout))
 
-    def forward(self, x, causal):
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x, causal, rope):
+        x = x + self.attn(self.ln_1(x), causal, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -611,7 +641,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = None
+        if config.pos_emb == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:  # rope: the rotation angles of every position, (block_size, head_size / 2); not parameters
+            head_size = config.n_embd // config.n_head
+            angles = torch.outer(torch.arange(config.block_size).float(),
+                                 10000.0 ** (-torch.arange(0, head_size, 2).float() / head_size))
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
@@ -634,32 +672,40 @@ class GPT(nn.Module):
     def features(self, idx, causal=True):
         """Final hidden states (B, T, n_embd): what the evaluations pool and the heads read."""
         T = idx.size(1)
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        x, rope = self.wte(idx), None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x, causal)
+            x = block(x, causal, rope)
         return self.ln_f(x)
 
-    def forward(self, idx, causal=True, positions=None):
+    def forward(self, idx, causal=True, positions=None, offsets=1):
         """Logits over the vocabulary (the [MASK] id is never predicted).
         positions=None: at every position, (B, T, V). positions (B, S): only there, (B, S, V); the LM head
         is the largest matmul, so objectives that score few positions read out only those.
         positions (R,): rows of the flattened (B*T) states, packed across the batch, (R, V).
-        positions (k, B, S): group j is read out through the head for future offset j+1, (k, B, S, V)."""
+        offsets=k (ar_diverse): each state read out through the heads of future offsets 1..k, (..., k, V)."""
         x = self.features(idx, causal)
         if positions is not None:  # pick rows of the flattened (B*T, C) states (index_select: cheaper than gather)
             B, T, C = x.shape
             rows = positions if positions.dim() == 1 else positions + T * torch.arange(B, device=idx.device)[:, None]
             x = x.flatten(0, 1).index_select(0, rows.flatten()).view(*positions.shape, C)
-            if positions.dim() == 3 and positions.size(0) > 1:  # all offsets' heads in one bmm; offset-first layout,
-                # so the batch dimension is the offset and the head weights are not copied for every sequence
-                extra = x[1:].flatten(1, 2)
-                x = torch.cat([x[:1], torch.baddbmm(extra, extra, self.future_heads[:len(extra)]).view_as(x[1:])])
+        if offsets > 1:  # offset d reads x + x @ future_heads[d - 2]: all the heads in one matmul
+            heads = self.future_heads[:offsets - 1].transpose(0, 1).flatten(1)  # (C, (offsets - 1) * C)
+            extra = (x @ heads).unflatten(-1, (offsets - 1, -1))  # (..., offsets - 1, C)
+            x = x.unsqueeze(-2)
+            x = torch.cat([x, x + extra], dim=-2)
         return F.linear(x, self.wte.weight[:self.config.vocab_size])  # unembedding tied to the embedding
 
 
 # -----------------------------------------------------------------------------------------------------
-# The four objectives. Each is loss = objective(model, idx) for a (B, T) batch of token ids, and each
-# answers three questions: which attention mode, which positions are hidden, which tokens are targets.
+# The four objectives. Each is loss = objective(model, idx) for a batch of token ids, and each answers three
+# questions: which attention mode, which positions are hidden, which tokens are targets. The causal pair read
+# windows of block_size + 1 tokens (as nanoGPT's x and y), so every one of the model's block_size positions has
+# a target and is trained; the masked pair read windows of block_size tokens (see CAUSAL and window_length).
 
 
 def ar(model, idx):
@@ -670,31 +716,20 @@ def ar(model, idx):
 
 
 def ar_diverse(model, idx):
-    """Diversity-enhanced AR, the paper's fix for AR's clustering: the target of position t is x[t+d] for
-    offsets d = 1..n_future, not only x[t+1], so targets sit at varied positions and connect more samples,
-    as masked targets do. Causal attention; nothing hidden. Choices the paper leaves open: each offset has
-    a light head of its own (GPT.future_heads), and each step splits the positions at random into n_future
-    equal groups, one per offset, so the head costs what ar's does; in expectation the loss is the mean
-    over offsets of each offset's cross-entropy. Offset 1 is the ordinary head that generation uses."""
-    positions, targets = future_targets(idx, model.config.n_future)
-    # the last token is never an input that is scored (it has no future), and causal attention makes the
-    # states of the others independent of it: leave it out, as ar does
-    logits = model(idx[:, :-1], causal=True, positions=positions)  # (k, B, S, V)
+    """Diversity-enhanced AR, the paper's fix for AR's clustering: the targets of position t are x[t+d] for every
+    offset d = 1..n_future, not only x[t+1], so targets sit at varied positions and connect more samples, as masked
+    targets do. Causal attention; nothing hidden. Every offset is scored at every position that has its target, and
+    the loss is the mean over offsets of each offset's mean cross-entropy (the objective --theory optimises). A
+    choice the paper leaves open: each offset reads the states through a light head of its own (GPT.future_heads).
+    Offset 1 is the ordinary next-token head that generation uses."""
+    k = model.config.n_future
+    T = idx.size(1) - 1
+    logits = model(idx[:, :-1], causal=True, offsets=k)  # (B, T, k, V)
+    ahead = torch.arange(T, device=idx.device)[:, None] + torch.arange(1, k + 1, device=idx.device)  # t + d, (T, k)
+    targets = idx[:, ahead.clamp(max=T)].masked_fill(ahead > T, -1)  # past the window: not scored
     nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none")
-    nll = nll.view(targets.shape)
     scored = (targets >= 0).float()
-    return ((nll * scored).sum((1, 2)) / scored.sum((1, 2)).clamp(min=1)).mean()
-
-
-def future_targets(idx, k):
-    """ar_diverse's targets: positions (k, B, S), a random equal split of each row's 0..T-2 into one group
-    per offset, and targets (k, B, S) = x[t + offset], or -1 (not scored) where t + offset runs past the window."""
-    B, T = idx.shape
-    S = (T - 1) // k
-    positions = torch.rand(B, T - 1, device=idx.device).argsort(dim=1)[:, :k * S].view(B, k, S).transpose(0, 1)
-    target_positions = positions + torch.arange(1, k + 1, device=idx.device).view(k, 1, 1)
-    targets = idx[torch.arange(B, device=idx.device)[:, None], target_positions.clamp(max=T - 1)]
-    return positions, targets.masked_fill(target_positions >= T, -1)
+    return ((nll.view(targets.shape) * scored).sum((0, 1)) / scored.sum((0, 1))).mean()
 
 
 def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
@@ -727,13 +762,18 @@ def mlm(model, idx):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def mlm_varlen(model, idx):
+def mlm_varlen(model, idx, weight=None):
     """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per
     sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time
     prefixes do. Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens.
     The ratios of a batch are drawn stratified (see varlen_mask_ratios), so the batch hides nearly the same
     total every step, and only the hidden positions, packed across the batch, reach the output layer: about
-    half of the positions, where a per-row readout of fixed width would pay for varlen_max of them."""
+    half of the positions, where a per-row readout of fixed width would pay for varlen_max of them.
+    weight (default: the config's varlen_weight) is how the hidden tokens are averaged. "token": every hidden
+    token of the batch counts once, BERT's mean, under which a sequence that hides 90% weighs 18 times one that
+    hides 5%. "sequence": each sequence's mean over its own hidden tokens, then the mean over sequences, so every
+    visible length counts alike; up to a constant this is the 1/t weighting of masked diffusion LMs (MDLM, Sahoo
+    et al., 2024; LLaDA, Nie et al., 2025). The paper states no weighting; "token" is the plain masked-LM loss."""
     B, T = idx.shape
     c = model.config
     # The most each stratum can hide (u -> 1) fixes the shapes, whatever is drawn: no recompiles under torch.compile
@@ -745,7 +785,13 @@ def mlm_varlen(model, idx):
     packed = (targets < 0).flatten().int().argsort(stable=True)[:n_rows]
     rows = (positions + T * torch.arange(B, device=idx.device)[:, None]).flatten()[packed]
     logits = model(inputs, causal=False, positions=rows)
-    return F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1)
+    nll = F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1, reduction="none")  # 0 where unscored
+    hidden = (targets >= 0).float()
+    if (weight or c.varlen_weight) == "token":
+        weights = hidden / hidden.sum()
+    else:
+        weights = hidden / (B * hidden.sum(1, keepdim=True))
+    return (nll * weights.flatten()[packed]).sum()
 
 
 def varlen_hidden_draw(B, T, c, device):
@@ -768,6 +814,16 @@ def hidden_counts(ratios, T):
 
 
 OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
+# Peak learning rate per objective, chosen by one rule for all four (README, "A fair race"): on tuning seeds that
+# no verdict study uses, each objective's lowest mean final val loss among 1e-3, 2e-3 and 4e-3. --learning_rate
+# overrides it.
+LEARNING_RATES = {"ar": 2e-3, "ar_diverse": 2e-3, "mlm": 2e-3, "mlm_varlen": 2e-3}
+
+
+def window_length(objective, block_size):
+    """Tokens per training window: one more than the context for the causal objectives, whose inputs are
+    window[:-1] and whose last target is window[-1]; exactly the context for the masked ones."""
+    return block_size + 1 if CAUSAL[objective] else block_size
 
 # -----------------------------------------------------------------------------------------------------
 # Theory: the paper's comparison computed exactly, with no training (--theory).
@@ -1238,7 +1294,8 @@ def flops_per_token(model):
     position embedding, plus attention. It counts the output layer at every position, also for objectives
     that read out fewer (mlm, mlm_varlen), whose MFU it therefore overstates."""
     c = model.config
-    return 6 * (model.num_params() - model.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * c.block_size
+    position_table = model.wpe.weight.numel() if model.wpe is not None else 0
+    return 6 * (model.num_params() - position_table) + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 def autocast_context(device):
@@ -1250,35 +1307,45 @@ def autocast_context(device):
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, args, device, peak_lr):
     """AdamW, fused on CUDA; weight decay on matrices and embeddings, not on biases and LayerNorm gains."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.99), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.99), fused=device.type == "cuda")
 
 
-def learning_rate(it, args):
+def learning_rate(it, args, peak_lr):
     """Linear warmup, then cosine decay to a tenth of the peak at lr_decay_iters."""
     decay_iters = args.lr_decay_iters or args.max_iters
     if it < args.warmup_iters:
-        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+        return peak_lr * (it + 1) / (args.warmup_iters + 1)
     progress = min(1.0, (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters))
-    return args.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return peak_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
-def estimate_val_loss(model, objective, corpus, args, device, seed):
+def estimate_val_loss(model, objective_name, corpus, args, device, seed):
     """Mean objective loss on fixed val batches with fixed masks (a forked RNG), so successive estimates
-    are comparable and evaluating never disturbs the training run's random stream."""
+    are comparable and evaluating never disturbs the training run's random stream. mlm_varlen's is always the
+    token mean, whatever its training weighting, so that runs under either weighting compare like with like."""
     model.eval()
     rng = np.random.default_rng(seed)
+    window = window_length(objective_name, args.block_size)
+    loss_fn = functools.partial(mlm_varlen, weight="token") if objective_name == "mlm_varlen" \
+        else OBJECTIVES[objective_name]
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(seed)
-        losses = [objective(model, get_batch(corpus.val, rng, args.batch_size, args.block_size, device)).item()
+        losses = [loss_fn(model, get_batch(corpus.val, rng, args.batch_size, window, device)).item()
                   for _ in range(args.eval_iters)]
     model.train()
     return float(np.mean(losses))
+
+
+def plateau_exit_iter(curve, unigram_entropy, margin=0.25):
+    """The first evaluated iteration whose val loss lies at least margin nats below the unigram entropy (the loss
+    of a model that ignores context): where the run left the unigram plateau. None if it never did."""
+    return next((point["iter"] for point in curve if point["val_loss"] <= unigram_entropy - margin), None)
 
 
 def save_checkpoint(path, **state):
@@ -1292,16 +1359,18 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
     master = rank == 0
     objective = OBJECTIVES[objective_name]
+    window = window_length(objective_name, args.block_size)
+    peak_lr = args.learning_rate or LEARNING_RATES[objective_name]
     config = config_from_args(args, objective_name, corpus.vocab_size)
     torch.manual_seed(seed)  # the same initial weights on every rank...
     model = GPT(config).to(device)
-    optimizer = make_optimizer(model, args, device)
+    optimizer = make_optimizer(model, args, device, peak_lr)
     autocast, scaler = autocast_context(device)
     # ...then random streams of its own per rank: batches (numpy), masks and dropout (torch)
     data_rng = np.random.default_rng([seed, rank])
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    iter_num = 0
+    iter_num, curve = 0, []  # curve: the val loss at every evaluation
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
     if args.resume:
@@ -1320,7 +1389,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        iter_num = ckpt["iter"]
+        iter_num, curve = ckpt["iter"], ckpt["curve"]
         if master:  # the checkpoint holds rank 0's random state: continue exactly where it stopped
             data_rng.bit_generator.state = ckpt["rng"]["numpy"]
             torch.set_rng_state(ckpt["rng"]["torch"].cpu())
@@ -1344,24 +1413,26 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     val_loss, t_start, timed_tokens, timed_seconds = float("nan"), time.time(), 0, 0.0
     t_last, losses_since_log, start_iter = time.time(), [], iter_num
     while True:
-        lr = learning_rate(iter_num, args)
+        lr = learning_rate(iter_num, args, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
             t_eval = time.time()
-            val_loss = estimate_val_loss(raw_model, objective, corpus, args, device, seed)
+            val_loss = estimate_val_loss(raw_model, objective_name, corpus, args, device, seed)
             print(f"iter {iter_num}: val loss {val_loss:.4f}")
+            if not curve or curve[-1]["iter"] != iter_num:  # a resumed run re-evaluates where it stopped
+                curve.append({"iter": iter_num, "val_loss": val_loss})
             if iter_num > start_iter or iter_num == args.max_iters:
                 os.makedirs(out_dir, exist_ok=True)
                 save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                scaler=scaler.state_dict() if scaler else None, config=asdict(config),
+                                scaler=scaler.state_dict() if scaler else None, config=asdict(config), curve=curve,
                                 objective=objective_name, iter=iter_num, seed=seed, tokenizer=tokenizer,
                                 rng={"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
                                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
             t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
         if iter_num >= args.max_iters:
             break
-        x = get_batch(corpus.train, data_rng, args.batch_size, args.block_size, device)
+        x = get_batch(corpus.train, data_rng, args.batch_size, window, device)
         for micro in range(args.gradient_accumulation_steps):
             last_micro = micro == args.gradient_accumulation_steps - 1
             sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
@@ -1369,7 +1440,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
                 with autocast:
                     loss = objective(model, x) / args.gradient_accumulation_steps
                 if not last_micro:  # fetch the next micro-batch while the device works on this one
-                    x = get_batch(corpus.train, data_rng, args.batch_size, args.block_size, device)
+                    x = get_batch(corpus.train, data_rng, args.batch_size, window, device)
                 (scaler.scale(loss) if scaler else loss).backward()
             losses_since_log.append(loss.detach())
         if scaler:
@@ -1403,7 +1474,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     if not timed_seconds:  # too short a run to leave its first interval out: time all of it
         timed_tokens, timed_seconds = (iter_num - start_iter) * tokens_per_iter, seconds
     stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds, "final_val_loss": val_loss,
-             "seconds": seconds}
+             "seconds": seconds, "learning_rate": peak_lr, "curve": curve}
     return raw_model, stats
 
 
@@ -1431,10 +1502,12 @@ def bench(args, device):
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # nanoGPT's inputs and next-token targets
+    window = data[:, :window_length(args.objective, args.block_size)]  # what our objective trains on
+    peak_lr = args.learning_rate or LEARNING_RATES[args.objective]
 
     def make_step(model, loss_fn):
         model = model.to(device)
-        optimizer = make_optimizer(model, args, device)
+        optimizer = make_optimizer(model, args, device, peak_lr)
         compiled = torch.compile(model) if args.compile else model
 
         def step():
@@ -1449,13 +1522,13 @@ def bench(args, device):
 
     torch.manual_seed(args.seed)
     ours = GPT(config_from_args(args, args.objective, args.vocab_size))
-    runs = {"lookaround": make_step(ours, lambda m: OBJECTIVES[args.objective](m, x))}
+    runs = {"lookaround": make_step(ours, lambda m: OBJECTIVES[args.objective](m, window))}
     if args.bench_old:
         torch.manual_seed(args.seed)
         old, old_model = build_from_file(
             args.bench_old, "--bench_old", "point it at a lookaround.py (e.g. git show COMMIT:lookaround.py > old.py)",
             lambda mod: mod.GPT(mod.config_from_args(args, args.objective, args.vocab_size)))
-        runs["old"] = make_step(old_model, lambda m: old.OBJECTIVES[args.objective](m, x))
+        runs["old"] = make_step(old_model, lambda m: old.OBJECTIVES[args.objective](m, window))
     if args.bench_nanogpt:
         _, ref = build_from_file(
             args.bench_nanogpt, "--bench_nanogpt", "point it at model.py in a nanoGPT checkout",
@@ -1524,10 +1597,15 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
     results = {"objective": objective, "seed": seed, "data": args.data, "train": train_stats,
                "cluster": None, "gen": None}
     H = unigram_entropy(corpus.train)
+    train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], H)
     print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in "
           f"{train_stats['seconds']:.1f} s, {train_stats['tokens_per_s']:,.0f} tokens/s; "
           f"val loss {train_stats['final_val_loss']:.3f} "
           f"(unigram entropy {H:.3f}, uniform ln V {math.log(corpus.vocab_size):.3f})")
+    exit_iter = train_stats["plateau_exit_iter"]
+    print(f"peak learning rate {train_stats['learning_rate']:g}; left the unigram plateau (val loss at least 0.25 "
+          "below the unigram entropy) " + ("never" if exit_iter is None else f"at iter {exit_iter}")
+          + "; val loss by iter: " + ", ".join(f"{p['iter']}: {p['val_loss']:.2f}" for p in train_stats["curve"]))
     if args.eval_cluster and corpus.eval_labels is not None:
         c = results["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views)
         print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "

@@ -22,9 +22,10 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32
         "--warmup_iters", "2", "--eval_iters", "2", "--log_interval", "5", "--gen_seqs", "8"]
 
 
-def tiny_model(vocab_size=97, n_future=4, seed=0):
+def tiny_model(vocab_size=97, n_future=4, seed=0, **config):
     torch.manual_seed(seed)
-    return L.GPT(L.GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64, n_future=n_future))
+    return L.GPT(L.GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64, n_future=n_future,
+                             **config))
 
 
 def random_ids(B=4, T=32, V=97, seed=0):
@@ -35,10 +36,11 @@ def random_ids(B=4, T=32, V=97, seed=0):
 # Model and objectives
 
 
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 @pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
-def test_loss_at_init_is_close_to_ln_vocab(name):
+def test_loss_at_init_is_close_to_ln_vocab(name, pos_emb):
     torch.manual_seed(1)
-    loss = L.OBJECTIVES[name](tiny_model(), random_ids(B=16)).item()
+    loss = L.OBJECTIVES[name](tiny_model(pos_emb=pos_emb), random_ids(B=16, T=L.window_length(name, 32))).item()
     assert abs(loss - math.log(97)) < 0.15, loss
 
 
@@ -48,12 +50,13 @@ def test_forward_shapes_and_mask_row():
     assert model(idx).shape == (4, 32, 97)  # the [MASK] id is never predicted
     assert model.wte.weight.shape[0] == 98
     assert model(idx, causal=False, positions=torch.zeros(4, 5, dtype=torch.long)).shape == (4, 5, 97)
-    assert model(idx, positions=torch.zeros(3, 4, 5, dtype=torch.long)).shape == (3, 4, 5, 97)  # (offset, B, S)
+    assert model(idx, offsets=3).shape == (4, 32, 3, 97)  # ar_diverse: every position through offsets 1..3
 
 
-@pytest.mark.parametrize("three_d", [False, True])
-def test_causal_attention_does_not_leak_the_future(three_d):
-    model = tiny_model().eval()
+@pytest.mark.parametrize("offsets", [1, 4])
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_causal_attention_does_not_leak_the_future(offsets, pos_emb):
+    model = tiny_model(pos_emb=pos_emb).eval()
     with torch.no_grad():  # non-zero offset heads, so the per-offset path is exercised too
         model.future_heads.normal_(std=0.1)
     idx = random_ids(B=2)
@@ -61,10 +64,8 @@ def test_causal_attention_does_not_leak_the_future(three_d):
     changed = idx.clone()
     changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 97
     positions = torch.arange(t + 1).expand(2, -1)
-    if three_d:
-        positions = positions.expand(4, 2, -1)  # (offset, B, S)
-    a = model(idx, causal=True, positions=positions)
-    b = model(changed, causal=True, positions=positions)
+    a = model(idx, causal=True, positions=positions, offsets=offsets)
+    b = model(changed, causal=True, positions=positions, offsets=offsets)
     assert torch.allclose(a, b, atol=1e-6)
     # and the test can fail: bidirectional attention does see the change
     assert not torch.allclose(model(idx, causal=False)[:, :t + 1], model(changed, causal=False)[:, :t + 1], atol=1e-4)
@@ -175,40 +176,43 @@ def test_fast_masked_loss_equals_full_logits_reference(name, monkeypatch):
     assert torch.allclose(fast, reference, atol=1e-5), (fast, reference)
 
 
-def test_ar_diverse_batched_heads_equal_a_per_offset_reference():
+def test_ar_diverse_batched_heads_equal_a_per_offset_per_position_reference():
     model = tiny_model(n_future=3)
     with torch.no_grad():
         model.future_heads.normal_(std=0.1)
-    idx = random_ids(B=8)
-    torch.manual_seed(5)
+    idx = random_ids(B=4, T=33)  # a causal window: block_size + 1 tokens
     fast = L.ar_diverse(model, idx)
-    torch.manual_seed(5)
-    positions, targets = L.future_targets(idx, 3)
-    h = model.features(idx, causal=True)
+    assert torch.equal(fast, L.ar_diverse(model, idx))  # no random split left: the same batch, the same loss
+    # reference: a plain loop over offsets and positions, as a reader would write it
+    h = model.features(idx[:, :-1], causal=True)
+    W = model.wte.weight[:97]
     per_offset = []
-    for d in range(3):  # one offset at a time, a plain loop as a reader would write it
-        rows = h[torch.arange(8)[:, None], positions[d]]
-        if d > 0:
-            rows = rows + rows @ model.future_heads[d - 1]
-        logits = rows @ model.wte.weight[:97].T
-        per_offset.append(F.cross_entropy(logits.flatten(0, 1), targets[d].flatten(), ignore_index=-1))
-    assert torch.allclose(fast, torch.stack(per_offset).mean(), atol=1e-5)
-    # every target is the token d + 1 steps ahead (or -1 past the window); each row's positions are distinct
-    for d in range(3):
-        for b in range(8):
-            assert len(set(positions[:, b].flatten().tolist())) == positions[:, b].numel()
-            for t, target in zip(positions[d, b].tolist(), targets[d, b].tolist()):
-                assert 0 <= t <= 30 and target == (idx[b, t + d + 1].item() if t + d + 1 < 32 else -1)
+    for d in range(1, 4):
+        losses = []
+        for t in range(32):
+            if t + d > 32:  # the target x[t + d] lies past the window
+                continue
+            state = h[:, t] if d == 1 else h[:, t] + h[:, t] @ model.future_heads[d - 2]
+            losses.append(F.cross_entropy(state @ W.T, idx[:, t + d], reduction="none"))
+        assert len(losses) == 33 - d  # every position that has its target is scored
+        per_offset.append(torch.cat(losses).mean())
+    assert torch.allclose(fast, torch.stack(per_offset).mean(), atol=1e-5), (fast, per_offset)
+    # and the reference can tell: a wrong head order, or the next-token loss alone, differs
+    assert not torch.allclose(fast, per_offset[0], atol=1e-3)
+    with torch.no_grad():
+        model.future_heads.copy_(model.future_heads.flip(0))
+    assert not torch.allclose(L.ar_diverse(model, idx), fast, atol=1e-4)
 
 
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 @pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
-def test_forward_compiles_without_graph_breaks(name):
+def test_forward_compiles_without_graph_breaks(name, pos_emb):
     # torch.compile compiles GPT.forward; each objective calls it with fixed-shape positions
-    model = tiny_model()
+    model = tiny_model(pos_emb=pos_emb)
     calls = []
     real_forward = model.forward
     model.forward = lambda *a, **k: calls.append((a, k)) or real_forward(*a, **k)
-    L.OBJECTIVES[name](model, random_ids())
+    L.OBJECTIVES[name](model, random_ids(T=L.window_length(name, 32)))
     (args, kwargs), = calls
     explanation = torch._dynamo.explain(real_forward)(*args, **kwargs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -236,9 +240,9 @@ def test_compiled_mlm_varlen_training_never_recompiles(tmp_path, monkeypatch):
 
 def test_ar_loss_is_next_token_cross_entropy():
     model = tiny_model()
-    idx = random_ids()
-    logits = model(idx)
-    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+    idx = random_ids(T=33)  # block_size + 1 tokens: every one of the 32 positions has a target
+    logits = model(idx[:, :-1])
+    reference = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
     assert torch.allclose(L.ar(model, idx), reference, atol=1e-5)
 
 
@@ -247,7 +251,7 @@ def test_each_objective_loss_falls_on_a_fixed_batch(name):
     corpus = L.make_synthetic(n_train_docs=50, n_val_docs=2, n_eval_docs=4, block_size=32)
     torch.manual_seed(0)
     model = L.GPT(L.GPTConfig(vocab_size=corpus.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64))
-    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, 32, torch.device("cpu"))
+    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, L.window_length(name, 32), torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
