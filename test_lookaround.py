@@ -238,6 +238,96 @@ def test_compiled_mlm_varlen_training_never_recompiles(tmp_path, monkeypatch):
     assert counters["frames"]["total"] == 2
 
 
+def test_plateau_exit_is_the_first_evaluation_a_quarter_nat_below_the_unigram_entropy():
+    curve = [{"iter": 0, "val_loss": 5.0}, {"iter": 50, "val_loss": 4.2}, {"iter": 100, "val_loss": 3.96},
+             {"iter": 150, "val_loss": 3.94}, {"iter": 200, "val_loss": 4.1}, {"iter": 250, "val_loss": 3.0}]
+    assert L.plateau_exit_iter(curve, 4.2) == 150  # 3.96 is 0.24 below: still on the plateau; 3.94 is not
+    assert L.plateau_exit_iter(curve, 3.25) == 250  # exactly 0.25 below counts
+    assert L.plateau_exit_iter(curve, 4.2, margin=0.3) == 250  # a dip back up (4.1) does not count
+    assert L.plateau_exit_iter(curve, 3.2) is None and L.plateau_exit_iter([], 4.2) is None
+
+
+@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+def test_every_position_the_readouts_read_is_trained(name):
+    # the clean readout averages every position of a block: each must be a position some target trains. A causal
+    # window of block_size + 1 tokens gives the last position a target too (with block_size tokens it had none)
+    corpus = L.make_synthetic(n_train_docs=50, n_val_docs=2, n_eval_docs=4, block_size=32)
+    model = tiny_model(vocab_size=corpus.vocab_size)
+    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, L.window_length(name, 32), torch.device("cpu"))
+    L.OBJECTIVES[name](model, idx).backward()
+    assert (model.wpe.weight.grad.abs().sum(1) > 0).all()
+    if L.CAUSAL[name]:
+        model.zero_grad()
+        L.OBJECTIVES[name](model, idx[:, :-1]).backward()  # and the test can fail: one token shorter
+        assert (model.wpe.weight.grad[-1] == 0).all()
+
+
+def test_rope_attention_scores_depend_only_on_relative_offsets():
+    model = tiny_model(pos_emb="rope")
+    assert model.wpe is None and not any("rope" in name for name in model.state_dict())  # no learned table
+    cos, sin = model.rope_cos, model.rope_sin  # (block_size, head_size / 2)
+    q, k = torch.randn(2, 32)  # one head of size 32
+
+    def score(a, b):  # query at position a, key at position b
+        return (L.rotate(q, cos[a], sin[a]) * L.rotate(k, cos[b], sin[b])).sum()
+    for shift in (1, 5, 20):
+        assert torch.allclose(score(3, 7), score(3 + shift, 7 + shift), atol=1e-5)
+        assert torch.allclose(score(9, 2), score(9 + shift, 2 + shift), atol=1e-5)
+    assert not torch.allclose(score(3, 7), score(3, 8), atol=1e-3)  # and the offset does matter
+    assert torch.allclose(L.rotate(q, cos[0], sin[0]), q)  # position 0 is not rotated
+    assert torch.allclose(L.rotate(q, cos[11], sin[11]).norm(), q.norm())  # a rotation keeps lengths
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm_varlen"])
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_masked_outputs_never_depend_on_the_hidden_tokens(name, pos_emb, monkeypatch):
+    calls = capture_hiding(monkeypatch)
+    model = tiny_model(pos_emb=pos_emb)
+    outputs = []
+    real_forward = model.forward
+    model.forward = lambda *a, **k: outputs.append(real_forward(*a, **k)) or outputs[-1]
+    idx = random_ids(B=16)
+    torch.manual_seed(3)
+    model.config.mask_ratio = 0.3
+    L.OBJECTIVES[name](model, idx)
+    inputs, positions, targets = calls[0]["out"]
+    hidden = torch.zeros_like(idx, dtype=torch.bool).scatter(1, positions, targets >= 0)
+    if name == "mlm":  # BERT keeps 10% of hidden tokens as they are: leave those out of this test
+        hidden &= inputs != idx
+    changed = torch.where(hidden, (idx + 1) % 97, idx)
+    torch.manual_seed(3)  # the same hiding: the draw never looks at the token values
+    L.OBJECTIVES[name](model, changed)
+    assert calls[1]["out"][1].equal(positions)
+    assert torch.equal(outputs[0], outputs[1])
+    # and the test can fail: a change at a visible position does reach the outputs
+    torch.manual_seed(3)
+    L.OBJECTIVES[name](model, torch.where(~hidden, (idx + 1) % 97, idx))
+    assert not torch.allclose(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("weight", ["token", "sequence"])
+def test_mlm_varlen_weighting_equals_a_per_sequence_loop_reference(weight, monkeypatch):
+    calls = capture_hiding(monkeypatch)
+    model = tiny_model(varlen_weight=weight)
+    idx = random_ids(B=8)
+    torch.manual_seed(2)
+    fast = L.mlm_varlen(model, idx)
+    (call,) = calls
+    inputs, positions, targets = call["out"]
+    logits = model(inputs, causal=False)
+    per_sequence, per_token = [], []
+    for b in range(8):  # a plain loop: each sequence's hidden positions, one at a time
+        losses = [F.cross_entropy(logits[b, p], idx[b, p]) for p, t in zip(positions[b], targets[b]) if t >= 0]
+        assert len(losses) == call["n_hidden"][b]
+        per_sequence.append(torch.stack(losses).mean())
+        per_token += losses
+    by_sequence, by_token = torch.stack(per_sequence).mean(), torch.stack(per_token).mean()
+    assert torch.allclose(fast, by_sequence if weight == "sequence" else by_token, atol=1e-5)
+    assert not torch.allclose(by_sequence, by_token, atol=1e-3)  # the two weightings really differ here
+    torch.manual_seed(2)  # the explicit weight (the val loss's "token") overrides the config
+    assert torch.allclose(L.mlm_varlen(model, idx, weight="token"), by_token, atol=1e-5)
+
+
 def test_ar_loss_is_next_token_cross_entropy():
     model = tiny_model()
     idx = random_ids(T=33)  # block_size + 1 tokens: every one of the 32 positions has a target
@@ -436,7 +526,13 @@ def test_sample_keeps_the_prefix_and_fills_the_rest(causal):
 def check_results_schema(r):
     assert set(r) == {"objective", "seed", "data", "train", "cluster", "gen"}
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
-    assert {"iters", "tokens_per_s", "final_val_loss", "seconds"} <= set(r["train"])
+    t = r["train"]
+    assert {"iters", "tokens_per_s", "final_val_loss", "seconds", "learning_rate", "curve",
+            "plateau_exit_iter"} <= set(t)
+    assert t["curve"] and all(set(p) == {"iter", "val_loss"} for p in t["curve"])
+    assert t["curve"][-1] == {"iter": t["iters"], "val_loss": t["final_val_loss"]}  # the last point is the end
+    assert [p["iter"] for p in t["curve"]] == sorted({p["iter"] for p in t["curve"]})  # each evaluation once
+    assert t["plateau_exit_iter"] is None or t["plateau_exit_iter"] in [p["iter"] for p in t["curve"]]
     if r["cluster"] is not None:
         c = r["cluster"]
         metrics = ["nmi", "ari", "acc", "probe_acc"]
@@ -459,6 +555,11 @@ def test_default_style_run_trains_reports_and_writes_results(tmp_path, capsys):
     r = json.load(open(out / "results.json"))
     check_results_schema(r)
     assert r["cluster"] is not None and r["gen"] is not None and r["train"]["iters"] == 30
+    assert [p["iter"] for p in r["train"]["curve"]] == [0, 15, 30]
+    assert r["train"]["learning_rate"] == L.LEARNING_RATES["mlm_varlen"]  # the objective's own peak...
+    assert L.main(TINY + ["--objective", "mlm_varlen", "--max_iters", "2", "--eval_interval", "2", "--learning_rate",
+                          "3e-4", "--no-eval_cluster", "--no-eval_gen", "--out_dir", str(out)]) == 0
+    assert json.load(open(out / "results.json"))["train"]["learning_rate"] == 3e-4  # ...unless one is given
     text = capsys.readouterr().out
     assert "unigram entropy" in text and "NMI" in text and "perplexity" in text and "->" in text
     assert os.path.exists(out / "ckpt.pt")
@@ -515,6 +616,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     ra, rb = (json.load(open(tmp_path / x / "results.json")) for x in "ab")
     assert ra["train"]["final_val_loss"] == rb["train"]["final_val_loss"]
+    assert ra["train"]["curve"] == rb["train"]["curve"] and len(ra["train"]["curve"]) == 3  # 0, 10, 20: no repeat
     # and the comparison can fail: a run that skips the interruption point's state differs
     assert L.main(common + ["--max_iters", "20", "--seed", "2", "--out_dir", str(tmp_path / "c")]) == 0
     c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)
@@ -559,6 +661,8 @@ def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
     (["--seeds", "1,x"], "--seeds"),
     (["--dropout", "1.5"], "--dropout"),
     (["--gen_seqs", "0"], "--gen_seqs"),
+    (["--pos_emb", "rope", "--n_embd", "36", "--n_head", "4"], "even"),
+    (["--learning_rate", "0"], "--learning_rate"),
 ])
 def test_impossible_flag_combinations_are_refused(flags, words, tmp_path, capsys):
     assert L.main(flags + ["--out_dir", str(tmp_path / "x")]) == 2
@@ -577,7 +681,8 @@ def test_help_documents_every_flag():
                --device --compile --objective --data --mask_ratio --varlen_min --varlen_max --n_future --resume
                --eval_cluster --eval_gen --sample --seeds --encoding --compact_vocab --bench --vocab_size --eval_iters
                --gen_seqs --temperature --top_k --bench_iters --bench_nanogpt --bench_old --lr_decay_iters
-               --readout_views --theory --theory_worlds --theory_vocab --theory_len --theory_classes --theory_alpha"""
+               --readout_views --pos_emb --varlen_weight
+               --theory --theory_worlds --theory_vocab --theory_len --theory_classes --theory_alpha"""
     for flag in flags.split():
         assert flag in p.stdout, flag
 
