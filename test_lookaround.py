@@ -252,7 +252,7 @@ def test_every_position_the_readouts_read_is_trained(name):
     # the clean readout averages every position of a block: each must be a position some target trains. A causal
     # window of block_size + 1 tokens gives the last position a target too (with block_size tokens it had none)
     corpus = L.make_synthetic(n_train_docs=50, n_val_docs=2, n_eval_docs=4, block_size=32)
-    model = tiny_model(vocab_size=corpus.vocab_size)
+    model = tiny_model(vocab_size=corpus.vocab_size, pos_emb="learned")  # a position table: one row per position
     idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, L.window_length(name, 32), torch.device("cpu"))
     L.OBJECTIVES[name](model, idx).backward()
     assert (model.wpe.weight.grad.abs().sum(1) > 0).all()
