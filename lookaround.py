@@ -27,6 +27,7 @@ predictor exactly on worlds small enough to enumerate, with no training.
 
 import argparse
 import contextlib
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -127,6 +128,11 @@ def make_parser():
     a("--eval_gen", action=argparse.BooleanOptionalAction, default=True,
       help="generation evaluation (perplexity by prefix length)")
     a("--readout_views", type=int, default=8, help="masked objectives' trained readout: random hidings per document")
+    a("--eval_finetune", action=argparse.BooleanOptionalAction, default=True,
+      help="fine-tuning evaluation (where the data has labels): the network plus a linear head on n labelled documents")
+    a("--finetune_labels", type=positive_ints, default="32,128,512",
+      help="fine-tuning: the numbers n of labelled training documents, comma-separated")
+    a("--finetune_draws", type=int, default=3, help="fine-tuning: independent draws of documents and head per n")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
     a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
     a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
@@ -145,6 +151,17 @@ def make_parser():
     a("--bench_old", default=None, help="--bench: path to another lookaround.py (e.g. an earlier commit's), "
                                         "its same objective timed side by side")
     return p
+
+
+def positive_ints(text):
+    """argparse type: '32,128,512' -> [32, 128, 512]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers (e.g. 32,128)")
+    return values
 
 
 def parse_args(argv=None):
@@ -181,7 +198,7 @@ def check_args(args):
     if args.n_future < 1 or args.n_future >= args.block_size:
         problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
     for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "bench_iters", "readout_views"]:
+                 "eval_iters", "log_interval", "bench_iters", "readout_views", "finetune_draws"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1.")
     if args.block_size < 8:
@@ -264,6 +281,8 @@ class Corpus:
     eval_texts: list  # the same cut documents as text (the TF-IDF baseline reads it)
     eval_labels: np.ndarray = None  # int label per held-out document, or None
     label_names: list = field(default_factory=list)
+    train_docs: list = None  # labelled corpora: training documents cut to block_size tokens (fine-tuning reads them)
+    train_labels: np.ndarray = None  # and their labels
     itos: list = None  # synthetic corpus: word per id
     encoding: str = None  # text corpora: tiktoken encoding name
     vocab_ids: np.ndarray = None  # text corpora: model id -> tiktoken id (vocabulary compaction)
@@ -378,12 +397,14 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
     docs = [document(k) for k in labels]
     held_docs = docs[n_train_docs + n_val_docs:]
     eval_docs = [np.array(d[:block_size]) for d in held_docs]
+    train_docs = [np.array(d[:block_size]) for d in docs[:n_train_docs]]
     return Corpus(
         name="synthetic", vocab_size=len(itos), itos=itos,
         train=stream(docs[:n_train_docs]), val=stream(docs[n_train_docs:n_train_docs + n_val_docs]),
         held=stream(held_docs), held_starts=np.cumsum([0] + [len(d) + 1 for d in held_docs[:-1]]),
         eval_docs=eval_docs, eval_texts=[" ".join(itos[t] for t in d) for d in eval_docs],
-        eval_labels=np.array(labels[n_train_docs + n_val_docs:]), label_names=topics)
+        eval_labels=np.array(labels[n_train_docs + n_val_docs:]), label_names=topics,
+        train_docs=train_docs, train_labels=np.array(labels[:n_train_docs]))
 
 
 # --- Real text: .txt / .jsonl / a folder of them, tokenized with tiktoken -----------------------------
@@ -465,7 +486,7 @@ def read_documents(path):
     return docs
 
 
-CACHE_VERSION = 1  # bump when the cache's layout or the split rule changes
+CACHE_VERSION = 2  # bump when the cache's layout or the split rule changes
 
 
 def source_fingerprint(path):
@@ -534,10 +555,13 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
         train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
         label_names = sorted({lab for _, lab in docs}) if labelled else []
         meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, label_names=label_names,
-                    held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None)
-    # the held-out stream back into documents (each ends with the end-of-text token)
-    ends = np.flatnonzero(np.asarray(held) == enc.eot_token)
-    starts = np.r_[0, ends[:-1] + 1]
+                    held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None,
+                    train_labels=[label_names.index(docs[i][1]) for i in order[n_eval + n_val:]]
+                    if label_names else None)
+    def documents(stream):  # a stream back into documents: (starts, ends); each ends with the end-of-text token
+        ends = np.flatnonzero(np.asarray(stream) == enc.eot_token)
+        return np.r_[0, ends[:-1] + 1], ends
+    starts, ends = documents(held)
     for name, arr in (("train", train), ("val", val)):
         if len(arr) <= block_size:
             raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
@@ -548,6 +572,7 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
     if not cached:
         write_token_cache(cache, meta, (train, val, held))
     eval_raw = [np.asarray(held[s:e][:block_size]) for s, e in zip(starts, ends)]
+    train_spans = list(zip(*documents(train))) if meta["train_labels"] is not None else []
     vocab_ids, vocab_size = None, enc.n_vocab
     if compact_vocab:  # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
         used = [np.unique(a) for a in (train, val, held)] + [[enc.eot_token]]
@@ -567,6 +592,8 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
         eval_docs=[np.asarray(held[s:s + len(d)]) for s, d in zip(starts, eval_raw)],
         eval_texts=[enc.decode(d.tolist()) for d in eval_raw],  # the text the models see, no more
         eval_labels=None if labels is None else np.array(labels), label_names=label_names,
+        train_docs=None if labels is None else [np.asarray(train[s:e][:block_size]) for s, e in train_spans],
+        train_labels=None if labels is None else np.array(meta["train_labels"]),
         encoding=encoding, vocab_ids=vocab_ids, note=note)
 
 
@@ -998,13 +1025,24 @@ def covered_prefixes(patterns, L):
     return {str(l): (prefix_mask(l), l) in trained for l in range(1, L)}
 
 
+def causal_bayes_accuracy(tokens, p_xc, V):
+    """The Bayes accuracy of the class from x[<L-1] alone: the most any causal context can see, since the last
+    token is never an input to a causal objective (it is only ever a target), while every masked context with
+    x[L-1] visible sees it. The fair ceiling for a causal objective's probes."""
+    key, n_keys = context_keys(tokens, prefix_mask(tokens.shape[1] - 1), V)
+    joint = np.stack([np.bincount(key, weights=p_xc[:, c], minlength=n_keys) for c in range(p_xc.shape[1])], 1)
+    return float(joint.max(1).sum())
+
+
 def theory_world(seed, args):
-    """Every measurement on one world: the Bayes accuracy and, per objective, both probes, the graph's
-    components and sigma_{K+1}, and which generation contexts it trained on, with their perplexity."""
+    """Every measurement on one world: the Bayes accuracy (from the whole sequence, and from x[<L-1] alone) and,
+    per objective, both probes, the graph's components and sigma_{K+1}, and which generation contexts it trained
+    on, with their perplexity."""
     K, L = args.theory_classes, args.theory_len
     tokens, p_xc = enumerate_world(*draw_world(seed, K, args.theory_vocab, args.theory_alpha), L)
     p_x = p_xc.sum(1)
     bayes = float(p_xc.max(1).sum())
+    bayes_causal = causal_bayes_accuracy(tokens, p_xc, args.theory_vocab)
     ppl = {l: next_token_perplexity(tokens, p_x, l, args.theory_vocab) for l in range(1, L)}
     objectives = {}
     for name in OBJECTIVE_NAMES:
@@ -1018,7 +1056,10 @@ def theory_world(seed, args):
             "probe_acc_per_position": acc_pp, "probe_rel_per_position": acc_pp / bayes,
             "components": int((sv > 1 - 1e-8).sum()), "sigma_k1": float(sv[K]) if len(sv) > K else 0.0,
             "coverage": coverage, "gen_ppl": {l: ppl[int(l)] if covered else None for l, covered in coverage.items()}}
-    return {"seed": int(seed), "bayes_acc": bayes, "objectives": objectives}
+        if CAUSAL[name]:
+            objectives[name].update(probe_rel_causal=acc / bayes_causal,
+                                    probe_rel_per_position_causal=acc_pp / bayes_causal)
+    return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal, "objectives": objectives}
 
 
 def theory(args):
@@ -1048,6 +1089,12 @@ def theory(args):
         pooled, per_position = mean_std(values(name, "probe_rel")), mean_std(values(name, "probe_rel_per_position"))
         print(f"{name:<12}{pooled:>20}{per_position:>21}"
               f"{mean_std(values(name, 'components'), 1):>14}{mean_std(values(name, 'sigma_k1')):>17}")
+    bayes_causal = np.array([w["bayes_acc_causal"] for w in worlds])
+    print(f"the causal objectives against their own ceiling, the Bayes accuracy from x[<L-1] "
+          f"({mean_std(bayes_causal)}):")
+    for name in (n for n in OBJECTIVE_NAMES if CAUSAL[n]):
+        print(f"{name:<12}{mean_std(values(name, 'probe_rel_causal')):>20}"
+              f"{mean_std(values(name, 'probe_rel_per_position_causal')):>21}")
     print("\ngeneration after a prefix of l tokens (then [MASK]s): where the objective trained on that context, the\n"
           "exact perplexity of its optimum on the next token (mean over worlds)")
     print(f"{'':<12}" + "".join(f"{f'l={l}':>15}" for l in range(1, L)))
@@ -1059,11 +1106,18 @@ def theory(args):
              "mlm>ar": wins("mlm", "ar", "probe_acc"), "ar_diverse>ar": wins("ar_diverse", "ar", "probe_acc"),
              "mlm>ar_per_position": wins("mlm", "ar", "probe_acc_per_position"),
              "ar_diverse>ar_per_position": wins("ar_diverse", "ar", "probe_acc_per_position"),
+             "mlm>ar_per_position_matched": sum(w["objectives"]["mlm"]["probe_rel_per_position"]
+                                                > w["objectives"]["ar"]["probe_rel_per_position_causal"] + 1e-9
+                                                for w in worlds),
              "mlm_varlen_covers_more": sum(sum(w["objectives"]["mlm_varlen"]["coverage"].values())
                                            > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
     print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9):")
     print(f"  mlm > ar:        {tally['mlm>ar']} (pooled), {tally['mlm>ar_per_position']} (per-position)")
     print(f"  ar_diverse > ar: {tally['ar_diverse>ar']} (pooled), {tally['ar_diverse>ar_per_position']} (per-position)")
+    print(f"  mlm > ar per position, each against its own ceiling: {tally['mlm>ar_per_position_matched']}\n"
+          "    (mlm's probe / Bayes against ar's probe / Bayes from x[<L-1]: a causal context never sees the last\n"
+          "    token, a masked one can. A win that survives this is connectivity; one that vanishes was sight of\n"
+          "    the last token.)")
     print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']}")
     settings = {k: getattr(args, k) for k in ("theory_worlds", "theory_vocab", "theory_len", "theory_classes",
                                               "theory_alpha", "mask_ratio", "varlen_min", "varlen_max", "n_future")}
@@ -1103,26 +1157,56 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
     model.eval()
     causal = CAUSAL[objective]
     features = {name: [None] * len(docs) for name in READOUTS}
-    by_length = {}
-    for i, d in enumerate(docs):
-        by_length.setdefault(len(d), []).append(i)
     with torch.random.fork_rng(devices=[]):  # the hidings are drawn on the CPU; training's streams are untouched
         torch.manual_seed(seed)
-        for T, ids in by_length.items():
-            for s in range(0, len(ids), batch_size):
-                chunk = ids[s:s + batch_size]
-                x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
-                h = model.features(x.to(device), causal).float()
-                pooled = {"clean": h.mean(dim=1)}
-                if causal:  # every position but the last predicts a target
-                    pooled["trained"] = h[:, :max(1, T - 1)].mean(dim=1)
-                else:
-                    hidings = [hidden_state_mean(model, x, objective, device) for _ in range(views)]
-                    pooled["trained"] = torch.stack(hidings).mean(dim=0)
-                for name in READOUTS:
-                    for i, f in zip(chunk, pooled[name].cpu().numpy()):
-                        features[name][i] = f
+        for chunk in length_batches(docs, batch_size):
+            x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
+            h = model.features(x.to(device), causal).float()
+            pooled = {"clean": h.mean(dim=1)}
+            if causal:  # every position but the last predicts a target
+                pooled["trained"] = h[:, :max(1, x.size(1) - 1)].mean(dim=1)
+            else:
+                hidings = [hidden_state_mean(model, x, objective, device) for _ in range(views)]
+                pooled["trained"] = torch.stack(hidings).mean(dim=0)
+            for name in READOUTS:
+                for i, f in zip(chunk, pooled[name].cpu().numpy()):
+                    features[name][i] = f
     return {name: np.stack(f) for name, f in features.items()}
+
+
+def length_batches(docs, batch_size, rng=None):
+    """Lists of indices of documents of equal length, at most batch_size each: no batch needs padding (padding
+    would leak into a mean, and under bidirectional attention into every state). With a numpy rng, the
+    documents and the batches come in a random order."""
+    by_length = {}
+    for i in (range(len(docs)) if rng is None else rng.permutation(len(docs))):
+        by_length.setdefault(len(docs[i]), []).append(int(i))
+    batches = [ids[s:s + batch_size] for ids in by_length.values() for s in range(0, len(ids), batch_size)]
+    return batches if rng is None else [batches[i] for i in rng.permutation(len(batches))]
+
+
+@torch.no_grad()
+def per_position_features(model, docs, objective, device, batch_size=256):
+    """The per_position readout, (N, block_size * n_embd): the final state at every position the objective trains,
+    concatenated in order (zeros past the end of a shorter document), for a linear probe. Causal: one pass, the
+    states at the positions that predict a target (all but the last). Masked: position p is read from a copy of
+    the document with p alone hidden as [MASK] and everything else visible, the context a masked objective
+    trains p in; a document of T tokens costs T passes (batched)."""
+    model.eval()
+    causal, C = CAUSAL[objective], model.config.n_embd
+    features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
+    for chunk in length_batches(docs, batch_size if causal else max(1, batch_size // model.config.block_size)):
+        x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
+        B, T = x.shape
+        if causal:
+            states = model.features(x.to(device), causal=True)[:, :T - 1]
+        else:  # copy j of document i (row i * T + j) hides position j
+            rows, hide = torch.arange(B * T), torch.arange(T).repeat(B)
+            copies = x.repeat_interleave(T, dim=0)
+            copies[rows, hide] = model.config.vocab_size
+            states = model.features(copies.to(device), causal=False)[rows.to(device), hide.to(device)].view(B, T, C)
+        features[chunk, :states.size(1) * C] = states.flatten(1).float().cpu().numpy()
+    return features
 
 
 def hidden_state_mean(model, x, objective, device):
@@ -1165,16 +1249,20 @@ def cluster_scores(features, labels, seed):
                 acc=float(cluster_accuracy(labels, assignment)))
 
 
-def probe_accuracy(features, labels, seed):
-    """A linear probe: logistic regression trained on half the held-out documents, scored on the other half."""
+def probe_accuracy(features, labels, seed, choose_c=False):
+    """A linear probe: logistic regression trained on half the held-out documents, scored on the other half.
+    choose_c: pick the regularisation strength by 3-fold cross-validation inside the training half (for the
+    per_position readout, whose thousands of dimensions outnumber the documents)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import GridSearchCV, train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     stratify = labels if np.bincount(labels).min() >= 2 else None
     f_tr, f_te, y_tr, y_te = train_test_split(features, labels, test_size=0.5, random_state=seed, stratify=stratify)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(f_tr, y_tr)
-    return float(probe.score(f_te, y_te))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    if choose_c:
+        probe = GridSearchCV(probe, {"logisticregression__C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3)
+    return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
 
 def evaluate_clustering(model, corpus, objective, seed, device, views):
@@ -1193,7 +1281,75 @@ def evaluate_clustering(model, corpus, objective, seed, device, views):
     readouts = {name: dict(scores(trained_feats[name]),
                            baselines={"random_init": scores(untrained_feats[name]), "tfidf": tfidf})
                 for name in READOUTS}
+    per_position = [probe_accuracy(per_position_features(m, corpus.eval_docs, objective, device), labels, seed,
+                                   choose_c=True) for m in (model, untrained)]
+    readouts["per_position"] = {"probe_acc": per_position[0],
+                                "baselines": {"random_init": {"probe_acc": per_position[1]}}}
     return dict(readouts["clean"], readouts=readouts)
+
+
+# Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is trained further
+# on labelled examples. One small recipe for every objective and for the untrained baseline, fixed before any
+# result was seen; the number of labelled documents is the dial (few labels: what pretraining gave matters most).
+FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.01}
+
+
+def balanced_draw(labels, n, rng):
+    """n distinct indices into labels, an equal share per class where the labels allow (the rest at random)."""
+    pools = [rng.permutation(np.flatnonzero(labels == k)) for k in range(int(labels.max()) + 1)]
+    share = [min(len(pool), n // len(pools)) for pool in pools]
+    rest = rng.permutation(np.concatenate([pool[m:] for pool, m in zip(pools, share)]))[:n - sum(share)]
+    return np.concatenate([pool[:m] for pool, m in zip(pools, share)] + [rest]).astype(np.int64)
+
+
+def finetune_predictions(model, objective, corpus, n, draw, seed, device):
+    """Fine-tune a copy of model together with a linear head, which reads the mean of the final states over the
+    clean document (no [MASK]; the objective's own attention mode), on n labelled training documents; return the
+    predicted label of every held-out document. Held-out labels are never read here."""
+    recipe, causal = FINETUNE_RECIPE, CAUSAL[objective]
+    rng = np.random.default_rng([seed, n, draw])
+    picks = balanced_draw(corpus.train_labels, n, rng)
+    docs, labels = [corpus.train_docs[i] for i in picks], torch.as_tensor(corpus.train_labels[picks])
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        torch.manual_seed(int(rng.integers(2 ** 31)))  # the head's initial weights: the same for every objective
+        net = copy.deepcopy(model).train()
+        head = nn.Linear(model.config.n_embd, len(corpus.label_names)).to(device)
+
+        def predict(batch_docs):
+            x = torch.tensor(np.stack(batch_docs), dtype=torch.long, device=device)
+            return head(net.features(x, causal).mean(dim=1))
+        optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=recipe["learning_rate"],
+                                      weight_decay=recipe["weight_decay"])
+        for _ in range(recipe["epochs"]):
+            for batch in length_batches(docs, recipe["batch_size"], rng):
+                loss = F.cross_entropy(predict([docs[i] for i in batch]), labels[batch].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        net.eval()
+        predictions = np.zeros(len(corpus.eval_docs), dtype=np.int64)
+        with torch.no_grad():
+            for batch in length_batches(corpus.eval_docs, 256):
+                predictions[batch] = predict([corpus.eval_docs[i] for i in batch]).argmax(1).cpu().numpy()
+    return predictions
+
+
+def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws):
+    """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and sample std over
+    draws (each draw its own documents and head). The untrained network, the weights this run started from, is
+    fine-tuned the same way as the baseline."""
+    t0 = time.time()
+    torch.manual_seed(seed)
+    untrained = GPT(model.config).to(device)
+
+    def accuracies(net):
+        out = {}
+        for n in label_counts:
+            accs = [float((finetune_predictions(net, objective, corpus, n, draw, seed, device)
+                           == corpus.eval_labels).mean()) for draw in range(draws)]
+            out[str(n)] = {"acc": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
+        return out
+    return dict(accuracies(model), baselines={"random_init": accuracies(untrained)}, seconds=time.time() - t0)
 
 
 def gen_windows(corpus, block_size, n):
@@ -1595,7 +1751,7 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
         return None
     causal = CAUSAL[objective]
     results = {"objective": objective, "seed": seed, "data": args.data, "train": train_stats,
-               "cluster": None, "gen": None}
+               "cluster": None, "finetune": None, "gen": None}
     H = unigram_entropy(corpus.train)
     train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], H)
     print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in "
@@ -1610,16 +1766,27 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
         c = results["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views)
         print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
               f"(trained readout: {'positions that predict' if causal else f'{args.readout_views} hidings'}):")
-        rows = [(objective, c["readouts"]),
-                (baseline_name(objective), {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS}),
+        untrained = {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS + ["per_position"]}
+        rows = [(objective, c["readouts"]), (baseline_name(objective), untrained),
                 ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS})]
-        print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in READOUTS).rstrip())
-        print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in READOUTS))
+        print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in READOUTS) + "per-position")
+        print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in READOUTS)
+              + f"{'probe':>9}")
         for name, r in rows:
             print(f"  {name:<28}" + "  ".join("".join(f"{fmt(r[ro].get(k)):>7}" for k in CLUSTER_METRICS)
-                                              for ro in READOUTS))
+                                              for ro in READOUTS)
+                  + f"{fmt(r.get('per_position', {}).get('probe_acc')):>9}")
     elif args.eval_cluster:
         print(corpus.note or "clustering skipped.")
+    if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
+        f = results["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, args.finetune_labels,
+                                                    args.finetune_draws)
+        print(f"fine-tuning the network and a linear head on n labelled training documents ({args.finetune_draws} "
+              f"draws; held-out accuracy, mean ± std; {f['seconds']:.1f} s):")
+        print(" " * 30 + "".join(f"{f'n={n}':>14}" for n in args.finetune_labels))
+        for name, r in ((objective, f), (baseline_name(objective), f["baselines"]["random_init"])):
+            print(f"  {name:<28}" + "".join(f"{r[str(n)]['acc']:>8.3f} ±{r[str(n)]['acc_std']:.3f}"
+                                            for n in args.finetune_labels))
     if args.eval_gen:
         g = results["gen"] = evaluate_generation(model, corpus, causal, args.gen_seqs)
         print(f"generation: perplexity of the next tokens after a prefix of f*T tokens "
@@ -1654,22 +1821,33 @@ def summarize(all_results):
     """The paper-style comparison: objectives and baselines as rows; clustering (both readouts) and generation as
     columns, mean and sample std over seeds."""
     rows = {}
+
+    def classification(readouts, finetune):  # the trained model's numbers, or its untrained baseline's
+        values = {f"{ro}_{k}": readouts[ro][k] for ro in READOUTS for k in CLUSTER_METRICS} if readouts else {}
+        if readouts:
+            values["per_position_probe_acc"] = readouts["per_position"]["probe_acc"]
+        values.update({f"finetune@{n}": v["acc"] for n, v in (finetune or {}).items() if n.isdigit()})
+        return values
     for r in all_results:
-        obj, c, g = r["objective"], r["cluster"], r["gen"]
-        values = {f"{ro}_{k}": c["readouts"][ro][k] for ro in READOUTS for k in CLUSTER_METRICS} if c else {}
+        obj, c, f, g = r["objective"], r["cluster"], r["finetune"], r["gen"]
+        values = classification(c and c["readouts"], f)
         if g:
             values.update({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
         rows.setdefault(obj, {})[r["seed"]] = values
-        if c:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
-            untrained = {f"{ro}_{k}": c["readouts"][ro]["baselines"]["random_init"][k]
-                         for ro in READOUTS for k in CLUSTER_METRICS}
+        if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
+            untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
+                                       f and f["baselines"]["random_init"])
             rows.setdefault(baseline_name(obj), {}).setdefault(r["seed"], untrained)
+        if c:
             tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
             rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
+    finetune_cols = sorted({col for by_seed in rows.values() for v in by_seed.values() for col in v
+                            if col.startswith("finetune@")}, key=lambda col: int(col.split("@")[1]))
     table = {}
     for name, by_seed in rows.items():
         table[name] = {}
-        for col in [f"{ro}_{k}" for ro in READOUTS for k in CLUSTER_METRICS] + GEN_METRICS:
+        for col in [f"{ro}_{k}" for ro in READOUTS for k in CLUSTER_METRICS] + ["per_position_probe_acc"] \
+                + finetune_cols + GEN_METRICS:
             vals = [v[col] for v in by_seed.values() if v.get(col) is not None]
             if vals:
                 table[name][col] = {"mean": float(np.mean(vals)), "n": len(vals),
@@ -1690,6 +1868,14 @@ def summarize(all_results):
         for name in order:
             print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
                                           for ro in READOUTS for k in CLUSTER_METRICS))
+    if any("per_position_probe_acc" in row or any(c in row for c in finetune_cols) for row in table.values()):
+        print("classification: per-position probe, and fine-tuned accuracy with n labelled documents")
+        cols = ["per_position_probe_acc"] + finetune_cols
+        heads = ["per-pos"] + [f"n={c.split('@')[1]}" for c in finetune_cols]
+        print(" " * 28 + "".join(f"{h:>{width}}" for h in heads))
+        for name in order:
+            if any(c in table[name] for c in cols):
+                print(f"{name:<28}" + "".join(cell(name, c, 3, width) for c in cols))
     if any(c in GEN_METRICS for row in table.values() for c in row):
         print("generation: perplexity after a prefix of f*T tokens")
         gen_width = max(width + 1, 10)
@@ -1700,66 +1886,105 @@ def summarize(all_results):
     return table
 
 
-# The paper's four claims as paired differences: (claim, metric, readout, a, b, value); each row measures
-# value(a's run) - value(b's run) in the same seed (same corpus draw, same initial weights), signed so that > 0
-# is the paper's side. Generation compares log perplexities: differences of mean next-token losses.
+# The paper's four claims as paired differences: each row measures value(a's run) - value(b's run) in the same seed
+# (same corpus draw, same initial weights), signed so that > 0 is the paper's side. Generation compares log
+# perplexities: differences of mean next-token losses. Each claim has ONE primary row, fixed before any result was
+# seen; the verdicts on the four primary rows are corrected for testing four (Holm). Every other row is secondary:
+# evidence to read beside the primary one, with its interval, and no verdict of its own that could be cherry-picked.
+PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary row: fine-tuned accuracy at n = 128
+
+
 def cluster_value(readout, key):
     return lambda r: r["cluster"]["readouts"][readout][key] if r["cluster"] else None
+
+
+def finetune_value(n):
+    return lambda r: r["finetune"][str(n)]["acc"] if r["finetune"] and str(n) in r["finetune"] else None
 
 
 def log_ppl(prefix=None):
     return lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]) if r["gen"] else None
 
 
-CLAIMS = [
-    *[(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key))
-      for claim, a in (("masked clusters better than AR", "mlm"),
-                       ("diversity-enhanced AR clusters better than AR", "ar_diverse"))
-      for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS],
-    ("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl()),
-    ("variable-length masked generates better than masked, most at short prefixes", "log ppl@1/8 mlm - mlm_varlen",
-     None, "mlm", "mlm_varlen", log_ppl("0.125")),
-    ("variable-length masked generates better than masked, most at short prefixes", "log ppl mlm - mlm_varlen",
-     None, "mlm", "mlm_varlen", log_ppl()),
-]
+def claim_rows(label_counts):
+    """(claim, metric, readout, a, b, value, primary) for every row; label_counts: the fine-tuning n's that ran."""
+    varlen = "variable-length masked generates better than masked, most at short prefixes"
+    rows = []
+    for claim, a in (("masked clusters better than AR", "mlm"),
+                     ("diversity-enhanced AR clusters better than AR", "ar_diverse")):
+        n0 = PRIMARY_FINETUNE_LABELS
+        rows.append((claim, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), True))
+        rows += [(claim, f"fine-tuned acc n={n} {a} - ar", None, a, "ar", finetune_value(n), False)
+                 for n in label_counts if n != n0]
+        rows += [(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key), False)
+                 for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS]
+        rows.append((claim, f"probe acc {a} - ar", "per_position", a, "ar", cluster_value("per_position", "probe_acc"),
+                     False))
+    rows.append(("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True))
+    rows.append((varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), True))
+    rows.append((varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False))
+    return rows
 
 
 def paired_verdict(diffs):
-    """Mean paired difference, its 95% t-interval and the verdict: reproduced (the interval lies above 0),
-    contradicted (below 0) or inconclusive. One seed gives a difference but no interval and no verdict."""
+    """Mean paired difference, its 95% t-interval, the two-sided paired t-test's p-value, and the interval's
+    verdict: reproduced (the interval lies above 0), contradicted (below 0) or inconclusive. One seed gives a
+    difference but no interval, no p-value and no verdict."""
     from scipy import stats
     mean = float(np.mean(diffs))
     if len(diffs) < 2:
-        return mean, None, None
-    half = float(stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+        return mean, None, None, None
+    sd = float(np.std(diffs, ddof=1))
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
+    # identical differences (sd 0 up to rounding) have no spread to test against: p is 0, or 1 if they are all 0
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 1e-12 * max(1.0, abs(mean)) else float(mean == 0)
     lo, hi = mean - half, mean + half
-    return mean, [lo, hi], "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+    return mean, [lo, hi], p, "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of m p-values: the k-th smallest times (m - k + 1), never below the one
+    before it, capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise error at alpha."""
+    m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(np.argsort(p_values, kind="stable")):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def claims_table(all_results):
-    """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned for summary.json."""
+    """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned for summary.json.
+    A primary row's verdict comes from its Holm-adjusted p-value (over the primary rows that ran): reproduced or
+    contradicted where p_holm < 0.05, on the side of the mean difference, else inconclusive."""
     by_run = {(r["objective"], r["seed"]): r for r in all_results}
     seeds = sorted({r["seed"] for r in all_results})
+    label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
     claims = []
-    for claim, metric, readout, a, b, value in CLAIMS:
+    for claim, metric, readout, a, b, value, primary in claim_rows(label_counts):
         pairs = [(value(by_run[a, s]), value(by_run[b, s])) for s in seeds if (a, s) in by_run and (b, s) in by_run]
         diffs = [va - vb for va, vb in pairs if va is not None and vb is not None]
         if diffs:
-            mean, ci, verdict = paired_verdict(diffs)
-            claims.append({"claim": claim, "metric": metric, "readout": readout, "mean_diff": mean, "ci95": ci,
+            mean, ci, p, verdict = paired_verdict(diffs)
+            claims.append({"claim": claim, "metric": metric, "readout": readout, "primary": primary,
+                           "mean_diff": mean, "ci95": ci, "p_value": p if primary else None, "p_holm": None,
                            "n_seeds": len(diffs), "n_expected_sign": sum(d > 0 for d in diffs), "verdict": verdict})
+    tested = [c for c in claims if c["primary"] and c["p_value"] is not None]
+    for c, p_holm in zip(tested, holm([c["p_value"] for c in tested])):
+        c["p_holm"] = p_holm
+        c["verdict"] = "inconclusive" if p_holm >= 0.05 else "reproduced" if c["mean_diff"] > 0 else "contradicted"
     if not claims:
         return claims
     n = max(c["n_seeds"] for c in claims)
-    print(f"\nthe paper's claims, paired by seed ({n} seed(s); "
-          "a difference > 0 is the paper's side, with its 95% t-interval)")
-    print(f"  {'metric':<32}{'readout':<9}{'mean diff':>10}{'95% interval':>22}{'> 0':>7}  verdict")
+    print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
+          f"t-interval).\nOne primary row per claim (*), judged by its paired t-test, Holm-adjusted over the "
+          f"{len(tested)} primary rows; the other rows are secondary evidence, judged by their intervals alone.")
+    print(f"  {'metric':<34}{'readout':<13}{'mean diff':>10}{'95% interval':>22}{'p (Holm)':>10}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
         if i == 0 or c["claim"] != claims[i - 1]["claim"]:
             print(c["claim"])
         ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        print(f"  {c['metric']:<32}{c['readout'] or '-':<9}{c['mean_diff']:>+10.3f}{ci:>22}"
-              f"{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
+        print(f"{'*' if c['primary'] else ' '} {c['metric']:<34}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
+              f"{ci:>22}{fmt(c['p_holm']):>10}{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
     if n < 2:
         print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
     return claims

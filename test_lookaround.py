@@ -19,7 +19,8 @@ import lookaround as L
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREPARE = os.path.join(HERE, "data", "prepare_ag_news.py")
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
-        "--warmup_iters", "2", "--eval_iters", "2", "--log_interval", "5", "--gen_seqs", "8"]
+        "--warmup_iters", "2", "--eval_iters", "2", "--log_interval", "5", "--gen_seqs", "8",
+        "--finetune_labels", "8,16", "--finetune_draws", "2"]
 
 
 def tiny_model(vocab_size=97, n_future=4, seed=0, **config):
@@ -480,18 +481,42 @@ def test_batched_generation_scoring_equals_one_position_at_a_time(causal):
 
 
 def test_paired_verdicts_on_hand_made_differences():
-    mean, ci, verdict = L.paired_verdict([1.0, 2.0, 3.0])  # mean 2, sd 1: half-width t(0.975, 2) / sqrt(3) = 2.484
+    mean, ci, p, verdict = L.paired_verdict([1.0, 2.0, 3.0])  # mean 2, sd 1: half-width t(0.975, 2)/sqrt(3) = 2.484
     assert mean == 2.0 and ci == pytest.approx([2 - 2.4841, 2 + 2.4841], abs=1e-4) and verdict == "inconclusive"
-    assert L.paired_verdict([0.10, 0.12, 0.11, 0.09, 0.13])[2] == "reproduced"  # a clear win
-    assert L.paired_verdict([-0.10, -0.12, -0.11, -0.09, -0.13])[2] == "contradicted"  # a clear loss
-    assert L.paired_verdict([0.2, -0.1, 0.15, -0.2, 0.05])[2] == "inconclusive"  # an overlap
-    assert L.paired_verdict([0.3]) == (0.3, None, None)  # one seed: a difference, no interval, no verdict
+    assert p == pytest.approx(0.0742, abs=1e-4)  # t = 2 / (1 / sqrt 3) = 3.464 on 2 degrees of freedom, two-sided
+    assert L.paired_verdict([0.10, 0.12, 0.11, 0.09, 0.13])[3] == "reproduced"  # a clear win
+    assert L.paired_verdict([-0.10, -0.12, -0.11, -0.09, -0.13])[3] == "contradicted"  # a clear loss
+    assert L.paired_verdict([0.2, -0.1, 0.15, -0.2, 0.05])[3] == "inconclusive"  # an overlap
+    assert L.paired_verdict([0.3]) == (0.3, None, None, None)  # one seed: a difference, no interval, no verdict
 
 
-def hand_made_run(objective, seed, ppl, nmi=None):
+def test_holm_adjustment_on_a_textbook_example():
+    # m = 4: sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone: 0.06 for the last
+    assert L.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert L.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert L.holm([0.02]) == [0.02] and L.holm([]) == []
+
+
+def test_exactly_one_primary_row_per_claim_fixed_in_advance():
+    rows = L.claim_rows([32, 128, 512])
+    claims = {row[0] for row in rows}
+    assert len(claims) == 4
+    primary = {row[0]: row[1] for row in rows if row[6]}
+    assert primary == {"masked clusters better than AR": "fine-tuned acc n=128 mlm - ar",
+                       "diversity-enhanced AR clusters better than AR": "fine-tuned acc n=128 ar_diverse - ar",
+                       "AR generates better than masked": "log ppl mlm - ar",
+                       "variable-length masked generates better than masked, most at short prefixes":
+                           "log ppl@1/8 mlm - mlm_varlen"}
+    assert len([row for row in rows if row[6]]) == 4
+    assert {row[1] for row in L.claim_rows([8])} >= {"fine-tuned acc n=8 mlm - ar", "fine-tuned acc n=128 mlm - ar"}
+
+
+def hand_made_run(objective, seed, ppl, nmi=None, finetune=None):
     scores = {"nmi": nmi, "ari": 0.0, "acc": 0.5, "probe_acc": 0.5}
-    cluster = None if nmi is None else dict(scores, readouts={ro: dict(scores) for ro in L.READOUTS})
+    readouts = dict({ro: dict(scores) for ro in L.READOUTS}, per_position={"probe_acc": 0.5})
+    cluster = None if nmi is None else dict(scores, readouts=readouts)
     return {"objective": objective, "seed": seed, "cluster": cluster,
+            "finetune": None if finetune is None else {"128": {"acc": finetune, "acc_std": 0.0}},
             "gen": {"ppl": ppl, "ppl_by_prefix": {str(f): ppl for f in L.PREFIX_FRACTIONS}}}
 
 
@@ -504,13 +529,128 @@ def test_claims_are_paired_by_seed(capsys):
     claims = {(c["metric"], c["readout"]): c for c in L.claims_table(runs)}
     gen = claims["log ppl mlm - ar", None]
     assert gen["mean_diff"] == pytest.approx(math.log(1.1)) and gen["verdict"] == "reproduced"
-    assert gen["n_expected_sign"] == 3
+    assert gen["n_expected_sign"] == 3 and gen["primary"] and gen["p_holm"] == gen["p_value"] == 0.0  # no variance
     assert claims["NMI mlm - ar", "trained"]["verdict"] == "reproduced"
-    assert len(claims) == 5  # only the rows whose two objectives ran: mlm - ar, on four cluster metrics and one ppl
+    assert not claims["NMI mlm - ar", "trained"]["primary"] and claims["NMI mlm - ar", "trained"]["p_holm"] is None
+    assert len(claims) == 6  # only the rows whose two objectives ran: mlm - ar, on five cluster metrics and one ppl
     assert "reproduced" in capsys.readouterr().out
     one_seed = L.claims_table([r for r in runs if r["seed"] == 1])
     assert all(c["verdict"] is None and c["ci95"] is None for c in one_seed)
     assert "no verdict is possible" in capsys.readouterr().out
+
+
+def test_primary_verdicts_follow_holm_adjusted_p_values():
+    # two primary rows, each with p just under 0.05 on its own (fine-tuning: mlm above ar by about 0.02 in 4 seeds;
+    # generation: mlm's perplexity about 5% above ar's). Holm doubles the smaller p and keeps the larger one at
+    # least that high: both end above 0.05, and both primary verdicts are inconclusive although each interval
+    # alone lies above 0.
+    runs = []
+    for seed, e, g in zip((1, 2, 3, 4), [0.012, -0.009, 0.014, -0.01], [0.012, -0.011, 0.013, -0.01]):
+        runs += [hand_made_run("ar", seed, 10.0, finetune=0.6),
+                 hand_made_run("mlm", seed, 10.0 * (1.05 + 2.5 * g), finetune=0.62 + e)]
+    claims = {c["metric"]: c for c in L.claims_table(runs)}
+    ft, gen = claims["fine-tuned acc n=128 mlm - ar"], claims["log ppl mlm - ar"]
+    assert ft["primary"] and gen["primary"] and ft["p_value"] < gen["p_value"] < 0.05
+    assert ft["p_holm"] == pytest.approx(2 * ft["p_value"]) and gen["p_holm"] == ft["p_holm"] > 0.05
+    assert ft["ci95"][0] > 0 and gen["ci95"][0] > 0
+    assert ft["verdict"] == gen["verdict"] == "inconclusive"
+    # with a clear generation gap its p is the smaller one: it is doubled and stays far below 0.05, while the
+    # fine-tuning row keeps its own p (times 1) and is reproduced
+    runs = [dict(r, gen={"ppl": 130.0 if r["objective"] == "mlm" else 13.0, "ppl_by_prefix": r["gen"]["ppl_by_prefix"]})
+            for r in runs]
+    claims = {c["metric"]: c for c in L.claims_table(runs)}
+    assert claims["log ppl mlm - ar"]["verdict"] == "reproduced"
+    assert claims["fine-tuned acc n=128 mlm - ar"]["p_holm"] == pytest.approx(ft["p_value"])
+    assert claims["fine-tuned acc n=128 mlm - ar"]["verdict"] == "reproduced"
+
+
+def labelled_corpus(kind, n_train=64, n_eval=40, T=16, V=20, seed=0):
+    """A hand-made labelled task for fine-tuning: "separable" (class k writes only token k) or "noise" (random
+    tokens, random labels: nothing to learn)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(4, size=n_train + n_eval)
+    docs = [np.full(T, k) if kind == "separable" else rng.integers(V, size=T) for k in labels]
+    return L.Corpus(name=kind, vocab_size=V, train=None, val=None, held=None, held_starts=None,
+                    eval_docs=docs[n_train:], eval_texts=None, eval_labels=labels[n_train:],
+                    label_names=list("abcd"), train_docs=docs[:n_train], train_labels=labels[:n_train])
+
+
+def small_net(V=20, seed=0):
+    torch.manual_seed(seed)
+    return L.GPT(L.GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=2, n_embd=32))
+
+
+@pytest.mark.parametrize("objective", ["ar", "mlm"])
+def test_finetuning_learns_what_can_be_learned_and_nothing_else(objective):
+    cpu = torch.device("cpu")
+    separable = labelled_corpus("separable")
+    acc = (L.finetune_predictions(small_net(), objective, separable, 32, 0, 1, cpu) == separable.eval_labels).mean()
+    assert acc > 0.95, acc
+    noise = labelled_corpus("noise", n_eval=400)
+    acc = (L.finetune_predictions(small_net(), objective, noise, 32, 0, 1, cpu) == noise.eval_labels).mean()
+    assert abs(acc - 0.25) < 0.1, acc  # chance for 4 classes
+
+
+def test_finetuning_never_reads_held_out_labels_and_is_reproducible():
+    cpu = torch.device("cpu")
+    corpus = labelled_corpus("noise", n_train=200)
+    net = small_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    first = L.finetune_predictions(net, "mlm", corpus, 16, 0, 1, cpu)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # a copy is fine-tuned
+    assert np.array_equal(first, L.finetune_predictions(net, "mlm", corpus, 16, 0, 1, cpu))  # reproducible
+    corpus.eval_labels = (corpus.eval_labels + 1) % 4  # poisoned held-out labels
+    assert np.array_equal(first, L.finetune_predictions(net, "mlm", corpus, 16, 0, 1, cpu))
+    assert not np.array_equal(first, L.finetune_predictions(net, "mlm", corpus, 16, 1, 1, cpu))  # another draw
+    picks = L.balanced_draw(corpus.train_labels, 16, np.random.default_rng(0))
+    assert len(set(picks.tolist())) == 16 and np.bincount(corpus.train_labels[picks]).tolist() == [4, 4, 4, 4]
+    few = np.array([0] * 3 + [1] * 40)  # a class with too few documents: take them all, fill from the others
+    assert np.bincount(few[L.balanced_draw(few, 10, np.random.default_rng(0))]).tolist() == [3, 7]
+
+
+def test_finetuning_baseline_starts_from_the_runs_initial_weights(monkeypatch):
+    seen = []
+    monkeypatch.setattr(L, "finetune_predictions", lambda net, *a: seen.append(net.state_dict()) or np.zeros(40, int))
+    corpus = labelled_corpus("noise")
+    trained = small_net(seed=5)
+    with torch.no_grad():
+        trained.wte.weight.add_(1.0)  # as if trained
+    out = L.evaluate_finetune(trained, corpus, "ar", 7, torch.device("cpu"), [8, 16], 2)
+    assert set(out) == {"8", "16", "baselines", "seconds"} and set(out["baselines"]["random_init"]) == {"8", "16"}
+    assert len(seen) == 8 and all(torch.equal(s["wte.weight"], trained.wte.weight) for s in seen[:4])
+    torch.manual_seed(7)  # the run's seed: train() builds its initial model exactly so
+    initial = L.GPT(trained.config).state_dict()
+    assert all(torch.equal(s[k], initial[k]) for s in seen[4:] for k in initial)
+
+
+def test_per_position_readout_reads_each_position_with_it_alone_hidden(monkeypatch):
+    model = tiny_model().eval()
+    docs = [random_ids(B=1, T=32, seed=i)[0].numpy() for i in range(3)] + [random_ids(B=1, T=20, seed=9)[0].numpy()]
+    inputs = []
+    real = model.features
+    monkeypatch.setattr(model, "features", lambda x, causal: inputs.append(x) or real(x, causal))
+    f = L.per_position_features(model, docs, "mlm", torch.device("cpu"))
+    assert f.shape == (4, 32 * 64)
+    for x in inputs:  # every pass hides exactly one position, [MASK], and copy j hides position j
+        assert ((x == 97).sum(1) == 1).all()
+        T = x.size(1)
+        assert ((x == 97).int().argmax(1) == torch.arange(T).repeat(len(x) // T)).all()
+    with torch.no_grad():  # the state read for position 5 of document 0: that position's, in the copy hiding it
+        x = torch.as_tensor(docs[0]).clone()
+        x[5] = 97
+        assert np.allclose(f[0, 5 * 64:6 * 64], real(x[None], False)[0, 5].numpy(), atol=1e-5)
+    assert (f[3, 20 * 64:] == 0).all() and (f[3, :20 * 64] != 0).any()  # a shorter document: zeros past its end
+    # noise at position q: masked, every position's state changes but q's own (q is hidden there); causal, only
+    # the states at q and after it change
+    q, noisy = 7, [d.copy() for d in docs[:1]]
+    noisy[0][q] = (noisy[0][q] + 1) % 97
+    blocks = lambda a: a.reshape(32, 64)
+    g = L.per_position_features(model, noisy, "mlm", torch.device("cpu"))
+    changed = ~np.isclose(blocks(g[0]), blocks(f[0]), atol=1e-6).all(1)
+    assert not changed[q] and changed[np.arange(32) != q].all()
+    fc, gc = (L.per_position_features(model, d, "ar", torch.device("cpu"))[0] for d in (docs[:1], noisy))
+    changed = ~np.isclose(blocks(gc), blocks(fc), atol=1e-6).all(1)
+    assert not changed[:q].any() and changed[q:31].all() and not changed[31]  # the last position is not read
 
 
 def test_scored_positions_follow_the_prefix_fractions():
@@ -526,7 +666,7 @@ def test_sample_keeps_the_prefix_and_fills_the_rest(causal):
 
 
 def check_results_schema(r):
-    assert set(r) == {"objective", "seed", "data", "train", "cluster", "gen"}
+    assert set(r) == {"objective", "seed", "data", "train", "cluster", "finetune", "gen"}
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
     t = r["train"]
     assert {"iters", "tokens_per_s", "final_val_loss", "seconds", "learning_rate", "curve",
@@ -544,6 +684,16 @@ def check_results_schema(r):
             assert set(metrics) <= set(scores["baselines"]["random_init"])
             assert {"nmi", "ari", "acc"} <= set(scores["baselines"]["tfidf"])
         assert {k: c[k] for k in metrics} == {k: c["readouts"]["clean"][k] for k in metrics}  # top level: clean
+        pp = c["readouts"]["per_position"]
+        assert set(pp) == {"probe_acc", "baselines"} and set(pp["baselines"]) == {"random_init"}
+        assert 0 <= pp["probe_acc"] <= 1 and 0 <= pp["baselines"]["random_init"]["probe_acc"] <= 1
+    if r["finetune"] is not None:
+        f = r["finetune"]
+        ns = [k for k in f if k not in ("baselines", "seconds")]
+        assert ns and set(f["baselines"]) == {"random_init"} and set(f["baselines"]["random_init"]) == set(ns)
+        for scores in [f[n] for n in ns] + [f["baselines"]["random_init"][n] for n in ns]:
+            assert set(scores) == {"acc", "acc_std"} and 0 <= scores["acc"] <= 1 and scores["acc_std"] >= 0
+        assert f["seconds"] >= 0
     if r["gen"] is not None:
         assert set(r["gen"]["ppl_by_prefix"]) == {"0.125", "0.25", "0.5", "0.75"}
         assert all(v > 1 for v in r["gen"]["ppl_by_prefix"].values()) and r["gen"]["ppl"] > 1
@@ -589,14 +739,21 @@ def test_objective_all_with_seeds_runs_end_to_end(tmp_path, capsys):
     assert set(summary["table"]) == set(L.OBJECTIVE_NAMES) | {"random init (causal)", "random init (as mlm)",
                                                               "random init (as mlm_varlen)", "tf-idf + k-means"}
     assert summary["table"]["ar"]["trained_nmi"]["n"] == 2 and summary["table"]["mlm"]["clean_probe_acc"]["n"] == 2
-    # the verdict table: every claim row of the issue, paired over both seeds
+    assert summary["table"]["ar"]["finetune@16"]["n"] == 2 and "per_position_probe_acc" in summary["table"]["mlm"]
+    assert "finetune@8" in summary["table"]["random init (as mlm)"]
+    # the verdict table: every claim row, paired over both seeds; the primary rows (fine-tuning at n = 128) did
+    # not run here (--finetune_labels 8,16), so only the generation claims have theirs
     rows = {(c["claim"], c["metric"], c["readout"]) for c in summary["claims"]}
-    assert len(rows) == len(summary["claims"]) == 11
-    assert {c["readout"] for c in summary["claims"]} == {"trained", "clean", None}
+    assert len(rows) == len(summary["claims"]) == 2 * (2 + 4 + 1) + 3
+    assert {c["readout"] for c in summary["claims"]} == {"trained", "clean", "per_position", None}
+    assert sorted(c["metric"] for c in summary["claims"] if c["primary"]) == ["log ppl mlm - ar",
+                                                                              "log ppl@1/8 mlm - mlm_varlen"]
     for c in summary["claims"]:
-        assert set(c) == {"claim", "metric", "readout", "mean_diff", "ci95", "n_seeds", "n_expected_sign", "verdict"}
+        assert set(c) == {"claim", "metric", "readout", "primary", "mean_diff", "ci95", "p_value", "p_holm",
+                          "n_seeds", "n_expected_sign", "verdict"}
         assert c["n_seeds"] == 2 and len(c["ci95"]) == 2
         assert c["verdict"] in ("reproduced", "contradicted", "inconclusive")
+        assert (c["p_holm"] is not None) == c["primary"]
     text = capsys.readouterr().out
     assert "±" in text and "95% t-interval" in text and "trained readout" in text and "clean readout" in text
 
@@ -1003,6 +1160,36 @@ def theory_components(patterns):
     return by_spectrum
 
 
+def test_theory_causal_ceiling_equals_bayes_when_the_last_token_says_nothing_of_the_class():
+    tokens, p_xc = hand_world()
+    causal = L.causal_bayes_accuracy(tokens, p_xc, 2)
+    # by hand: sum over the 4 prefixes x0 x1 of max_c P(x0, x1, c)
+    starts = np.array([[0.5, 0.5], [0.8, 0.2]])
+    trans = np.array([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.6, 0.4]]])
+    by_hand = sum(max(starts[c, a] * trans[c, a, b] / 2 for c in (0, 1)) for a in (0, 1) for b in (0, 1))
+    assert causal == pytest.approx(by_hand) and causal < float(p_xc.max(1).sum())
+    # classes that differ only in where they start: the last token adds nothing, and the two ceilings agree
+    same_steps = np.array([[[0.9, 0.1], [0.2, 0.8]]] * 2)
+    tokens, p_xc = L.enumerate_world(starts, same_steps, 3)
+    assert L.causal_bayes_accuracy(tokens, p_xc, 2) == pytest.approx(float(p_xc.max(1).sum()))
+
+
+def test_theory_matched_per_position_tally_by_hand(tmp_path):
+    args = L.parse_args(["--theory", "--theory_worlds", "3", "--out_dir", str(tmp_path)])
+    L.check_args(args)
+    tally = L.theory(args)
+    worlds = json.load(open(tmp_path / "theory.json"))["worlds"]
+    by_hand = 0
+    for w in worlds:
+        mlm, ar = w["objectives"]["mlm"], w["objectives"]["ar"]
+        assert ar["probe_rel_per_position_causal"] == ar["probe_acc_per_position"] / w["bayes_acc_causal"]
+        assert ar["probe_acc_per_position"] <= w["bayes_acc_causal"] + 1e-9  # ar cannot beat its own ceiling
+        mlm_rel = mlm["probe_acc_per_position"] / w["bayes_acc"]
+        ar_rel = ar["probe_acc_per_position"] / w["bayes_acc_causal"]
+        by_hand += mlm_rel > ar_rel + 1e-9
+    assert tally["mlm>ar_per_position_matched"] == by_hand
+
+
 def test_theory_enumeration_sums_to_one_and_p_star_matches_a_brute_force_count():
     tokens, p_xc = hand_world()
     assert tokens.shape == (8, 3) and p_xc.shape == (8, 2)
@@ -1064,12 +1251,18 @@ def test_theory_writes_a_deterministic_theory_json(tmp_path, capsys):
     assert set(a["settings"]) == {"theory_worlds", "theory_vocab", "theory_len", "theory_classes", "theory_alpha",
                                   "seed", "mask_ratio", "varlen_min", "varlen_max", "n_future"}
     assert set(a["tally"]) == {"worlds", "mlm>ar", "ar_diverse>ar", "mlm>ar_per_position", "ar_diverse>ar_per_position",
-                               "mlm_varlen_covers_more"}
+                               "mlm>ar_per_position_matched", "mlm_varlen_covers_more"}
     world = a["worlds"][0]
-    assert set(world) == {"seed", "bayes_acc", "objectives"} and set(world["objectives"]) == set(L.OBJECTIVE_NAMES)
+    assert set(world) == {"seed", "bayes_acc", "bayes_acc_causal", "objectives"}
+    assert set(world["objectives"]) == set(L.OBJECTIVE_NAMES)
+    for w in a["worlds"] + c["worlds"]:  # the causal ceiling never exceeds the full one
+        assert w["bayes_acc_causal"] <= w["bayes_acc"] + 1e-12
     for name, o in world["objectives"].items():
+        causal_keys = {"probe_rel_causal", "probe_rel_per_position_causal"} if L.CAUSAL[name] else set()
         assert set(o) == {"probe_acc", "probe_rel", "probe_acc_per_position", "probe_rel_per_position", "components",
-                          "sigma_k1", "coverage", "gen_ppl"}
+                          "sigma_k1", "coverage", "gen_ppl"} | causal_keys
+        if causal_keys:
+            assert o["probe_rel_causal"] == o["probe_acc"] / world["bayes_acc_causal"]
         assert list(o["coverage"]) == list(o["gen_ppl"]) == ["1", "2", "3", "4", "5"]
         assert all((o["gen_ppl"][l] is None) != covered for l, covered in o["coverage"].items())
         assert o["probe_acc"] <= world["bayes_acc"] + 1e-12 and o["probe_rel"] == o["probe_acc"] / world["bayes_acc"]
