@@ -678,7 +678,8 @@ def check_results_schema(r):
     if r["cluster"] is not None:
         c = r["cluster"]
         metrics = ["nmi", "ari", "acc", "probe_acc"]
-        assert set(c) == {*metrics, "baselines", "readouts"} and set(c["readouts"]) == {"trained", "clean"}
+        assert set(c) == {*metrics, "baselines", "readouts"}
+        assert set(c["readouts"]) == {"trained", "clean", "per_position"}
         for scores in (c, c["readouts"]["trained"], c["readouts"]["clean"]):
             assert set(metrics) <= set(scores) and all(0 <= scores[k] <= 1 for k in ("nmi", "acc"))
             assert set(metrics) <= set(scores["baselines"]["random_init"])
