@@ -19,7 +19,7 @@ training loop -> benchmark -> main. The four objectives differ only in the atten
 which positions are hidden, and which tokens are the targets; the theory section computes each one's optimal
 predictor exactly on worlds small enough to enumerate, with no training.
 
-    python lookaround.py                                   # built-in corpus; about 2 minutes on a laptop CPU
+    python lookaround.py                                   # built-in corpus; about 4 minutes on a laptop CPU
     python lookaround.py --objective mlm_varlen --device cuda
     python lookaround.py --objective all --seeds 1,2,3,4,5 # the paper's comparison, with paired verdicts
     python lookaround.py --theory                          # the comparison computed exactly, no training; < 1 minute
@@ -1977,13 +1977,13 @@ def claims_table(all_results):
     n = max(c["n_seeds"] for c in claims)
     print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
           f"t-interval).\nOne primary row per claim (*), judged by its paired t-test, Holm-adjusted over the "
-          f"{len(tested)} primary rows; the other rows are secondary evidence, judged by their intervals alone.")
-    print(f"  {'metric':<34}{'readout':<13}{'mean diff':>10}{'95% interval':>22}{'p (Holm)':>10}{'> 0':>7}  verdict")
+          f"{len(tested)} primary rows;\nthe other rows are secondary evidence, judged by their intervals alone.")
+    print(f"  {'metric':<38}{'readout':<13}{'mean diff':>10}{'95% interval':>22}{'p (Holm)':>10}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
         if i == 0 or c["claim"] != claims[i - 1]["claim"]:
             print(c["claim"])
         ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        print(f"{'*' if c['primary'] else ' '} {c['metric']:<34}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
+        print(f"{'*' if c['primary'] else ' '} {c['metric']:<38}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
               f"{ci:>22}{fmt(c['p_holm']):>10}{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
     if n < 2:
         print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")

@@ -886,6 +886,11 @@ def test_jsonl_corpus_compaction_cache_and_rebuild(tmp_path, capsys):
     assert os.path.exists(meta) and os.path.exists(path + ".gpt2.seed1.train.bin")
     # decoding maps compact ids back to text
     assert "document number" in corpus.decode(corpus.eval_docs[0])
+    # every training document with its own label (fine-tuning reads them): the label follows from the words
+    words = ["alpha", "river", "market"]
+    assert len(corpus.train_docs) == len(corpus.train_labels) == 60 - len(corpus.eval_docs) - 3
+    for doc, label in zip(corpus.train_docs, corpus.train_labels):
+        assert corpus.decode(doc).startswith(words[label])
     # the cache is reused: same arrays, meta untouched
     stamp = os.stat(meta).st_mtime_ns
     again = L.load_text_corpus(path, "gpt2", 1, 16, compact_vocab=True)
