@@ -1265,6 +1265,13 @@ def probe_accuracy(features, labels, seed, choose_c=False):
     return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
 
+def initial_model(config, seed, device):
+    """The weights a run with this seed starts from: training begins here, and the evaluations' untrained
+    baselines are exactly this model."""
+    torch.manual_seed(seed)
+    return GPT(config).to(device)
+
+
 def evaluate_clustering(model, corpus, objective, seed, device, views):
     """Both readouts of the trained model and of two baselines: the same architecture untrained (read out the
     same way) and TF-IDF + KMeans. "cluster" keeps the clean readout's numbers at its top level."""
@@ -1273,8 +1280,7 @@ def evaluate_clustering(model, corpus, objective, seed, device, views):
 
     def scores(features):
         return dict(cluster_scores(features, labels, seed), probe_acc=probe_accuracy(features, labels, seed))
-    torch.manual_seed(seed)  # the untrained baseline is the model this run started from
-    untrained = GPT(model.config).to(device)
+    untrained = initial_model(model.config, seed, device)
     trained_feats, untrained_feats = (embed_documents(m, corpus.eval_docs, objective, device, views, seed)
                                       for m in (model, untrained))
     tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
@@ -1339,8 +1345,7 @@ def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draw
     draws (each draw its own documents and head). The untrained network, the weights this run started from, is
     fine-tuned the same way as the baseline."""
     t0 = time.time()
-    torch.manual_seed(seed)
-    untrained = GPT(model.config).to(device)
+    untrained = initial_model(model.config, seed, device)
 
     def accuracies(net):
         out = {}
@@ -1518,8 +1523,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     window = window_length(objective_name, args.block_size)
     peak_lr = args.learning_rate or LEARNING_RATES[objective_name]
     config = config_from_args(args, objective_name, corpus.vocab_size)
-    torch.manual_seed(seed)  # the same initial weights on every rank...
-    model = GPT(config).to(device)
+    model = initial_model(config, seed, device)  # the same initial weights on every rank...
     optimizer = make_optimizer(model, args, device, peak_lr)
     autocast, scaler = autocast_context(device)
     # ...then random streams of its own per rank: batches (numpy), masks and dropout (torch)
