@@ -1,30 +1,21 @@
 """
 lookaround.py: autoregressive ("look ahead") versus masked ("look around") pretraining, in one file.
 
-A small, readable reimplementation of
-  Zhang, Du, Huang, Wang, Wang. "Look Ahead or Look Around? A Theoretical Comparison Between
-  Autoregressive and Masked Pretraining." ICML 2024, arXiv 2407.00935.
+Zhang, Du, Huang, Wang, Wang. "Look Ahead or Look Around? A Theoretical Comparison Between Autoregressive and
+Masked Pretraining." ICML 2024, arXiv 2407.00935. The paper trains one Transformer with two objectives and argues
+that masked pretraining classifies better (its targets sit at any position, so more samples share targets and get
+connected) while autoregressive pretraining generates better (a masked model always sees about the same number of
+visible tokens, while test-time prefixes vary in length). Its two fixes are the other two objectives here:
+diversity-enhanced AR (predict several future tokens) and variable-length masking (draw the mask ratio per sequence).
 
-The paper trains the same Transformer with two generative self-supervised objectives and argues:
-  * masked pretraining clusters/classifies better: its targets sit at any position, so more samples
-    share targets and the learned representation connects more of them;
-  * autoregressive pretraining generates better: a masked model always sees about the same number of
-    visible tokens during training, while the prefixes it must continue at test time vary in length.
-It proposes two fixes, both below: a diversity-enhanced autoregressive objective (predict several
-future tokens, not one fixed position) and a variable-length masked objective (draw the mask ratio
-per sequence so the visible length varies).
+Read top to bottom: the model, then the four objectives, which differ only in the attention mode, the positions
+hidden and the tokens that are targets; then the built-in corpus, the evaluations, the exact theory, and the
+machinery (training loop, real text, benchmark, flags and main).
 
-Read top to bottom: config and flags -> data -> model -> the four objectives -> theory -> evaluation ->
-training loop -> benchmark -> main. The four objectives differ only in the attention mode (causal or not),
-which positions are hidden, and which tokens are the targets; the theory section computes each one's optimal
-predictor exactly on worlds small enough to enumerate, with no training.
-
-    python lookaround.py                                   # built-in corpus; about 4 minutes on a laptop CPU
-    python lookaround.py --objective mlm_varlen --device cuda
-    python lookaround.py --objective all --seeds 1,2,3,4,5 # the paper's comparison, with paired verdicts
-    python lookaround.py --theory                          # the comparison computed exactly, no training; < 1 minute
+    python lookaround.py                                    # built-in corpus, one objective; ~4 min on a laptop CPU
+    python lookaround.py --objective all --seeds 1,2,3,4,5  # the four objectives, paired by seed, with verdicts
+    python lookaround.py --theory                           # the comparison computed exactly, no training; < 1 min
 """
-
 import argparse
 import contextlib
 import copy
@@ -47,8 +38,20 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+class UsageError(Exception):
+    """A problem with the flags or the data that the user can fix; main() prints it without a traceback."""
+
+
 # -----------------------------------------------------------------------------------------------------
-# Config and flags
+# Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode.
+# causal=True lets position t attend to positions <= t ("look ahead"), causal=False to all ("look around").
+#
+# Position information is a choice (--pos_emb). A causal mask tells a model where it is for free (position t sees
+# t + 1 tokens); a bidirectional model with a learned position table must first learn positions before it can use
+# its neighbours, and on a small budget that can leave a masked model predicting unigrams for most of the run.
+# Rotary embeddings (RoPE) make every attention score depend on the relative offset of its two positions, which
+# gives both attention modes that information from the first step.
 
 
 @dataclass
@@ -67,206 +70,268 @@ class GPTConfig:
     varlen_weight: str = "token"  # mlm_varlen's loss: "token" (every hidden token counts once) or "sequence"
 
 
+def rotate(x, cos, sin):
+    """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q or k (B, n_head, T, head_size) by the
+    angle position * 10000^(-2i/head_size). A rotation by a at query and by b at key leaves their dot product a
+    function of a - b: the scores see relative offsets only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, causal, rope):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        # is_causal and no mask tensor in the bidirectional case, so the fused (flash) kernels apply
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, causal, rope):
+        x = x + self.attn(self.ln_1(x), causal, rope)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
+        self.wpe = None
+        if config.pos_emb == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:  # rope: the rotation angles of every position, (block_size, head_size / 2); not parameters
+            head_size = config.n_embd // config.n_head
+            angles = torch.outer(torch.arange(config.block_size).float(),
+                                 10000.0 ** (-torch.arange(0, head_size, 2).float() / head_size))
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.future_heads = FutureHeads(config) if config.n_future > 1 else None  # ar_diverse only
+        for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
+            if p.dim() == 2:
+                residual = name.endswith("c_proj.weight")
+                std = 0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def features(self, idx, causal=True):
+        """Final hidden states (B, T, n_embd): what the evaluations pool and the heads read."""
+        T = idx.size(1)
+        x, rope = self.wte(idx), None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, causal, rope)
+        return self.ln_f(x)
+
+    def forward(self, idx, causal=True, rows=None, future_offsets=1):
+        """Logits over the vocabulary (the [MASK] id is never predicted), from one pass in one attention mode.
+        rows: which positions reach the output layer. None: all of them, (B, T, V). Otherwise a 1-D tensor of
+        indices into the B*T positions flattened (flat_rows makes one), (R, V): the output layer is the largest
+        matmul, so objectives that score few positions pay only for those.
+        future_offsets=k (ar_diverse): every state read out through the heads of offsets 1..k, (..., k, V)."""
+        x = self.features(idx, causal)
+        if rows is not None:
+            x = x.flatten(0, 1).index_select(0, rows)  # index_select: cheaper than gather
+        if future_offsets > 1:
+            x = self.future_heads(x, future_offsets)
+        return F.linear(x, self.wte.weight[:self.config.vocab_size])  # unembedding tied to the embedding
+
+
+class FutureHeads(nn.Module):
+    """ar_diverse's readout of future offsets 1..k. Offset 1 is the state itself, the ordinary next-token head;
+    offset d reads x + x @ weight[d - 2], a light residual n_embd x n_embd map per extra offset in front of the
+    shared unembedding (a choice the paper leaves open). Zero init: every offset starts as the next-token head."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd))
+
+    def forward(self, x, k):
+        """(..., n_embd) -> (..., k, n_embd), all the heads in one matmul."""
+        heads = self.weight[:k - 1].transpose(0, 1).flatten(1)  # (C, (k - 1) * C)
+        extra = (x @ heads).unflatten(-1, (k - 1, -1))  # (..., k - 1, C)
+        x = x.unsqueeze(-2)
+        return torch.cat([x, x + extra], dim=-2)
+
+
+def flat_rows(positions, T):
+    """positions (B, S), S positions in each of B rows of T tokens -> their indices among the B*T positions
+    flattened, (B*S,): what GPT's rows argument takes."""
+    return (positions + T * torch.arange(len(positions), device=positions.device)[:, None]).flatten()
+
+
+# -----------------------------------------------------------------------------------------------------
+# The four objectives: the paper compares these losses on one network, so each is one small function, loss =
+# objective(model, idx), answering three questions: which attention mode, which positions are hidden, which tokens
+# are targets. The causal pair read windows of block_size + 1 tokens (as nanoGPT's x and y), so every one of the
+# model's block_size positions has a target and is trained; the masked pair read windows of block_size tokens.
+
+
 OBJECTIVE_NAMES = ["ar", "ar_diverse", "mlm", "mlm_varlen"]
 CAUSAL = {"ar": True, "ar_diverse": True, "mlm": False, "mlm_varlen": False}  # attention mode per objective
 
 
-def make_parser():
-    d = GPTConfig()
-    p = argparse.ArgumentParser(
-        description="Autoregressive vs masked pretraining (Zhang et al., ICML 2024) in one file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--objective", default="ar", choices=OBJECTIVE_NAMES + ["all"],
-      help="pretraining objective; 'all' runs the four in turn")
-    a("--data", default="synthetic",
-      help="'synthetic' (built in) or a path to a .txt file, a .jsonl file or a folder of them")
-    a("--encoding", default="gpt2", help="tiktoken encoding for text data")
-    a("--compact_vocab", action=argparse.BooleanOptionalAction, default=True,
-      help="size the vocabulary to the token ids the corpus uses")
-    # model (the same names as GPTConfig)
-    a("--n_layer", type=int, default=d.n_layer, help="Transformer blocks")
-    a("--n_head", type=int, default=d.n_head, help="attention heads per block")
-    a("--n_embd", type=int, default=d.n_embd, help="width of the residual stream")
-    a("--block_size", type=int, default=d.block_size, help="context length in tokens")
-    a("--dropout", type=float, default=d.dropout, help="dropout probability")
-    # objectives
-    a("--mask_ratio", type=float, default=d.mask_ratio, help="mlm: fraction of positions hidden")
-    a("--varlen_min", type=float, default=d.varlen_min, help="mlm_varlen: lowest per-sequence mask ratio")
-    a("--varlen_max", type=float, default=d.varlen_max, help="mlm_varlen: highest per-sequence mask ratio")
-    a("--n_future", type=int, default=d.n_future, help="ar_diverse: future tokens predicted per position")
-    a("--pos_emb", default=d.pos_emb, choices=["learned", "rope"],
-      help="position information: a learned table added to the input (nanoGPT) or rotary embeddings on q and k")
-    a("--varlen_weight", default=d.varlen_weight, choices=["token", "sequence"],
-      help="mlm_varlen's loss: mean over every hidden token of the batch, or every sequence weighted equally")
-    # theory: the four objectives' optima computed exactly on small enumerable worlds, no training
-    a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
-    a("--theory_worlds", type=int, default=20, help="--theory: independent random worlds, drawn from --seed")
-    a("--theory_vocab", type=int, default=4, help="--theory: tokens per world")
-    a("--theory_len", type=int, default=6, help="--theory: tokens per sequence; every sequence is enumerated")
-    a("--theory_classes", type=int, default=3, help="--theory: classes, each a Markov chain, equally likely")
-    a("--theory_alpha", type=float, default=0.5, help="--theory: Dirichlet concentration of the transition rows")
-    # optimisation (nanoGPT's names)
-    a("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
-    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--learning_rate", type=float, default=None,
-      help="peak learning rate (AdamW); unset means the objective's own, from LEARNING_RATES")
-    a("--max_iters", type=int, default=1000, help="optimizer steps")
-    a("--lr_decay_iters", type=int, default=None,
-      help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
-    a("--warmup_iters", type=int, default=50, help="linear warmup steps")
-    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices and embeddings")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
-    # logging, evaluation, checkpoints
-    a("--eval_interval", type=int, default=50, help="steps between val-loss estimates (the curve) and checkpoints")
-    a("--eval_iters", type=int, default=10, help="val batches per val-loss estimate")
-    a("--log_interval", type=int, default=50, help="steps between training-loss lines")
-    a("--out_dir", default="out", help="where ckpt.pt, results.json (and summary.json, bench.json) go")
-    a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
-    a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True,
-      help="clustering evaluation (where the data has labels)")
-    a("--eval_gen", action=argparse.BooleanOptionalAction, default=True,
-      help="generation evaluation (perplexity by prefix length)")
-    a("--readout_views", type=int, default=8, help="masked objectives' trained readout: random hidings per document")
-    a("--eval_finetune", action=argparse.BooleanOptionalAction, default=True,
-      help="fine-tuning evaluation (where the data has labels): the network plus a linear head on n labelled documents")
-    a("--finetune_labels", type=positive_ints, default="32,128,512",
-      help="fine-tuning: the numbers n of labelled training documents, comma-separated")
-    a("--finetune_draws", type=int, default=3, help="fine-tuning: independent draws of documents and head per n")
-    a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
-    a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
-    a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
-    a("--top_k", type=int, default=50, help="--sample: keep the k most likely tokens; 0 keeps all")
-    # system
-    a("--seed", type=int, default=1,
-      help="sets the weights, the random streams, the built-in corpus and the text split")
-    a("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: repeat every run and report mean ± std")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
-    a("--compile", action="store_true", help="torch.compile the model")
-    # benchmark
-    a("--bench", action="store_true", help="time training steps on random token ids; no data, no evaluation")
-    a("--bench_iters", type=int, default=20, help="--bench: timed steps per model")
-    a("--vocab_size", type=int, default=8192, help="--bench: vocabulary of the random ids")
-    a("--bench_nanogpt", default=None, help="--bench: path to nanoGPT's model.py, timed side by side as the reference")
-    a("--bench_old", default=None, help="--bench: path to another lookaround.py (e.g. an earlier commit's), "
-                                        "its same objective timed side by side")
-    return p
+def ar(model, idx):
+    """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality hides the future);
+    the target of position t is always the next token x[t+1]: one fixed relative position."""
+    logits = model(idx[:, :-1], causal=True)
+    return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
 
-def positive_ints(text):
-    """argparse type: '32,128,512' -> [32, 128, 512]."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers (e.g. 32,128)")
-    return values
+def ar_diverse(model, idx):
+    """Diversity-enhanced AR, the paper's fix for AR's clustering: the targets of position t are x[t+d] for every
+    offset d = 1..n_future, not only x[t+1], so targets sit at varied positions and connect more samples, as masked
+    targets do. Causal attention; nothing hidden. Every offset is scored at every position that has its target, and
+    the loss is the mean over offsets of each offset's mean cross-entropy (the objective --theory optimises). A
+    choice the paper leaves open: each offset reads the states through a light head of its own (FutureHeads).
+    Offset 1 is the ordinary next-token head that generation uses."""
+    k = model.config.n_future
+    T = idx.size(1) - 1
+    logits = model(idx[:, :-1], causal=True, future_offsets=k)  # (B, T, k, V)
+    ahead = torch.arange(T, device=idx.device)[:, None] + torch.arange(1, k + 1, device=idx.device)  # t + d, (T, k)
+    targets = idx[:, ahead.clamp(max=T)].masked_fill(ahead > T, -1)  # past the window: not scored
+    nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none")
+    scored = (targets >= 0).float()
+    return ((nll.view(targets.shape) * scored).sum((0, 1)) / scored.sum((0, 1))).mean()
 
 
-def parse_args(argv=None):
-    return make_parser().parse_args(argv)
+def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
+    """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide the
+    first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and their targets
+    (the original tokens; -1 for slots past n_hidden[b], which are not scored). The gather has a fixed
+    size, so shapes never depend on the data (torch.compile needs no recompiles or graph breaks)."""
+    B, T = idx.shape
+    positions = torch.rand(B, T, device=idx.device).argsort(dim=1)[:, :n_slots]
+    hidden = torch.arange(n_slots, device=idx.device) < n_hidden[:, None]
+    originals = idx.gather(1, positions)
+    replacement = torch.full_like(originals, vocab_size)  # [MASK]
+    if bert_corruption:  # BERT: of the hidden positions, 80% -> [MASK], 10% -> a random token, 10% unchanged
+        r = torch.rand(originals.shape, device=idx.device)
+        random_or_kept = torch.where(r < 0.9, torch.randint_like(originals, vocab_size), originals)
+        replacement = torch.where(r < 0.8, replacement, random_or_kept)
+    inputs = idx.scatter(1, positions, torch.where(hidden, replacement, originals))
+    return inputs, positions, originals.masked_fill(~hidden, -1)
 
 
-def config_from_args(args, objective, vocab_size):
-    """The model for one run. Only ar_diverse trains the extra future-offset heads, so only it builds them."""
-    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                     n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
-                     varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1,
-                     pos_emb=args.pos_emb, varlen_weight=args.varlen_weight)
+def mlm(model, idx):
+    """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%) of
+    positions is hidden; the targets are the hidden tokens, wherever they sit. The visible length is
+    always about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
+    B, T = idx.shape
+    n = max(1, round(model.config.mask_ratio * T))
+    inputs, positions, targets = hide_tokens(idx, torch.full((B,), n, device=idx.device), n, model.config.vocab_size,
+                                             bert_corruption=True)
+    logits = model(inputs, causal=False, rows=flat_rows(positions, T))  # only hidden positions reach the output
+    return F.cross_entropy(logits, targets.flatten())
 
 
-class UsageError(Exception):
-    """A problem with the flags or the data that the user can fix; main() prints it without a traceback."""
-
-
-def check_args(args):
-    problems = []
-    if args.n_embd % args.n_head:
-        problems.append(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; "
-                        "pick sizes where it is (e.g. --n_embd 128 --n_head 4).")
-    if not 0 < args.mask_ratio < 1:
-        problems.append(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1.")
-    if not 0 < args.varlen_min <= args.varlen_max < 1:
-        problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: "
-                        "need 0 < varlen_min <= varlen_max < 1.")
-    if args.pos_emb == "rope" and args.n_embd % args.n_head == 0 and (args.n_embd // args.n_head) % 2:
-        problems.append(f"--pos_emb rope rotates pairs of channels: the head size --n_embd / --n_head "
-                        f"({args.n_embd // args.n_head}) must be even.")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        problems.append(f"--learning_rate {args.learning_rate} must be positive (or unset: each objective's own).")
-    if args.n_future < 1 or args.n_future >= args.block_size:
-        problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
-    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "bench_iters", "readout_views", "finetune_draws"]:
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1.")
-    if args.block_size < 8:
-        problems.append("--block_size must be at least 8 (the generation evaluation scores prefixes of 1/8 of it).")
-    if args.max_iters < 0 or args.warmup_iters < 0:
-        problems.append("--max_iters and --warmup_iters cannot be negative.")
-    if args.temperature <= 0:
-        problems.append("--temperature must be positive.")
-    if not 0 <= args.dropout < 1:
-        problems.append(f"--dropout {args.dropout} must lie in [0, 1).")
-    if args.top_k < 0 or args.sample < 0 or args.gen_seqs < 1 or args.vocab_size < 2:
-        problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 "
-                        "and --vocab_size at least 2.")
-    if args.seeds is not None:
-        try:
-            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            problems.append(f"--seeds {args.seeds!r} is not a comma-separated list of integers (e.g. --seeds 1,2,3).")
-        if args.seeds == []:
-            problems.append("--seeds is empty; give e.g. --seeds 1,2,3.")
+def mlm_varlen(model, idx, weight=None):
+    """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per
+    sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time
+    prefixes do. Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens.
+    The ratios of a batch are drawn stratified (varlen_mask_ratios), so the batch hides nearly the same total
+    every step, and only the hidden positions, packed across the batch, reach the output layer: about half of the
+    positions, where a per-row readout of fixed width would pay for varlen_max of them.
+    weight (default: the config's varlen_weight) is how the hidden tokens are averaged. "token": every hidden
+    token of the batch counts once, BERT's mean, under which a sequence that hides 95% weighs 19 times one that
+    hides 5%. "sequence": each sequence's mean over its own hidden tokens, then the mean over sequences, so every
+    visible length counts alike; up to a constant this is the 1/t weighting of masked diffusion LMs (MDLM, Sahoo
+    et al., 2024; LLaDA, Nie et al., 2025). The paper states no weighting; "token" is the plain masked-LM loss."""
+    B, T = idx.shape
+    c = model.config
+    # The draw: one mask ratio per sequence (stratified across the batch), rounded to a count of hidden positions
+    strata, u = torch.randperm(B, device=idx.device), torch.rand((), device=idx.device)
+    n_hidden = hidden_counts(varlen_mask_ratios(strata, u, c), T)
+    # The shapes: the most each stratum can hide (u -> 1), whatever is drawn, so torch.compile never recompiles
+    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
+    n_slots, n_rows = int(most.max()), int(most.sum())
+    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, c.vocab_size, bert_corruption=False)
+    # The packing: the batch's hidden slots first (rows in order), then unscored slots to fill the n_rows rows
+    packed = (targets < 0).flatten().int().argsort(stable=True)[:n_rows]
+    logits = model(inputs, causal=False, rows=flat_rows(positions, T)[packed])
+    # The loss: cross-entropy at the hidden positions (0 at the unscored fillers), averaged as weight says
+    nll = F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1, reduction="none")
+    hidden = (targets >= 0).float()
+    if (weight or c.varlen_weight) == "token":
+        weights = hidden / hidden.sum()
     else:
-        args.seeds = [args.seed]
-    if args.resume and (args.objective == "all" or len(args.seeds) > 1):
-        problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds.")
-    if args.theory:
-        V, L = args.theory_vocab, args.theory_len
-        if args.bench or args.resume or len(args.seeds) > 1:
-            problems.append("--theory trains nothing: it cannot be combined with --bench, --resume or several --seeds "
-                            "(it draws --theory_worlds worlds from one --seed).")
-        if V < 2 or L < 2 or args.theory_classes < 2 or args.theory_worlds < 1 or not args.theory_alpha > 0:
-            problems.append("--theory needs --theory_vocab, --theory_len and --theory_classes of at least 2, "
-                            "--theory_worlds of at least 1 and a positive --theory_alpha.")
-        elif V ** L > 2 ** 16 or L > 12:  # the probes fit V^L * K rows; mlm_varlen has L * 2^(L-1) patterns
-            problems.append(f"--theory_vocab {V} --theory_len {L} is too large to enumerate: --theory allows at most "
-                            f"2^16 = 65,536 sequences (V^L, here {V ** L:,}) and --theory_len 12.")
-        elif args.n_future > L - 1:
-            problems.append(f"--n_future {args.n_future}: with --theory, ar_diverse's offsets must fit in the sequence "
-                            f"(at most --theory_len - 1 = {L - 1}).")
-    if args.bench and args.objective == "all":
-        problems.append("--bench times one objective; pick one with --objective.")
-    if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
-        problems.append(f"--bench_nanogpt {args.bench_nanogpt}: no such file; "
-                        "point it at model.py in a nanoGPT checkout.")
-    if args.bench_old and not os.path.isfile(args.bench_old):
-        problems.append(f"--bench_old {args.bench_old}: no such file; "
-                        "write one with git show COMMIT:lookaround.py > old.py.")
-    if problems:
-        raise UsageError("\n".join(problems))
+        weights = hidden / (B * hidden.sum(1, keepdim=True))
+    return (nll * weights.flatten()[packed]).sum()
 
 
-def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but this PyTorch sees no CUDA GPU "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
-                         "Install a CUDA build of torch on a machine with an NVIDIA GPU, or run with --device cpu.")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was requested but MPS is not available here; run with --device cpu.")
-    return torch.device(name)
+def varlen_mask_ratios(strata, u, c):
+    """mlm_varlen's mask ratios, stratified: [varlen_min, varlen_max] is cut into B equal strata, row b draws
+    stratum strata[b] (a random permutation) and every row sits at the same relative place u ~ U(0, 1) in its
+    stratum. Each row's ratio is still U[varlen_min, varlen_max] (the objective is unchanged in expectation),
+    but the batch's total hidden count is nearly constant, so the gradient's variance falls. MDLM's
+    low-discrepancy sampler of the masking level (Sahoo et al., 2024) is the precedent."""
+    return c.varlen_min + (c.varlen_max - c.varlen_min) * (strata + u) / len(strata)
+
+
+def hidden_counts(ratios, T):
+    """round(ratio * T) hidden positions per row, with at least one hidden and (where T > 1) one visible."""
+    return (ratios * T).round().long().clamp(1, max(1, T - 1))
+
+
+OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
+# Peak learning rate per objective, chosen by one rule for all four (README, "A fair race"): on tuning seeds that
+# no verdict study uses, each objective's lowest mean final val loss among 1e-3, 2e-3 and 4e-3. --learning_rate
+# overrides it.
+LEARNING_RATES = {"ar": 1e-3, "ar_diverse": 1e-3, "mlm": 1e-3, "mlm_varlen": 2e-3}
+
+
+def window_length(objective, block_size):
+    """Tokens per training window: one more than the context for the causal objectives, whose inputs are
+    window[:-1] and whose last target is window[-1]; exactly the context for the masked ones."""
+    return block_size + 1 if CAUSAL[objective] else block_size
 
 
 # -----------------------------------------------------------------------------------------------------
-# Data
-#
-# Every corpus ends up as the same few arrays: a train and a val token stream (documents joined by an
-# end-of-document token; training samples random windows of block_size tokens, as nanoGPT does) and a
-# held-out set of documents, with labels where the data has them, that feeds both evaluations.
+# The built-in corpus: a small English-like language with latent topics, so the claims can be tested in minutes.
+# Every corpus, this one or real text (further down), ends up as the same arrays: a train and a val token stream
+# (documents joined by an end-of-document token; training samples random windows, as nanoGPT does) and held-out
+# documents, with labels where the data has them, that feed the evaluations.
 
 
 @dataclass
@@ -298,12 +363,11 @@ class Corpus:
         return load_encoding(self.encoding).decode(ids)
 
 
-# --- The built-in corpus: a small English-like language with latent topics ----------------------------
-# Its word list is its tokenizer, so no download is needed and samples decode to readable words. A
-# document's topic shows partly in which words it uses (each topic has a few words of its own, used
-# sparingly) and partly in its structure: which verb follows which subject, which object follows which
-# verb, and which sentence templates it prefers differ by topic over a shared vocabulary. A bag of words
-# sees only part of that; a model that reads context can see the rest.
+# The built-in language. Its word list is its tokenizer, so no download is needed and samples decode to readable
+# words. A document's topic shows partly in which words it uses (each topic has a few words of its own, used
+# sparingly) and partly in its structure: which verb follows which subject, which object follows which verb, and
+# which sentence templates it prefers differ by topic over a shared vocabulary. A bag of words sees only part of
+# that; a model that reads context can see the rest.
 
 SYN_DETS = "the a this every some".split()
 SYN_PREPS = "in on near with under after".split()
@@ -407,453 +471,506 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
         train_docs=train_docs, train_labels=np.array(labels[:n_train_docs]))
 
 
-# --- Real text: .txt / .jsonl / a folder of them, tokenized with tiktoken -----------------------------
-
-def load_encoding(name):
-    try:
-        import tiktoken
-    except ImportError:
-        raise UsageError("text data needs tiktoken: pip install -r requirements.txt") from None
-    try:
-        return tiktoken.get_encoding(name)
-    except ValueError:
-        raise UsageError(f"unknown tiktoken encoding {name!r}; --encoding takes one of: "
-                         f"{', '.join(tiktoken.list_encoding_names())}.") from None
-    except Exception as e:  # no network, no cache
-        raise UsageError(
-            f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}). tiktoken downloads an encoding "
-            "once and caches it: either run once with network access, or set TIKTOKEN_CACHE_DIR to a folder that "
-            "already holds its files (on the project machines: TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache).") from None
-
-
-def source_files(path):
-    """The files behind --data: the file itself, or every .txt/.jsonl file below a folder, sorted."""
-    if not os.path.exists(path):
-        raise UsageError(f"--data {path}: no such file or folder. "
-                         "Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
-    if os.path.isfile(path):
-        if not path.endswith((".txt", ".jsonl")):
-            raise UsageError(f"--data {path}: unknown file type; use a .txt or .jsonl file (see data/README.md).")
-        return [path]
-    files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
-    if not files:
-        raise UsageError(f"--data {path}: the folder holds no .txt or .jsonl files.")
-    return files
-
-
-def read_bytes(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}. Check the path and its permissions.") from None
-
-
-def read_documents(path):
-    """Returns [(text, label or None)] from a .txt file (documents separated by blank lines),
-    a .jsonl file ({"text": ..., "label": ...} per line) or a folder holding such files."""
-    if os.path.isdir(path):
-        return [doc for f in source_files(path) for doc in read_documents(f)]
-    raw = read_bytes(path)
-    if not raw.strip():
-        raise UsageError(f"{path} is empty. Put some documents in it, or point --data elsewhere.")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UsageError(f"{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}. "
-                         "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
-    if path.endswith(".txt"):
-        return [(p.strip(), None) for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
-    docs, has_label = [], None
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and friends
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). "
-                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise UsageError(f"{path} line {n} has no \"text\" string. "
-                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.")
-        labelled = obj.get("label") is not None
-        has_label = labelled if has_label is None else has_label
-        if labelled != has_label:
-            raise UsageError(f"{path} line {n}: some lines have a \"label\" and others not; label every line or none.")
-        if obj["text"].strip():
-            docs.append((obj["text"], str(obj["label"]) if labelled else None))
-    return docs
-
-
-CACHE_VERSION = 2  # bump when the cache's layout or the split rule changes
-
-
-def source_fingerprint(path):
-    """sha256 over the source files' names and bytes (and the cache version): any edit rebuilds the cache."""
-    h = hashlib.sha256(f"lookaround-cache-v{CACHE_VERSION}".encode())
-    for f in source_files(path):
-        h.update(os.path.relpath(f, path if os.path.isdir(path) else os.path.dirname(path) or ".").encode() + b"\0")
-        h.update(read_bytes(f))
-    return h.hexdigest()
-
-
-def read_token_cache(cache, fingerprint):
-    """(meta, [train, val, held]) from a token cache that matches the source, or None to rebuild."""
-    try:
-        with open(cache + ".meta.json") as f:
-            meta = json.load(f)
-        if meta["fingerprint"] != fingerprint:
-            return None
-        dtype = np.dtype(meta["dtype"])
-        return meta, [np.memmap(f"{cache}.{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "held")]
-    except (OSError, ValueError, KeyError):  # missing, half-deleted or damaged: rebuild
-        return None
-
-
-def write_token_cache(cache, meta, arrays):
-    """Each file under a temporary name (unique per process, for torchrun), then renamed; meta.json last,
-    so a cache with a meta file is always whole."""
-    tmp = f".tmp{os.getpid()}"
-    try:
-        for name, arr in zip(("train", "val", "held"), arrays):
-            arr.tofile(f"{cache}.{name}.bin{tmp}")
-            os.replace(f"{cache}.{name}.bin{tmp}", f"{cache}.{name}.bin")
-        with open(f"{cache}.meta.json{tmp}", "w") as f:
-            json.dump(meta, f)
-        os.replace(f"{cache}.meta.json{tmp}", cache + ".meta.json")
-    except OSError as e:
-        print(f"note: cannot write the token cache {cache}.* ({e.strerror}); tokenizing again next run.")
-
-
-def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
-    """Tokenize (or load the cached tokens of) a text corpus; split documents train/val/held-out by seed."""
-    cache = f"{os.path.normpath(path)}.{encoding}.seed{seed}"
-    fingerprint = source_fingerprint(path)
-    enc = load_encoding(encoding)
-    cached = read_token_cache(cache, fingerprint)
-    if cached:
-        meta, (train, val, held) = cached
-    else:
-        docs = read_documents(path)
-        if len(docs) < 3:
-            raise UsageError(f"{path} holds {len(docs)} non-empty document(s); at least 3 are needed (train, val, "
-                             "held-out) and hundreds are better. In a .txt file, separate documents with a blank line.")
-        labelled = sum(lab is not None for _, lab in docs)
-        if 0 < labelled < len(docs):
-            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; "
-                             "label every document (all .jsonl with \"label\") or none.")
-        order = np.random.default_rng(seed).permutation(len(docs))
-        n_eval = min(2000, max(1, round(0.1 * len(docs))))
-        n_val = min(5000, max(1, round(0.05 * len(docs))))
-        tokens = enc.encode_ordinary_batch([t for t, _ in docs])
-        dtype = np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
-
-        def stream(ids):
-            return np.array([t for i in ids for t in tokens[i] + [enc.eot_token]], dtype=dtype)
-
-        train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
-        label_names = sorted({lab for _, lab in docs}) if labelled else []
-        meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, label_names=label_names,
-                    held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None,
-                    train_labels=[label_names.index(docs[i][1]) for i in order[n_eval + n_val:]]
-                    if label_names else None)
-    def documents(stream):  # a stream back into documents: (starts, ends); each ends with the end-of-text token
-        ends = np.flatnonzero(np.asarray(stream) == enc.eot_token)
-        return np.r_[0, ends[:-1] + 1], ends
-    starts, ends = documents(held)
-    for name, arr in (("train", train), ("val", val)):
-        if len(arr) <= block_size:
-            raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
-                             "Add documents, or lower --block_size.")
-    if not (starts + block_size <= len(held)).any():
-        raise UsageError(f"{path}: the held-out split has {len(held)} tokens, too few for one --block_size "
-                         f"{block_size} window for the generation evaluation. Add documents, or lower --block_size.")
-    if not cached:
-        write_token_cache(cache, meta, (train, val, held))
-    eval_raw = [np.asarray(held[s:e][:block_size]) for s, e in zip(starts, ends)]
-    train_spans = list(zip(*documents(train))) if meta["train_labels"] is not None else []
-    vocab_ids, vocab_size = None, enc.n_vocab
-    if compact_vocab:  # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
-        used = [np.unique(a) for a in (train, val, held)] + [[enc.eot_token]]
-        vocab_ids = np.unique(np.concatenate(used)).astype(np.int64)
-        lookup = np.zeros(int(vocab_ids[-1]) + 1, dtype=np.uint16 if len(vocab_ids) <= 2 ** 16 else np.uint32)
-        lookup[vocab_ids] = np.arange(len(vocab_ids))
-        train, val, held = lookup[train], lookup[val], lookup[held]
-        vocab_size = len(vocab_ids)
-    labels, label_names, note = meta["held_labels"], meta["label_names"], ""
-    if labels is not None and len(set(labels)) < 2:
-        note = f"clustering skipped: the held-out documents carry only one distinct label ({label_names[labels[0]]!r})."
-        labels = None
-    elif labels is None:
-        note = "clustering skipped: the data has no labels (give a .jsonl file with a \"label\" on every line)."
-    return Corpus(
-        name=path, vocab_size=vocab_size, train=train, val=val, held=held, held_starts=starts,
-        eval_docs=[np.asarray(held[s:s + len(d)]) for s, d in zip(starts, eval_raw)],
-        eval_texts=[enc.decode(d.tolist()) for d in eval_raw],  # the text the models see, no more
-        eval_labels=None if labels is None else np.array(labels), label_names=label_names,
-        train_docs=None if labels is None else [np.asarray(train[s:e][:block_size]) for s, e in train_spans],
-        train_labels=None if labels is None else np.array(meta["train_labels"]),
-        encoding=encoding, vocab_ids=vocab_ids, note=note)
-
-
-def load_corpus(args, seed):
-    if args.data == "synthetic":
-        return make_synthetic(block_size=args.block_size, seed=seed)
-    return load_text_corpus(args.data, args.encoding, seed, args.block_size, args.compact_vocab)
-
-
-def get_batch(stream, rng, batch_size, block_size, device):
-    """batch_size random windows of block_size tokens from a token stream, as a (B, T) int64 tensor."""
-    starts = rng.integers(0, len(stream) - block_size, size=batch_size)
-    x = torch.from_numpy(np.stack([np.asarray(stream[s:s + block_size], dtype=np.int64) for s in starts]))
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-
 # -----------------------------------------------------------------------------------------------------
-# Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode:
-# causal=True lets position t attend to positions <= t ("look ahead"), causal=False to all ("look around").
-# Position information is a choice (--pos_emb). A causal mask tells a model where it is for free (position t sees
-# t + 1 tokens); a bidirectional model with a learned position table must first learn positions before it can use
-# its neighbours, and on a small budget that can leave a masked model predicting unigrams for most of the run.
-# Rotary embeddings (RoPE) make every attention score depend on the relative offset of its two positions, which
-# gives both attention modes that information from the first step.
+# Evaluation: the claims are about what a pretrained model is good for, so every run is scored on both uses.
+# Classification: do held-out documents' representations separate by label (k-means, linear probes, fine-tuning)?
+# Generation: how well does the model continue prefixes of different lengths?
+#
+# How a document becomes one vector is a choice that can flip the clustering comparison, so every run reports
+# two readouts side by side, each a mean of final hidden states:
+# - "trained": the states at the positions the objective trains. A causal model's state at every position but
+#   the last predicts the next token, so: the mean over those. A masked model is trained only where it hides
+#   (its visible positions are never asked to predict anything), so: hide positions as the objective does
+#   (hidden ones shown as [MASK]), average the states at the hidden positions, and average over several random
+#   hidings. This is the paper's view: a sample is represented through the contexts its objective trains on.
+# - "clean": the conventional readout, the mean over every position of the unmasked document.
+
+PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
+READOUTS = ["trained", "clean"]
+CLUSTER_METRICS = ["nmi", "ari", "acc", "probe_acc"]
 
 
-def rotate(x, cos, sin):
-    """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q or k (B, n_head, T, head_size) by the
-    angle position * 10000^(-2i/head_size). A rotation by a at query and by b at key leaves their dot product a
-    function of a - b: the scores see relative offsets only."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+@torch.no_grad()
+def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=256):
+    """{"trained": (N, n_embd), "clean": (N, n_embd)}: both readouts of every document. Documents of equal length
+    are batched together, so there is no padding to leak into a mean or (bidirectionally) into attention. The
+    masked hidings come from a random stream seeded by seed, so a run is repeatable and an untrained model read
+    out with the same seed sees the same hidings."""
+    model.eval()
+    causal = CAUSAL[objective]
+    features = {name: [None] * len(docs) for name in READOUTS}
+    with torch.random.fork_rng(devices=[]):  # the hidings are drawn on the CPU; training's streams are untouched
+        torch.manual_seed(seed)
+        for chunk in length_batches(docs, batch_size):
+            x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
+            h = model.features(x.to(device), causal).float()
+            pooled = {"clean": h.mean(dim=1)}
+            if causal:  # every position but the last predicts a target
+                pooled["trained"] = h[:, :max(1, x.size(1) - 1)].mean(dim=1)
+            else:
+                hidings = [hidden_state_mean(model, x, objective, device) for _ in range(views)]
+                pooled["trained"] = torch.stack(hidings).mean(dim=0)
+            for name in READOUTS:
+                for i, f in zip(chunk, pooled[name].cpu().numpy()):
+                    features[name][i] = f
+    return {name: np.stack(f) for name, f in features.items()}
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x, causal, rope):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
-        # is_causal and no mask tensor in the bidirectional case, so the fused (flash) kernels apply
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+def length_batches(docs, batch_size, rng=None):
+    """Lists of indices of documents of equal length, at most batch_size each: no batch needs padding (padding
+    would leak into a mean, and under bidirectional attention into every state). With a numpy rng, the
+    documents and the batches come in a random order."""
+    by_length = {}
+    for i in (range(len(docs)) if rng is None else rng.permutation(len(docs))):
+        by_length.setdefault(len(docs[i]), []).append(int(i))
+    batches = [ids[s:s + batch_size] for ids in by_length.values() for s in range(0, len(ids), batch_size)]
+    return batches if rng is None else [batches[i] for i in rng.permutation(len(batches))]
 
 
-class Block(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = SelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
-                                 nn.Linear(4 * config.n_embd, config.n_embd), nn.Dropout(config.dropout))
-
-    def forward(self, x, causal, rope):
-        x = x + self.attn(self.ln_1(x), causal, rope)
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
-        self.wpe = None
-        if config.pos_emb == "learned":
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:  # rope: the rotation angles of every position, (block_size, head_size / 2); not parameters
-            head_size = config.n_embd // config.n_head
-            angles = torch.outer(torch.arange(config.block_size).float(),
-                                 10000.0 ** (-torch.arange(0, head_size, 2).float() / head_size))
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
-        # ar_diverse: a light head per extra future offset (2..n_future), a residual n_embd x n_embd map in
-        # front of the shared unembedding. Zero init: every offset starts as a copy of the next-token head.
-        self.future_heads = None
-        if config.n_future > 1:
-            self.future_heads = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd))
-        for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
-            if p.dim() == 2:
-                residual = name.endswith("c_proj.weight") or name.endswith("mlp.2.weight")
-                std = 0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-    def features(self, idx, causal=True):
-        """Final hidden states (B, T, n_embd): what the evaluations pool and the heads read."""
-        T = idx.size(1)
-        x, rope = self.wte(idx), None
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
-        else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, causal, rope)
-        return self.ln_f(x)
-
-    def forward(self, idx, causal=True, positions=None, offsets=1):
-        """Logits over the vocabulary (the [MASK] id is never predicted).
-        positions=None: at every position, (B, T, V). positions (B, S): only there, (B, S, V); the LM head
-        is the largest matmul, so objectives that score few positions read out only those.
-        positions (R,): rows of the flattened (B*T) states, packed across the batch, (R, V).
-        offsets=k (ar_diverse): each state read out through the heads of future offsets 1..k, (..., k, V)."""
-        x = self.features(idx, causal)
-        if positions is not None:  # pick rows of the flattened (B*T, C) states (index_select: cheaper than gather)
-            B, T, C = x.shape
-            rows = positions if positions.dim() == 1 else positions + T * torch.arange(B, device=idx.device)[:, None]
-            x = x.flatten(0, 1).index_select(0, rows.flatten()).view(*positions.shape, C)
-        if offsets > 1:  # offset d reads x + x @ future_heads[d - 2]: all the heads in one matmul
-            heads = self.future_heads[:offsets - 1].transpose(0, 1).flatten(1)  # (C, (offsets - 1) * C)
-            extra = (x @ heads).unflatten(-1, (offsets - 1, -1))  # (..., offsets - 1, C)
-            x = x.unsqueeze(-2)
-            x = torch.cat([x, x + extra], dim=-2)
-        return F.linear(x, self.wte.weight[:self.config.vocab_size])  # unembedding tied to the embedding
+@torch.no_grad()
+def per_position_features(model, docs, objective, device, batch_size=256):
+    """The per_position readout, (N, block_size * n_embd): the final state at every position the objective trains,
+    concatenated in order (zeros past the end of a shorter document), for a linear probe. Causal: one pass, the
+    states at the positions that predict a target (all but the last). Masked: position p is read from a copy of
+    the document with p alone hidden as [MASK] and everything else visible, the context a masked objective
+    trains p in; a document of T tokens costs T passes (batched)."""
+    model.eval()
+    causal, C = CAUSAL[objective], model.config.n_embd
+    features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
+    for chunk in length_batches(docs, batch_size if causal else max(1, batch_size // model.config.block_size)):
+        x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
+        B, T = x.shape
+        if causal:
+            states = model.features(x.to(device), causal=True)[:, :T - 1]
+        else:  # copy j of document i (row i * T + j) hides position j
+            rows, hide = torch.arange(B * T), torch.arange(T).repeat(B)
+            copies = x.repeat_interleave(T, dim=0)
+            copies[rows, hide] = model.config.vocab_size
+            states = model.features(copies.to(device), causal=False)[rows.to(device), hide.to(device)].view(B, T, C)
+        features[chunk, :states.size(1) * C] = states.flatten(1).float().cpu().numpy()
+    return features
 
 
-# -----------------------------------------------------------------------------------------------------
-# The four objectives. Each is loss = objective(model, idx) for a batch of token ids, and each answers three
-# questions: which attention mode, which positions are hidden, which tokens are targets. The causal pair read
-# windows of block_size + 1 tokens (as nanoGPT's x and y), so every one of the model's block_size positions has
-# a target and is trained; the masked pair read windows of block_size tokens (see CAUSAL and window_length).
-
-
-def ar(model, idx):
-    """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality hides the future);
-    the target of position t is always the next token x[t+1]: one fixed relative position."""
-    logits = model(idx[:, :-1], causal=True)
-    return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
-
-
-def ar_diverse(model, idx):
-    """Diversity-enhanced AR, the paper's fix for AR's clustering: the targets of position t are x[t+d] for every
-    offset d = 1..n_future, not only x[t+1], so targets sit at varied positions and connect more samples, as masked
-    targets do. Causal attention; nothing hidden. Every offset is scored at every position that has its target, and
-    the loss is the mean over offsets of each offset's mean cross-entropy (the objective --theory optimises). A
-    choice the paper leaves open: each offset reads the states through a light head of its own (GPT.future_heads).
-    Offset 1 is the ordinary next-token head that generation uses."""
-    k = model.config.n_future
-    T = idx.size(1) - 1
-    logits = model(idx[:, :-1], causal=True, offsets=k)  # (B, T, k, V)
-    ahead = torch.arange(T, device=idx.device)[:, None] + torch.arange(1, k + 1, device=idx.device)  # t + d, (T, k)
-    targets = idx[:, ahead.clamp(max=T)].masked_fill(ahead > T, -1)  # past the window: not scored
-    nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none")
-    scored = (targets >= 0).float()
-    return ((nll.view(targets.shape) * scored).sum((0, 1)) / scored.sum((0, 1))).mean()
-
-
-def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
-    """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide the
-    first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and their targets
-    (the original tokens; -1 for slots past n_hidden[b], which are not scored). The gather has a fixed
-    size, so shapes never depend on the data (torch.compile needs no recompiles or graph breaks)."""
-    B, T = idx.shape
-    positions = torch.rand(B, T, device=idx.device).argsort(dim=1)[:, :n_slots]
-    hidden = torch.arange(n_slots, device=idx.device) < n_hidden[:, None]
-    originals = idx.gather(1, positions)
-    replacement = torch.full_like(originals, vocab_size)  # [MASK]
-    if bert_corruption:  # BERT: of the hidden positions, 80% -> [MASK], 10% -> a random token, 10% unchanged
-        r = torch.rand(originals.shape, device=idx.device)
-        random_or_kept = torch.where(r < 0.9, torch.randint_like(originals, vocab_size), originals)
-        replacement = torch.where(r < 0.8, replacement, random_or_kept)
-    inputs = idx.scatter(1, positions, torch.where(hidden, replacement, originals))
-    return inputs, positions, originals.masked_fill(~hidden, -1)
-
-
-def mlm(model, idx):
-    """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%) of
-    positions is hidden; the targets are the hidden tokens, wherever they sit. The visible length is
-    always about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
-    B, T = idx.shape
-    n = max(1, round(model.config.mask_ratio * T))
-    inputs, positions, targets = hide_tokens(idx, torch.full((B,), n, device=idx.device), n, model.config.vocab_size,
-                                             bert_corruption=True)
-    logits = model(inputs, causal=False, positions=positions)  # only the hidden positions reach the output layer
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-def mlm_varlen(model, idx, weight=None):
-    """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per
-    sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time
-    prefixes do. Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens.
-    The ratios of a batch are drawn stratified (see varlen_mask_ratios), so the batch hides nearly the same
-    total every step, and only the hidden positions, packed across the batch, reach the output layer: about
-    half of the positions, where a per-row readout of fixed width would pay for varlen_max of them.
-    weight (default: the config's varlen_weight) is how the hidden tokens are averaged. "token": every hidden
-    token of the batch counts once, BERT's mean, under which a sequence that hides 95% weighs 19 times one that
-    hides 5%. "sequence": each sequence's mean over its own hidden tokens, then the mean over sequences, so every
-    visible length counts alike; up to a constant this is the 1/t weighting of masked diffusion LMs (MDLM, Sahoo
-    et al., 2024; LLaDA, Nie et al., 2025). The paper states no weighting; "token" is the plain masked-LM loss."""
-    B, T = idx.shape
+def hidden_state_mean(model, x, objective, device):
+    """One random hiding of each row of x, drawn as the masked objective draws it (mlm: a fixed count; mlm_varlen:
+    stratified ratios across the rows, as across a training batch), every hidden position shown as [MASK];
+    returns the mean of the final states at the hidden positions, (B, n_embd)."""
+    B, T = x.shape
     c = model.config
-    # The most each stratum can hide (u -> 1) fixes the shapes, whatever is drawn: no recompiles under torch.compile
-    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
-    n_slots, n_rows = int(most.max()), int(most.sum())
-    inputs, positions, targets = hide_tokens(idx, varlen_hidden_draw(B, T, c, idx.device), n_slots, c.vocab_size,
-                                             bert_corruption=False)
-    # Pack: the batch's hidden slots first (rows in order), then unscored slots to fill the n_rows rows.
-    packed = (targets < 0).flatten().int().argsort(stable=True)[:n_rows]
-    rows = (positions + T * torch.arange(B, device=idx.device)[:, None]).flatten()[packed]
-    logits = model(inputs, causal=False, positions=rows)
-    nll = F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1, reduction="none")  # 0 where unscored
-    hidden = (targets >= 0).float()
-    if (weight or c.varlen_weight) == "token":
-        weights = hidden / hidden.sum()
-    else:
-        weights = hidden / (B * hidden.sum(1, keepdim=True))
-    return (nll * weights.flatten()[packed]).sum()
+    if objective == "mlm":
+        n_hidden = torch.full((B,), max(1, round(c.mask_ratio * T)))
+    else:  # the same draw as training's, across the rows of x instead of a batch
+        n_hidden = hidden_counts(varlen_mask_ratios(torch.randperm(B), torch.rand(()), c), T)
+    inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), c.vocab_size, bert_corruption=False)
+    h = model.features(inputs.to(device), causal=False).float()
+    hidden = (targets >= 0).to(device)[..., None]
+    at_hidden = h.gather(1, positions.to(device)[..., None].expand(-1, -1, h.size(-1)))
+    return (at_hidden * hidden).sum(dim=1) / hidden.sum(dim=1)
 
 
-def varlen_hidden_draw(B, T, c, device):
-    """How many positions each of B sequences hides under mlm_varlen: stratified ratios, rounded."""
-    return hidden_counts(varlen_mask_ratios(torch.randperm(B, device=device), torch.rand((), device=device), c), T)
+def cluster_accuracy(labels, assignment):
+    """Accuracy under the best one-to-one matching of clusters to labels (Hungarian algorithm)."""
+    from scipy.optimize import linear_sum_assignment
+    k = max(labels.max(), assignment.max()) + 1
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (assignment, labels), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return counts[rows, cols].sum() / len(labels)
 
 
-def varlen_mask_ratios(strata, u, c):
-    """mlm_varlen's mask ratios, stratified: [varlen_min, varlen_max] is cut into B equal strata, row b draws
-    stratum strata[b] (a random permutation) and every row sits at the same relative place u ~ U(0, 1) in its
-    stratum. Each row's ratio is still U[varlen_min, varlen_max] (the objective is unchanged in expectation),
-    but the batch's total hidden count is nearly constant, so the gradient's variance falls. MDLM's
-    low-discrepancy sampler of the masking level (Sahoo et al., 2024) is the precedent."""
-    return c.varlen_min + (c.varlen_max - c.varlen_min) * (strata + u) / len(strata)
+def cluster_scores(features, labels, seed):
+    """KMeans with k = number of labels on standardized features -> NMI, ARI, matched accuracy."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.preprocessing import StandardScaler
+    if not hasattr(features, "tocsr"):
+        features = StandardScaler().fit_transform(features)
+    assignment = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(features)
+    return dict(nmi=float(normalized_mutual_info_score(labels, assignment)),
+                ari=float(adjusted_rand_score(labels, assignment)),
+                acc=float(cluster_accuracy(labels, assignment)))
 
 
-def hidden_counts(ratios, T):
-    """round(ratio * T) hidden positions per row, with at least one hidden and (where T > 1) one visible."""
-    return (ratios * T).round().long().clamp(1, max(1, T - 1))
+def probe_accuracy(features, labels, seed, choose_c=False):
+    """A linear probe: logistic regression trained on half the held-out documents, scored on the other half.
+    choose_c: pick the regularisation strength by 3-fold cross-validation inside the training half (for the
+    per_position readout, whose thousands of dimensions outnumber the documents)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    stratify = labels if np.bincount(labels).min() >= 2 else None
+    f_tr, f_te, y_tr, y_te = train_test_split(features, labels, test_size=0.5, random_state=seed, stratify=stratify)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    if choose_c:
+        probe = GridSearchCV(probe, {"logisticregression__C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3)
+    return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
 
-OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
-# Peak learning rate per objective, chosen by one rule for all four (README, "A fair race"): on tuning seeds that
-# no verdict study uses, each objective's lowest mean final val loss among 1e-3, 2e-3 and 4e-3. --learning_rate
-# overrides it.
-LEARNING_RATES = {"ar": 1e-3, "ar_diverse": 1e-3, "mlm": 1e-3, "mlm_varlen": 2e-3}
+def initial_model(config, seed, device):
+    """The weights a run with this seed starts from: training begins here, and the evaluations' untrained
+    baselines are exactly this model."""
+    torch.manual_seed(seed)
+    return GPT(config).to(device)
 
 
-def window_length(objective, block_size):
-    """Tokens per training window: one more than the context for the causal objectives, whose inputs are
-    window[:-1] and whose last target is window[-1]; exactly the context for the masked ones."""
-    return block_size + 1 if CAUSAL[objective] else block_size
+def evaluate_clustering(model, corpus, objective, seed, device, views):
+    """Both readouts of the trained model and of two baselines: the same architecture untrained (read out the
+    same way) and TF-IDF + KMeans. "cluster" keeps the clean readout's numbers at its top level."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    labels = corpus.eval_labels
+
+    def scores(features):
+        return dict(cluster_scores(features, labels, seed), probe_acc=probe_accuracy(features, labels, seed))
+    untrained = initial_model(model.config, seed, device)
+    trained_feats, untrained_feats = (embed_documents(m, corpus.eval_docs, objective, device, views, seed)
+                                      for m in (model, untrained))
+    tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
+    readouts = {name: dict(scores(trained_feats[name]),
+                           baselines={"random_init": scores(untrained_feats[name]), "tfidf": tfidf})
+                for name in READOUTS}
+    per_position = [probe_accuracy(per_position_features(m, corpus.eval_docs, objective, device), labels, seed,
+                                   choose_c=True) for m in (model, untrained)]
+    readouts["per_position"] = {"probe_acc": per_position[0],
+                                "baselines": {"random_init": {"probe_acc": per_position[1]}}}
+    return dict(readouts["clean"], readouts=readouts)
+
+
+# Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is trained further
+# on labelled examples. One small recipe for every objective and for the untrained baseline, fixed before any
+# result was seen; the number of labelled documents is the dial (few labels: what pretraining gave matters most).
+FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.01}
+
+
+def balanced_draw(labels, n, rng):
+    """n distinct indices into labels, an equal share per class where the labels allow (the rest at random)."""
+    pools = [rng.permutation(np.flatnonzero(labels == k)) for k in range(int(labels.max()) + 1)]
+    share = [min(len(pool), n // len(pools)) for pool in pools]
+    rest = rng.permutation(np.concatenate([pool[m:] for pool, m in zip(pools, share)]))[:n - sum(share)]
+    return np.concatenate([pool[:m] for pool, m in zip(pools, share)] + [rest]).astype(np.int64)
+
+
+def finetune_predictions(model, objective, corpus, n, draw, seed, device):
+    """Fine-tune a copy of model together with a linear head, which reads the mean of the final states over the
+    clean document (no [MASK]; the objective's own attention mode), on n labelled training documents; return the
+    predicted label of every held-out document. Held-out labels are never read here."""
+    recipe, causal = FINETUNE_RECIPE, CAUSAL[objective]
+    rng = np.random.default_rng([seed, n, draw])
+    picks = balanced_draw(corpus.train_labels, n, rng)
+    docs, labels = [corpus.train_docs[i] for i in picks], torch.as_tensor(corpus.train_labels[picks])
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        torch.manual_seed(int(rng.integers(2 ** 31)))  # the head's initial weights: the same for every objective
+        net = copy.deepcopy(model).train()
+        head = nn.Linear(model.config.n_embd, len(corpus.label_names)).to(device)
+
+        def predict(batch_docs):
+            x = torch.tensor(np.stack(batch_docs), dtype=torch.long, device=device)
+            return head(net.features(x, causal).mean(dim=1))
+        optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=recipe["learning_rate"],
+                                      weight_decay=recipe["weight_decay"])
+        for _ in range(recipe["epochs"]):
+            for batch in length_batches(docs, recipe["batch_size"], rng):
+                loss = F.cross_entropy(predict([docs[i] for i in batch]), labels[batch].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        net.eval()
+        predictions = np.zeros(len(corpus.eval_docs), dtype=np.int64)
+        with torch.no_grad():
+            for batch in length_batches(corpus.eval_docs, 256):
+                predictions[batch] = predict([corpus.eval_docs[i] for i in batch]).argmax(1).cpu().numpy()
+    return predictions
+
+
+def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws):
+    """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and sample std over
+    draws (each draw its own documents and head). The untrained network, the weights this run started from, is
+    fine-tuned the same way as the baseline."""
+    t0 = time.time()
+    untrained = initial_model(model.config, seed, device)
+
+    def accuracies(net):
+        out = {}
+        for n in label_counts:
+            accs = [float((finetune_predictions(net, objective, corpus, n, draw, seed, device)
+                           == corpus.eval_labels).mean()) for draw in range(draws)]
+            out[str(n)] = {"acc": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
+        return out
+    return dict(accuracies(model), baselines={"random_init": accuracies(untrained)}, seconds=time.time() - t0)
+
+
+def gen_windows(corpus, block_size, n):
+    """Up to n held-out sequences of block_size tokens, each starting where a held-out document starts
+    (and running on into the next one after its separator, as training windows do)."""
+    starts = corpus.held_starts[corpus.held_starts + block_size <= len(corpus.held)][:n]
+    return torch.tensor(np.stack([np.asarray(corpus.held[s:s + block_size], dtype=np.int64) for s in starts]))
+
+
+def scored_positions(block_size):
+    """For each prefix fraction f: after a prefix of l = f*T tokens, score the next min(T/8, T-l) tokens."""
+    out = {}
+    for f in PREFIX_FRACTIONS:
+        prefix = int(f * block_size)
+        out[f] = list(range(prefix, prefix + min(block_size // 8, block_size - prefix)))
+    return out
+
+
+@torch.no_grad()
+def next_token_nll(model, seqs, positions, causal, batch_size=256):
+    """-log p(x[p] | x[<p]) for each sequence and each position p in positions: (N, len(positions)).
+    Causal models read it off one teacher-forced pass (logits at p-1). Masked models must generate the
+    way they can: the block holds the true tokens before p and [MASK] at p and every later position,
+    and the prediction is read at p. One forward pass per (sequence, position): batched here."""
+    model.eval()
+    N, T = seqs.shape
+    device = next(model.parameters()).device
+    pos = torch.tensor(positions, device=device)
+    if causal:
+        out = []
+        for s in range(0, N, batch_size):
+            x = seqs[s:s + batch_size].to(device)
+            logits = model(x, causal=True, rows=flat_rows((pos - 1).expand(len(x), -1), T)).float()
+            logits = logits.view(len(x), len(pos), -1).transpose(1, 2)  # (B, V, positions)
+            out.append(F.cross_entropy(logits, x[:, pos], reduction="none"))
+        return torch.cat(out).cpu()
+    P = len(positions)
+    flat_seq = torch.arange(N).repeat_interleave(P)  # one row per (sequence, position)
+    flat_pos = pos.cpu().repeat(N)
+    nll = torch.empty(N * P)
+    for s in range(0, N * P, batch_size):
+        x = seqs[flat_seq[s:s + batch_size]].to(device)
+        p = flat_pos[s:s + batch_size].to(device)
+        targets = x.gather(1, p[:, None]).squeeze(1)
+        x = x.masked_fill(torch.arange(T, device=device)[None, :] >= p[:, None], model.config.vocab_size)
+        logits = model(x, causal=False, rows=flat_rows(p[:, None], T)).float()
+        nll[s:s + batch_size] = F.cross_entropy(logits, targets, reduction="none").cpu()
+    return nll.view(N, P)
+
+
+def evaluate_generation(model, corpus, causal, n_seqs):
+    t0 = time.time()
+    T = model.config.block_size
+    seqs = gen_windows(corpus, T, n_seqs)
+    by_fraction = scored_positions(T)
+    nll = next_token_nll(model, seqs, [p for ps in by_fraction.values() for p in ps], causal)
+    ppl_by_prefix, col = {}, 0
+    for f, ps in by_fraction.items():
+        ppl_by_prefix[str(f)] = float(torch.exp(nll[:, col:col + len(ps)].mean()))
+        col += len(ps)
+    return {"ppl": float(torch.exp(nll.mean())), "ppl_by_prefix": ppl_by_prefix, "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=None):
+    """Continue a prefix one token at a time. One loop serves both kinds of model: the block holds the
+    tokens so far and [MASK] after them; a causal model predicts position p from position p-1 (and never
+    sees the masks), a masked model predicts it in place, from everything visible around it."""
+    model.eval()
+    T, device = model.config.block_size, next(model.parameters()).device
+    x = torch.full((1, T), model.config.vocab_size, dtype=torch.long, device=device)
+    x[0, :len(prefix)] = torch.as_tensor(prefix, device=device)
+    end = min(T, len(prefix) + n_new)
+    for p in range(len(prefix), end):
+        read_at = torch.tensor([p - 1 if causal else p], device=device)  # the one row of x
+        logits = model(x, causal=causal, rows=read_at)[0].float() / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        x[0, p] = torch.multinomial(F.softmax(logits, dim=-1).cpu(), 1, generator=generator).item()
+    return x[0, :end].tolist()
+
+
+# Across runs: several seeds and objectives become one summary table and one verdict per claim (summary.json).
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def baseline_name(objective):
+    """The untrained model's row: read out as a causal objective (ar and ar_diverse read alike) or as a masked one."""
+    return "random init (causal)" if CAUSAL[objective] else f"random init (as {objective})"
+
+
+GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
+
+
+def summarize(all_results):
+    """The paper-style comparison: objectives and baselines as rows; clustering (both readouts) and generation as
+    columns, mean and sample std over seeds."""
+    rows = {}
+
+    def classification(readouts, finetune):  # the trained model's numbers, or its untrained baseline's
+        values = {f"{ro}_{k}": readouts[ro][k] for ro in READOUTS for k in CLUSTER_METRICS} if readouts else {}
+        if readouts:
+            values["per_position_probe_acc"] = readouts["per_position"]["probe_acc"]
+        values.update({f"finetune@{n}": v["acc"] for n, v in (finetune or {}).items() if n.isdigit()})
+        return values
+    for r in all_results:
+        obj, c, f, g = r["objective"], r["cluster"], r["finetune"], r["gen"]
+        values = classification(c and c["readouts"], f)
+        if g:
+            values.update({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
+        rows.setdefault(obj, {})[r["seed"]] = values
+        if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
+            untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
+                                       f and f["baselines"]["random_init"])
+            rows.setdefault(baseline_name(obj), {}).setdefault(r["seed"], untrained)
+        if c:
+            tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
+            rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
+    finetune_cols = sorted({col for by_seed in rows.values() for v in by_seed.values() for col in v
+                            if col.startswith("finetune@")}, key=lambda col: int(col.split("@")[1]))
+    table = {}
+    for name, by_seed in rows.items():
+        table[name] = {}
+        for col in [f"{ro}_{k}" for ro in READOUTS for k in CLUSTER_METRICS] + ["per_position_probe_acc"] \
+                + finetune_cols + GEN_METRICS:
+            vals = [v[col] for v in by_seed.values() if v.get(col) is not None]
+            if vals:
+                table[name][col] = {"mean": float(np.mean(vals)), "n": len(vals),
+                                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
+    order = [n for n in OBJECTIVE_NAMES if n in table] + sorted(n for n in table if n not in OBJECTIVE_NAMES)
+
+    def cell(name, col, digits, width):
+        v = table[name].get(col)
+        text = "-" if v is None else f"{v['mean']:.{digits}f}" + (f"±{v['std']:.{digits}f}" if n_seeds > 1 else "")
+        return f"{text:>{width}}"
+    width = 13 if n_seeds > 1 else 8
+    print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
+    if any(c.startswith("clean_") for row in table.values() for c in row):
+        print(("clustering of held-out documents" + " " * 6
+               + "".join(f"{ro + ' readout':<{4 * width}}" for ro in READOUTS)).rstrip())
+        print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(READOUTS)))
+        for name in order:
+            print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
+                                          for ro in READOUTS for k in CLUSTER_METRICS))
+    if any("per_position_probe_acc" in row or any(c in row for c in finetune_cols) for row in table.values()):
+        print("classification: per-position probe, and fine-tuned accuracy with n labelled documents")
+        cols = ["per_position_probe_acc"] + finetune_cols
+        heads = ["per-pos"] + [f"n={c.split('@')[1]}" for c in finetune_cols]
+        print(" " * 28 + "".join(f"{h:>{width}}" for h in heads))
+        for name in order:
+            if any(c in table[name] for c in cols):
+                print(f"{name:<28}" + "".join(cell(name, c, 3, width) for c in cols))
+    if any(c in GEN_METRICS for row in table.values() for c in row):
+        print("generation: perplexity after a prefix of f*T tokens")
+        gen_width = max(width + 1, 10)
+        print(" " * 28 + "".join(f"{h:>{gen_width}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]))
+        for name in order:
+            if "ppl" in table[name]:
+                print(f"{name:<28}" + "".join(cell(name, col, 2, gen_width) for col in GEN_METRICS))
+    return table
+
+
+# The paper's four claims as paired differences: each row measures value(a's run) - value(b's run) in the same seed
+# (same corpus draw, same initial weights), signed so that > 0 is the paper's side. Generation compares log
+# perplexities: differences of mean next-token losses. Each claim has ONE primary row, fixed before any result was
+# seen; the verdicts on the four primary rows are corrected for testing four (Holm). Every other row is secondary:
+# evidence to read beside the primary one, with its interval, and no verdict of its own that could be cherry-picked.
+PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary row: fine-tuned accuracy at n = 128
+
+
+def cluster_value(readout, key):
+    return lambda r: r["cluster"]["readouts"][readout][key] if r["cluster"] else None
+
+
+def finetune_value(n):
+    return lambda r: r["finetune"][str(n)]["acc"] if r["finetune"] and str(n) in r["finetune"] else None
+
+
+def log_ppl(prefix=None):
+    return lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]) if r["gen"] else None
+
+
+def claim_rows(label_counts):
+    """(claim, metric, readout, a, b, value, primary) for every row; label_counts: the fine-tuning n's that ran."""
+    varlen = "variable-length masked generates better than masked, most at short prefixes"
+    rows = []
+    for claim, a in (("masked clusters better than AR", "mlm"),
+                     ("diversity-enhanced AR clusters better than AR", "ar_diverse")):
+        n0 = PRIMARY_FINETUNE_LABELS
+        rows.append((claim, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), True))
+        rows += [(claim, f"fine-tuned acc n={n} {a} - ar", None, a, "ar", finetune_value(n), False)
+                 for n in label_counts if n != n0]
+        rows += [(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key), False)
+                 for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS]
+        rows.append((claim, f"probe acc {a} - ar", "per_position", a, "ar", cluster_value("per_position", "probe_acc"),
+                     False))
+    rows.append(("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True))
+    rows.append((varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), True))
+    rows.append((varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False))
+    return rows
+
+
+def paired_verdict(diffs):
+    """Mean paired difference, its 95% t-interval, the two-sided paired t-test's p-value, and the interval's
+    verdict: reproduced (the interval lies above 0), contradicted (below 0) or inconclusive. One seed gives a
+    difference but no interval, no p-value and no verdict."""
+    from scipy import stats
+    mean = float(np.mean(diffs))
+    if len(diffs) < 2:
+        return mean, None, None, None
+    sd = float(np.std(diffs, ddof=1))
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
+    # identical differences (sd 0 up to rounding) have no spread to test against: p is 0, or 1 if they are all 0
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 1e-12 * max(1.0, abs(mean)) else float(mean == 0)
+    lo, hi = mean - half, mean + half
+    return mean, [lo, hi], p, "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of m p-values: the k-th smallest times (m - k + 1), never below the one
+    before it, capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise error at alpha."""
+    m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(np.argsort(p_values, kind="stable")):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def claims_table(all_results):
+    """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned for summary.json.
+    A primary row's verdict comes from its Holm-adjusted p-value (over the primary rows that ran): reproduced or
+    contradicted where p_holm < 0.05, on the side of the mean difference, else inconclusive."""
+    by_run = {(r["objective"], r["seed"]): r for r in all_results}
+    seeds = sorted({r["seed"] for r in all_results})
+    label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
+    claims = []
+    for claim, metric, readout, a, b, value, primary in claim_rows(label_counts):
+        pairs = [(value(by_run[a, s]), value(by_run[b, s])) for s in seeds if (a, s) in by_run and (b, s) in by_run]
+        diffs = [va - vb for va, vb in pairs if va is not None and vb is not None]
+        if diffs:
+            mean, ci, p, verdict = paired_verdict(diffs)
+            claims.append({"claim": claim, "metric": metric, "readout": readout, "primary": primary,
+                           "mean_diff": mean, "ci95": ci, "p_value": p if primary else None, "p_holm": None,
+                           "n_seeds": len(diffs), "n_expected_sign": sum(d > 0 for d in diffs), "verdict": verdict})
+    tested = [c for c in claims if c["primary"] and c["p_value"] is not None]
+    for c, p_holm in zip(tested, holm([c["p_value"] for c in tested])):
+        c["p_holm"] = p_holm
+        c["verdict"] = "inconclusive" if p_holm >= 0.05 else "reproduced" if c["mean_diff"] > 0 else "contradicted"
+    if not claims:
+        return claims
+    n = max(c["n_seeds"] for c in claims)
+    print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
+          f"t-interval).\nOne primary row per claim (*), judged by its paired t-test, Holm-adjusted over the "
+          f"{len(tested)} primary rows;\nthe other rows are secondary evidence, judged by their intervals alone.")
+    print(f"  {'metric':<38}{'readout':<13}{'mean diff':>10}{'95% interval':>22}{'p (Holm)':>10}{'> 0':>7}  verdict")
+    for i, c in enumerate(claims):
+        if i == 0 or c["claim"] != claims[i - 1]["claim"]:
+            print(c["claim"])
+        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+        print(f"{'*' if c['primary'] else ' '} {c['metric']:<38}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
+              f"{ci:>22}{fmt(c['p_holm']):>10}{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
+    if n < 2:
+        print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
+    return claims
+
 
 # -----------------------------------------------------------------------------------------------------
-# Theory: the paper's comparison computed exactly, with no training (--theory).
+# Theory: the paper's comparison computed exactly, with no training (--theory). Training noise can hide or fake a
+# difference; on worlds small enough to enumerate, every objective's optimum and what it can tell apart are exact.
 #
 # The paper reasons about what each objective's *optimal* predictor can know. An objective turns a sequence
 # into (context, target) pairs; its optimum is the exact conditional p*(target | context), and what that
@@ -1130,315 +1247,17 @@ def theory(args):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Evaluation: the paper's two downstream uses of a pretrained model.
-# 1. Clustering: do the representations of held-out documents group by their label?
-# 2. Generation: how well does the model continue prefixes of different lengths?
-#
-# How a document becomes one vector is a choice that can flip the clustering comparison, so every run reports
-# two readouts side by side, each a mean of final hidden states:
-# - "trained": the states at the positions the objective trains. A causal model's state at every position but
-#   the last predicts the next token, so: the mean over those. A masked model is trained only where it hides
-#   (its visible positions are never asked to predict anything), so: hide positions as the objective does
-#   (hidden ones shown as [MASK]), average the states at the hidden positions, and average over several random
-#   hidings. This is the paper's view: a sample is represented through the contexts its objective trains on.
-# - "clean": the conventional readout, the mean over every position of the unmasked document.
-
-PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
-READOUTS = ["trained", "clean"]
-CLUSTER_METRICS = ["nmi", "ari", "acc", "probe_acc"]
+# Training loop: nanoGPT's, one for all four objectives, so that the objective is the only thing a comparison changes.
+# AdamW with warmup and cosine decay, gradient accumulation; bf16 autocast, torch.compile and DDP where asked.
 
 
-@torch.no_grad()
-def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=256):
-    """{"trained": (N, n_embd), "clean": (N, n_embd)}: both readouts of every document. Documents of equal length
-    are batched together, so there is no padding to leak into a mean or (bidirectionally) into attention. The
-    masked hidings come from a random stream seeded by seed, so a run is repeatable and an untrained model read
-    out with the same seed sees the same hidings."""
-    model.eval()
-    causal = CAUSAL[objective]
-    features = {name: [None] * len(docs) for name in READOUTS}
-    with torch.random.fork_rng(devices=[]):  # the hidings are drawn on the CPU; training's streams are untouched
-        torch.manual_seed(seed)
-        for chunk in length_batches(docs, batch_size):
-            x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
-            h = model.features(x.to(device), causal).float()
-            pooled = {"clean": h.mean(dim=1)}
-            if causal:  # every position but the last predicts a target
-                pooled["trained"] = h[:, :max(1, x.size(1) - 1)].mean(dim=1)
-            else:
-                hidings = [hidden_state_mean(model, x, objective, device) for _ in range(views)]
-                pooled["trained"] = torch.stack(hidings).mean(dim=0)
-            for name in READOUTS:
-                for i, f in zip(chunk, pooled[name].cpu().numpy()):
-                    features[name][i] = f
-    return {name: np.stack(f) for name, f in features.items()}
-
-
-def length_batches(docs, batch_size, rng=None):
-    """Lists of indices of documents of equal length, at most batch_size each: no batch needs padding (padding
-    would leak into a mean, and under bidirectional attention into every state). With a numpy rng, the
-    documents and the batches come in a random order."""
-    by_length = {}
-    for i in (range(len(docs)) if rng is None else rng.permutation(len(docs))):
-        by_length.setdefault(len(docs[i]), []).append(int(i))
-    batches = [ids[s:s + batch_size] for ids in by_length.values() for s in range(0, len(ids), batch_size)]
-    return batches if rng is None else [batches[i] for i in rng.permutation(len(batches))]
-
-
-@torch.no_grad()
-def per_position_features(model, docs, objective, device, batch_size=256):
-    """The per_position readout, (N, block_size * n_embd): the final state at every position the objective trains,
-    concatenated in order (zeros past the end of a shorter document), for a linear probe. Causal: one pass, the
-    states at the positions that predict a target (all but the last). Masked: position p is read from a copy of
-    the document with p alone hidden as [MASK] and everything else visible, the context a masked objective
-    trains p in; a document of T tokens costs T passes (batched)."""
-    model.eval()
-    causal, C = CAUSAL[objective], model.config.n_embd
-    features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
-    for chunk in length_batches(docs, batch_size if causal else max(1, batch_size // model.config.block_size)):
-        x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
-        B, T = x.shape
-        if causal:
-            states = model.features(x.to(device), causal=True)[:, :T - 1]
-        else:  # copy j of document i (row i * T + j) hides position j
-            rows, hide = torch.arange(B * T), torch.arange(T).repeat(B)
-            copies = x.repeat_interleave(T, dim=0)
-            copies[rows, hide] = model.config.vocab_size
-            states = model.features(copies.to(device), causal=False)[rows.to(device), hide.to(device)].view(B, T, C)
-        features[chunk, :states.size(1) * C] = states.flatten(1).float().cpu().numpy()
-    return features
-
-
-def hidden_state_mean(model, x, objective, device):
-    """One random hiding of each row of x, drawn as the masked objective draws it (mlm: a fixed count; mlm_varlen:
-    stratified ratios across the rows, as across a training batch), every hidden position shown as [MASK];
-    returns the mean of the final states at the hidden positions, (B, n_embd)."""
-    B, T = x.shape
-    c = model.config
-    if objective == "mlm":
-        n_hidden = torch.full((B,), max(1, round(c.mask_ratio * T)))
-    else:  # the same draw as training's, across the rows of x instead of a batch
-        n_hidden = varlen_hidden_draw(B, T, c, x.device)
-    inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), c.vocab_size, bert_corruption=False)
-    h = model.features(inputs.to(device), causal=False).float()
-    hidden = (targets >= 0).to(device)[..., None]
-    at_hidden = h.gather(1, positions.to(device)[..., None].expand(-1, -1, h.size(-1)))
-    return (at_hidden * hidden).sum(dim=1) / hidden.sum(dim=1)
-
-
-def cluster_accuracy(labels, assignment):
-    """Accuracy under the best one-to-one matching of clusters to labels (Hungarian algorithm)."""
-    from scipy.optimize import linear_sum_assignment
-    k = max(labels.max(), assignment.max()) + 1
-    counts = np.zeros((k, k), dtype=np.int64)
-    np.add.at(counts, (assignment, labels), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    return counts[rows, cols].sum() / len(labels)
-
-
-def cluster_scores(features, labels, seed):
-    """KMeans with k = number of labels on standardized features -> NMI, ARI, matched accuracy."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-    from sklearn.preprocessing import StandardScaler
-    if not hasattr(features, "tocsr"):
-        features = StandardScaler().fit_transform(features)
-    assignment = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(features)
-    return dict(nmi=float(normalized_mutual_info_score(labels, assignment)),
-                ari=float(adjusted_rand_score(labels, assignment)),
-                acc=float(cluster_accuracy(labels, assignment)))
-
-
-def probe_accuracy(features, labels, seed, choose_c=False):
-    """A linear probe: logistic regression trained on half the held-out documents, scored on the other half.
-    choose_c: pick the regularisation strength by 3-fold cross-validation inside the training half (for the
-    per_position readout, whose thousands of dimensions outnumber the documents)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    stratify = labels if np.bincount(labels).min() >= 2 else None
-    f_tr, f_te, y_tr, y_te = train_test_split(features, labels, test_size=0.5, random_state=seed, stratify=stratify)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    if choose_c:
-        probe = GridSearchCV(probe, {"logisticregression__C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3)
-    return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
-
-
-def initial_model(config, seed, device):
-    """The weights a run with this seed starts from: training begins here, and the evaluations' untrained
-    baselines are exactly this model."""
-    torch.manual_seed(seed)
-    return GPT(config).to(device)
-
-
-def evaluate_clustering(model, corpus, objective, seed, device, views):
-    """Both readouts of the trained model and of two baselines: the same architecture untrained (read out the
-    same way) and TF-IDF + KMeans. "cluster" keeps the clean readout's numbers at its top level."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    labels = corpus.eval_labels
-
-    def scores(features):
-        return dict(cluster_scores(features, labels, seed), probe_acc=probe_accuracy(features, labels, seed))
-    untrained = initial_model(model.config, seed, device)
-    trained_feats, untrained_feats = (embed_documents(m, corpus.eval_docs, objective, device, views, seed)
-                                      for m in (model, untrained))
-    tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
-    readouts = {name: dict(scores(trained_feats[name]),
-                           baselines={"random_init": scores(untrained_feats[name]), "tfidf": tfidf})
-                for name in READOUTS}
-    per_position = [probe_accuracy(per_position_features(m, corpus.eval_docs, objective, device), labels, seed,
-                                   choose_c=True) for m in (model, untrained)]
-    readouts["per_position"] = {"probe_acc": per_position[0],
-                                "baselines": {"random_init": {"probe_acc": per_position[1]}}}
-    return dict(readouts["clean"], readouts=readouts)
-
-
-# Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is trained further
-# on labelled examples. One small recipe for every objective and for the untrained baseline, fixed before any
-# result was seen; the number of labelled documents is the dial (few labels: what pretraining gave matters most).
-FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.01}
-
-
-def balanced_draw(labels, n, rng):
-    """n distinct indices into labels, an equal share per class where the labels allow (the rest at random)."""
-    pools = [rng.permutation(np.flatnonzero(labels == k)) for k in range(int(labels.max()) + 1)]
-    share = [min(len(pool), n // len(pools)) for pool in pools]
-    rest = rng.permutation(np.concatenate([pool[m:] for pool, m in zip(pools, share)]))[:n - sum(share)]
-    return np.concatenate([pool[:m] for pool, m in zip(pools, share)] + [rest]).astype(np.int64)
-
-
-def finetune_predictions(model, objective, corpus, n, draw, seed, device):
-    """Fine-tune a copy of model together with a linear head, which reads the mean of the final states over the
-    clean document (no [MASK]; the objective's own attention mode), on n labelled training documents; return the
-    predicted label of every held-out document. Held-out labels are never read here."""
-    recipe, causal = FINETUNE_RECIPE, CAUSAL[objective]
-    rng = np.random.default_rng([seed, n, draw])
-    picks = balanced_draw(corpus.train_labels, n, rng)
-    docs, labels = [corpus.train_docs[i] for i in picks], torch.as_tensor(corpus.train_labels[picks])
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-        torch.manual_seed(int(rng.integers(2 ** 31)))  # the head's initial weights: the same for every objective
-        net = copy.deepcopy(model).train()
-        head = nn.Linear(model.config.n_embd, len(corpus.label_names)).to(device)
-
-        def predict(batch_docs):
-            x = torch.tensor(np.stack(batch_docs), dtype=torch.long, device=device)
-            return head(net.features(x, causal).mean(dim=1))
-        optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=recipe["learning_rate"],
-                                      weight_decay=recipe["weight_decay"])
-        for _ in range(recipe["epochs"]):
-            for batch in length_batches(docs, recipe["batch_size"], rng):
-                loss = F.cross_entropy(predict([docs[i] for i in batch]), labels[batch].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        net.eval()
-        predictions = np.zeros(len(corpus.eval_docs), dtype=np.int64)
-        with torch.no_grad():
-            for batch in length_batches(corpus.eval_docs, 256):
-                predictions[batch] = predict([corpus.eval_docs[i] for i in batch]).argmax(1).cpu().numpy()
-    return predictions
-
-
-def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws):
-    """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and sample std over
-    draws (each draw its own documents and head). The untrained network, the weights this run started from, is
-    fine-tuned the same way as the baseline."""
-    t0 = time.time()
-    untrained = initial_model(model.config, seed, device)
-
-    def accuracies(net):
-        out = {}
-        for n in label_counts:
-            accs = [float((finetune_predictions(net, objective, corpus, n, draw, seed, device)
-                           == corpus.eval_labels).mean()) for draw in range(draws)]
-            out[str(n)] = {"acc": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
-        return out
-    return dict(accuracies(model), baselines={"random_init": accuracies(untrained)}, seconds=time.time() - t0)
-
-
-def gen_windows(corpus, block_size, n):
-    """Up to n held-out sequences of block_size tokens, each starting where a held-out document starts
-    (and running on into the next one after its separator, as training windows do)."""
-    starts = corpus.held_starts[corpus.held_starts + block_size <= len(corpus.held)][:n]
-    return torch.tensor(np.stack([np.asarray(corpus.held[s:s + block_size], dtype=np.int64) for s in starts]))
-
-
-def scored_positions(block_size):
-    """For each prefix fraction f: after a prefix of l = f*T tokens, score the next min(T/8, T-l) tokens."""
-    out = {}
-    for f in PREFIX_FRACTIONS:
-        prefix = int(f * block_size)
-        out[f] = list(range(prefix, prefix + min(block_size // 8, block_size - prefix)))
-    return out
-
-
-@torch.no_grad()
-def next_token_nll(model, seqs, positions, causal, batch_size=256):
-    """-log p(x[p] | x[<p]) for each sequence and each position p in positions: (N, len(positions)).
-    Causal models read it off one teacher-forced pass (logits at p-1). Masked models must generate the
-    way they can: the block holds the true tokens before p and [MASK] at p and every later position,
-    and the prediction is read at p. One forward pass per (sequence, position): batched here."""
-    model.eval()
-    N, T = seqs.shape
-    device = next(model.parameters()).device
-    pos = torch.tensor(positions, device=device)
-    if causal:
-        out = []
-        for s in range(0, N, batch_size):
-            x = seqs[s:s + batch_size].to(device)
-            logits = model(x, causal=True, positions=(pos - 1).expand(len(x), -1)).float()
-            out.append(F.cross_entropy(logits.transpose(1, 2), x[:, pos], reduction="none"))
-        return torch.cat(out).cpu()
-    P = len(positions)
-    flat_seq = torch.arange(N).repeat_interleave(P)  # one row per (sequence, position)
-    flat_pos = pos.cpu().repeat(N)
-    nll = torch.empty(N * P)
-    for s in range(0, N * P, batch_size):
-        x = seqs[flat_seq[s:s + batch_size]].to(device)
-        p = flat_pos[s:s + batch_size].to(device)
-        targets = x.gather(1, p[:, None]).squeeze(1)
-        x = x.masked_fill(torch.arange(T, device=device)[None, :] >= p[:, None], model.config.vocab_size)
-        logits = model(x, causal=False, positions=p[:, None])[:, 0].float()
-        nll[s:s + batch_size] = F.cross_entropy(logits, targets, reduction="none").cpu()
-    return nll.view(N, P)
-
-
-def evaluate_generation(model, corpus, causal, n_seqs):
-    t0 = time.time()
-    T = model.config.block_size
-    seqs = gen_windows(corpus, T, n_seqs)
-    by_fraction = scored_positions(T)
-    nll = next_token_nll(model, seqs, [p for ps in by_fraction.values() for p in ps], causal)
-    ppl_by_prefix, col = {}, 0
-    for f, ps in by_fraction.items():
-        ppl_by_prefix[str(f)] = float(torch.exp(nll[:, col:col + len(ps)].mean()))
-        col += len(ps)
-    return {"ppl": float(torch.exp(nll.mean())), "ppl_by_prefix": ppl_by_prefix, "seconds": time.time() - t0}
-
-
-@torch.no_grad()
-def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=None):
-    """Continue a prefix one token at a time. One loop serves both kinds of model: the block holds the
-    tokens so far and [MASK] after them; a causal model predicts position p from position p-1 (and never
-    sees the masks), a masked model predicts it in place, from everything visible around it."""
-    model.eval()
-    T, device = model.config.block_size, next(model.parameters()).device
-    x = torch.full((1, T), model.config.vocab_size, dtype=torch.long, device=device)
-    x[0, :len(prefix)] = torch.as_tensor(prefix, device=device)
-    end = min(T, len(prefix) + n_new)
-    for p in range(len(prefix), end):
-        read_at = torch.tensor([[p - 1 if causal else p]], device=device)
-        logits = model(x, causal=causal, positions=read_at)[0, 0].float() / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        x[0, p] = torch.multinomial(F.softmax(logits, dim=-1).cpu(), 1, generator=generator).item()
-    return x[0, :end].tolist()
-
-
-# -----------------------------------------------------------------------------------------------------
-# Training loop
+def get_batch(stream, rng, batch_size, block_size, device):
+    """batch_size random windows of block_size tokens from a token stream, as a (B, T) int64 tensor."""
+    starts = rng.integers(0, len(stream) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([np.asarray(stream[s:s + block_size], dtype=np.int64) for s in starts]))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def peak_flops(device):
@@ -1515,6 +1334,82 @@ def save_checkpoint(path, **state):
     os.replace(path + ".tmp", path)
 
 
+def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
+    """--resume: check that ckpt_path holds this run (expected: its objective, seed, config and tokenizer), load the
+    weights and the optimizer into model and optimizer, and return (iteration, val-loss curve, data_rng) to go on
+    from. Rank 0 continues its random streams exactly where they stopped; other ranks start fresh ones."""
+    if not os.path.exists(ckpt_path):
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
+                         "or point --out_dir at the run.")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if any(ckpt[key] != expected[key] for key in ("objective", "config", "seed")):
+        raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and "
+                         f"config {ckpt['config']}; give the same --objective, --seed, data and model flags as "
+                         "that run, or another --out_dir.")
+    if ckpt["tokenizer"] != expected["tokenizer"]:
+        raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; "
+                         "use the same --data and --seed.")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    iter_num, seed = ckpt["iter"], expected["seed"]
+    if rank == 0:  # the checkpoint holds rank 0's random state
+        data_rng.bit_generator.state = ckpt["rng"]["numpy"]
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    else:
+        data_rng = np.random.default_rng([seed, rank, iter_num])
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
+    print(f"resumed {ckpt_path} at iter {iter_num}")
+    return iter_num, ckpt["curve"], data_rng
+
+
+def wrap_model(model, use_compile, ddp, device):
+    """torch.compile and DistributedDataParallel as asked; the objectives call the wrapper once per micro-batch."""
+    config = model.config
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model.config = config  # so the objectives can read model.config through the wrapper
+    return model
+
+
+def forward_backward(model, objective, stream, data_rng, window, args, device, autocast, scaler, ddp):
+    """Gradients of one optimizer step, accumulated over gradient_accumulation_steps micro-batches of windows from
+    stream; returns the micro-batches' losses, still on the device (reading them would sync it)."""
+    losses = []
+    x = get_batch(stream, data_rng, args.batch_size, window, device)
+    for micro in range(args.gradient_accumulation_steps):
+        last_micro = micro == args.gradient_accumulation_steps - 1
+        sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                loss = objective(model, x) / args.gradient_accumulation_steps
+            if not last_micro:  # fetch the next micro-batch while the device works on this one
+                x = get_batch(stream, data_rng, args.batch_size, window, device)
+            (scaler.scale(loss) if scaler else loss).backward()
+        losses.append(loss.detach())
+    return losses
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Clip the gradient norm (after unscaling fp16 gradients), step, and clear the gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     """Pretrain one model with one objective. Returns (model, stats)."""
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
@@ -1534,38 +1429,9 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
-                             "or point --out_dir at the run.")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["objective"] != objective_name or ckpt["config"] != asdict(config) or ckpt["seed"] != seed:
-            raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and "
-                             f"config {ckpt['config']}; give the same --objective, --seed, data and model flags as "
-                             "that run, or another --out_dir.")
-        if ckpt["tokenizer"] != tokenizer:
-            raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; "
-                             "use the same --data and --seed.")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, curve = ckpt["iter"], ckpt["curve"]
-        if master:  # the checkpoint holds rank 0's random state: continue exactly where it stopped
-            data_rng.bit_generator.state = ckpt["rng"]["numpy"]
-            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-            if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-                torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-        else:  # other ranks: fresh streams for this point of the run
-            data_rng = np.random.default_rng([seed, rank, iter_num])
-            torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
-        print(f"resumed {ckpt_path} at iter {iter_num}")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        model.config = config  # so the objectives can read model.config through the wrapper
+        expected = {"objective": objective_name, "config": asdict(config), "seed": seed, "tokenizer": tokenizer}
+        iter_num, curve, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank)
+    raw_model, model = model, wrap_model(model, args.compile, ddp, device)
     tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
     if master:
         print(f"{objective_name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
@@ -1592,27 +1458,9 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
             t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
         if iter_num >= args.max_iters:
             break
-        x = get_batch(corpus.train, data_rng, args.batch_size, window, device)
-        for micro in range(args.gradient_accumulation_steps):
-            last_micro = micro == args.gradient_accumulation_steps - 1
-            sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    loss = objective(model, x) / args.gradient_accumulation_steps
-                if not last_micro:  # fetch the next micro-batch while the device works on this one
-                    x = get_batch(corpus.train, data_rng, args.batch_size, window, device)
-                (scaler.scale(loss) if scaler else loss).backward()
-            losses_since_log.append(loss.detach())
-        if scaler:
-            scaler.unscale_(optimizer)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses_since_log += forward_backward(model, objective, corpus.train, data_rng, window, args, device, autocast,
+                                             scaler, ddp)
+        optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
         iter_num += 1
         if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
             # the only host-device sync of the training loop: once per log interval
@@ -1638,26 +1486,234 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     return raw_model, stats
 
 
+def unigram_entropy(stream):
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(stream, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 # -----------------------------------------------------------------------------------------------------
-# Benchmark: training steps on random token ids, optionally side by side with nanoGPT's model.py and with
-# another version of this file
+# Real text: a .txt file, a .jsonl file or a folder of them, tokenized with tiktoken and cached beside the source.
+# The same Corpus arrays as the built-in corpus, so every objective and evaluation runs on your data unchanged.
 
 
-def build_from_file(path, flag, hint, build):
-    """Import a Python file and build a model from it with build(module). Returns (module, model)."""
+def load_encoding(name):
     try:
-        spec = importlib.util.spec_from_file_location(f"bench_{flag.strip('-')}", path)
+        import tiktoken
+    except ImportError:
+        raise UsageError("text data needs tiktoken: pip install -r requirements.txt") from None
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise UsageError(f"unknown tiktoken encoding {name!r}; --encoding takes one of: "
+                         f"{', '.join(tiktoken.list_encoding_names())}.") from None
+    except Exception as e:  # no network, no cache
+        raise UsageError(
+            f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}). tiktoken downloads an encoding "
+            "once and caches it: either run once with network access, or set TIKTOKEN_CACHE_DIR to a folder that "
+            "already holds its files (on the project machines: TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache).") from None
+
+
+def source_files(path):
+    """The files behind --data: the file itself, or every .txt/.jsonl file below a folder, sorted."""
+    if not os.path.exists(path):
+        raise UsageError(f"--data {path}: no such file or folder. "
+                         "Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
+    if os.path.isfile(path):
+        if not path.endswith((".txt", ".jsonl")):
+            raise UsageError(f"--data {path}: unknown file type; use a .txt or .jsonl file (see data/README.md).")
+        return [path]
+    files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
+    if not files:
+        raise UsageError(f"--data {path}: the folder holds no .txt or .jsonl files.")
+    return files
+
+
+def read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}. Check the path and its permissions.") from None
+
+
+def read_documents(path):
+    """Returns [(text, label or None)] from a .txt file (documents separated by blank lines),
+    a .jsonl file ({"text": ..., "label": ...} per line) or a folder holding such files."""
+    if os.path.isdir(path):
+        return [doc for f in source_files(path) for doc in read_documents(f)]
+    raw = read_bytes(path)
+    if not raw.strip():
+        raise UsageError(f"{path} is empty. Put some documents in it, or point --data elsewhere.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}. "
+                         "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+    if path.endswith(".txt"):
+        return [(p.strip(), None) for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
+    docs, has_label = [], None
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and friends
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). "
+                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise UsageError(f"{path} line {n} has no \"text\" string. "
+                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.")
+        labelled = obj.get("label") is not None
+        has_label = labelled if has_label is None else has_label
+        if labelled != has_label:
+            raise UsageError(f"{path} line {n}: some lines have a \"label\" and others not; label every line or none.")
+        if obj["text"].strip():
+            docs.append((obj["text"], str(obj["label"]) if labelled else None))
+    return docs
+
+
+CACHE_VERSION = 2  # bump when the cache's layout or the split rule changes
+
+
+def source_fingerprint(path):
+    """sha256 over the source files' names and bytes (and the cache version): any edit rebuilds the cache."""
+    h = hashlib.sha256(f"lookaround-cache-v{CACHE_VERSION}".encode())
+    for f in source_files(path):
+        h.update(os.path.relpath(f, path if os.path.isdir(path) else os.path.dirname(path) or ".").encode() + b"\0")
+        h.update(read_bytes(f))
+    return h.hexdigest()
+
+
+def read_token_cache(cache, fingerprint):
+    """(meta, [train, val, held]) from a token cache that matches the source, or None to rebuild."""
+    try:
+        with open(cache + ".meta.json") as f:
+            meta = json.load(f)
+        if meta["fingerprint"] != fingerprint:
+            return None
+        dtype = np.dtype(meta["dtype"])
+        return meta, [np.memmap(f"{cache}.{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "held")]
+    except (OSError, ValueError, KeyError):  # missing, half-deleted or damaged: rebuild
+        return None
+
+
+def write_token_cache(cache, meta, arrays):
+    """Each file under a temporary name (unique per process, for torchrun), then renamed; meta.json last,
+    so a cache with a meta file is always whole."""
+    tmp = f".tmp{os.getpid()}"
+    try:
+        for name, arr in zip(("train", "val", "held"), arrays):
+            arr.tofile(f"{cache}.{name}.bin{tmp}")
+            os.replace(f"{cache}.{name}.bin{tmp}", f"{cache}.{name}.bin")
+        with open(f"{cache}.meta.json{tmp}", "w") as f:
+            json.dump(meta, f)
+        os.replace(f"{cache}.meta.json{tmp}", cache + ".meta.json")
+    except OSError as e:
+        print(f"note: cannot write the token cache {cache}.* ({e.strerror}); tokenizing again next run.")
+
+
+def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
+    """Tokenize (or load the cached tokens of) a text corpus; split documents train/val/held-out by seed."""
+    cache = f"{os.path.normpath(path)}.{encoding}.seed{seed}"
+    fingerprint = source_fingerprint(path)
+    enc = load_encoding(encoding)
+    cached = read_token_cache(cache, fingerprint)
+    if cached:
+        meta, (train, val, held) = cached
+    else:
+        docs = read_documents(path)
+        if len(docs) < 3:
+            raise UsageError(f"{path} holds {len(docs)} non-empty document(s); at least 3 are needed (train, val, "
+                             "held-out) and hundreds are better. In a .txt file, separate documents with a blank line.")
+        labelled = sum(lab is not None for _, lab in docs)
+        if 0 < labelled < len(docs):
+            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; "
+                             "label every document (all .jsonl with \"label\") or none.")
+        order = np.random.default_rng(seed).permutation(len(docs))
+        n_eval = min(2000, max(1, round(0.1 * len(docs))))
+        n_val = min(5000, max(1, round(0.05 * len(docs))))
+        tokens = enc.encode_ordinary_batch([t for t, _ in docs])
+        dtype = np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
+
+        def stream(ids):
+            return np.array([t for i in ids for t in tokens[i] + [enc.eot_token]], dtype=dtype)
+
+        train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
+        label_names = sorted({lab for _, lab in docs}) if labelled else []
+        meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, label_names=label_names,
+                    held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None,
+                    train_labels=[label_names.index(docs[i][1]) for i in order[n_eval + n_val:]]
+                    if label_names else None)
+    def documents(stream):  # a stream back into documents: (starts, ends); each ends with the end-of-text token
+        ends = np.flatnonzero(np.asarray(stream) == enc.eot_token)
+        return np.r_[0, ends[:-1] + 1], ends
+    starts, ends = documents(held)
+    for name, arr in (("train", train), ("val", val)):
+        if len(arr) <= block_size:
+            raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
+                             "Add documents, or lower --block_size.")
+    if not (starts + block_size <= len(held)).any():
+        raise UsageError(f"{path}: the held-out split has {len(held)} tokens, too few for one --block_size "
+                         f"{block_size} window for the generation evaluation. Add documents, or lower --block_size.")
+    if not cached:
+        write_token_cache(cache, meta, (train, val, held))
+    eval_raw = [np.asarray(held[s:e][:block_size]) for s, e in zip(starts, ends)]
+    train_spans = list(zip(*documents(train))) if meta["train_labels"] is not None else []
+    vocab_ids, vocab_size = None, enc.n_vocab
+    if compact_vocab:  # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
+        used = [np.unique(a) for a in (train, val, held)] + [[enc.eot_token]]
+        vocab_ids = np.unique(np.concatenate(used)).astype(np.int64)
+        lookup = np.zeros(int(vocab_ids[-1]) + 1, dtype=np.uint16 if len(vocab_ids) <= 2 ** 16 else np.uint32)
+        lookup[vocab_ids] = np.arange(len(vocab_ids))
+        train, val, held = lookup[train], lookup[val], lookup[held]
+        vocab_size = len(vocab_ids)
+    labels, label_names, note = meta["held_labels"], meta["label_names"], ""
+    if labels is not None and len(set(labels)) < 2:
+        note = f"clustering skipped: the held-out documents carry only one distinct label ({label_names[labels[0]]!r})."
+        labels = None
+    elif labels is None:
+        note = "clustering skipped: the data has no labels (give a .jsonl file with a \"label\" on every line)."
+    return Corpus(
+        name=path, vocab_size=vocab_size, train=train, val=val, held=held, held_starts=starts,
+        eval_docs=[np.asarray(held[s:s + len(d)]) for s, d in zip(starts, eval_raw)],
+        eval_texts=[enc.decode(d.tolist()) for d in eval_raw],  # the text the models see, no more
+        eval_labels=None if labels is None else np.array(labels), label_names=label_names,
+        train_docs=None if labels is None else [np.asarray(train[s:e][:block_size]) for s, e in train_spans],
+        train_labels=None if labels is None else np.array(meta["train_labels"]),
+        encoding=encoding, vocab_ids=vocab_ids, note=note)
+
+
+def load_corpus(args, seed):
+    if args.data == "synthetic":
+        return make_synthetic(block_size=args.block_size, seed=seed)
+    return load_text_corpus(args.data, args.encoding, seed, args.block_size, args.compact_vocab)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Benchmark: is this file's readable code also fast? Training steps on random token ids, timed side by side with
+# nanoGPT's model.py (--bench_nanogpt), the reference this project's style follows. Compare commits with worktrees.
+
+
+def nanogpt_model(args):
+    """nanoGPT's GPT from the model.py at --bench_nanogpt, at this run's size."""
+    try:
+        spec = importlib.util.spec_from_file_location("nanogpt_model", args.bench_nanogpt)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module, build(module)
+        return module.GPT(module.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, bias=True,
+                                           n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                           dropout=args.dropout))
     except Exception as e:
-        raise UsageError(f"{flag} {path}: could not build a model from it ({type(e).__name__}: {e}); {hint}.") from None
+        raise UsageError(f"--bench_nanogpt {args.bench_nanogpt}: could not build a model from it "
+                         f"({type(e).__name__}: {e}); point it at model.py in a nanoGPT checkout.") from None
 
 
 def bench(args, device):
-    """Time training steps (after warm-up) of one objective. With --bench_nanogpt, also nanoGPT's GPT at the same
-    size; with --bench_old, the same objective from another lookaround.py (an earlier commit's, say). All in one
-    run, alternating single steps so that every model sees the same machine conditions."""
+    """Time training steps (after warm-up) of one objective; with --bench_nanogpt, also nanoGPT's GPT at the same
+    size, in one run, alternating single steps so that both see the same machine conditions."""
     autocast, _ = autocast_context(device)
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
@@ -1683,19 +1739,8 @@ def bench(args, device):
     torch.manual_seed(args.seed)
     ours = GPT(config_from_args(args, args.objective, args.vocab_size))
     runs = {"lookaround": make_step(ours, lambda m: OBJECTIVES[args.objective](m, window))}
-    if args.bench_old:
-        torch.manual_seed(args.seed)
-        old, old_model = build_from_file(
-            args.bench_old, "--bench_old", "point it at a lookaround.py (e.g. git show COMMIT:lookaround.py > old.py)",
-            lambda mod: mod.GPT(mod.config_from_args(args, args.objective, args.vocab_size)))
-        runs["old"] = make_step(old_model, lambda m: old.OBJECTIVES[args.objective](m, window))
     if args.bench_nanogpt:
-        _, ref = build_from_file(
-            args.bench_nanogpt, "--bench_nanogpt", "point it at model.py in a nanoGPT checkout",
-            lambda mod: mod.GPT(mod.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
-                                              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                              dropout=args.dropout, bias=True)))
-        runs["nanogpt"] = make_step(ref, lambda m: m(x, y)[1])
+        runs["nanogpt"] = make_step(nanogpt_model(args), lambda m: m(x, y)[1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in runs.values():  # warm-up: allocation, autotuning, compilation
         for _ in range(3):
@@ -1721,13 +1766,11 @@ def bench(args, device):
           f"vocab {args.vocab_size}:")
     print(f"  lookaround {ms['lookaround']:8.1f} ms/iter {report['tokens_per_s']:10,.0f} tokens/s"
           + (f"  MFU {100 * report['mfu']:.1f}%" if report["mfu"] is not None else ""))
-    for name, label in (("old", "old"), ("nanogpt", "nanoGPT")):
-        if name in ms:  # e.g. nanogpt_ms_per_iter, nanogpt_tokens_per_s, and speed_ratio = ours / theirs
-            report[f"{name}_ms_per_iter"], report[f"{name}_tokens_per_s"] = ms[name], 1000 * tokens / ms[name]
-            ratio = report["tokens_per_s"] / report[f"{name}_tokens_per_s"]
-            report["speed_ratio" if name == "nanogpt" else "speed_ratio_old"] = ratio
-            print(f"  {label:<10} {ms[name]:8.1f} ms/iter {report[f'{name}_tokens_per_s']:10,.0f} tokens/s"
-                  f"  (lookaround / {label} = {ratio:.2f}x)")
+    if "nanogpt" in ms:  # speed_ratio: our tokens/s over nanoGPT's
+        report["nanogpt_ms_per_iter"], report["nanogpt_tokens_per_s"] = ms["nanogpt"], 1000 * tokens / ms["nanogpt"]
+        report["speed_ratio"] = report["tokens_per_s"] / report["nanogpt_tokens_per_s"]
+        print(f"  {'nanoGPT':<10} {ms['nanogpt']:8.1f} ms/iter {report['nanogpt_tokens_per_s']:10,.0f} tokens/s"
+              f"  (lookaround / nanoGPT = {report['speed_ratio']:.2f}x)")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -1735,18 +1778,191 @@ def bench(args, device):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Main: one run = train + both evaluations + results.json; --objective all / --seeds repeat it.
+# Flags and main: one run = train + evaluate + results.json; --objective all and --seeds repeat it, and several
+# runs end in the summary and the claims' verdicts (summary.json).
 
 
-def fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
+def make_parser():
+    d = GPTConfig()
+    p = argparse.ArgumentParser(
+        description="Autoregressive vs masked pretraining (Zhang et al., ICML 2024) in one file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--objective", default="ar", choices=OBJECTIVE_NAMES + ["all"],
+      help="pretraining objective; 'all' runs the four in turn")
+    a("--data", default="synthetic",
+      help="'synthetic' (built in) or a path to a .txt file, a .jsonl file or a folder of them")
+    a("--encoding", default="gpt2", help="tiktoken encoding for text data")
+    a("--compact_vocab", action=argparse.BooleanOptionalAction, default=True,
+      help="size the vocabulary to the token ids the corpus uses")
+    # model (the same names as GPTConfig)
+    a("--n_layer", type=int, default=d.n_layer, help="Transformer blocks")
+    a("--n_head", type=int, default=d.n_head, help="attention heads per block")
+    a("--n_embd", type=int, default=d.n_embd, help="width of the residual stream")
+    a("--block_size", type=int, default=d.block_size, help="context length in tokens")
+    a("--dropout", type=float, default=d.dropout, help="dropout probability")
+    # objectives
+    a("--mask_ratio", type=float, default=d.mask_ratio, help="mlm: fraction of positions hidden")
+    a("--varlen_min", type=float, default=d.varlen_min, help="mlm_varlen: lowest per-sequence mask ratio")
+    a("--varlen_max", type=float, default=d.varlen_max, help="mlm_varlen: highest per-sequence mask ratio")
+    a("--n_future", type=int, default=d.n_future, help="ar_diverse: future tokens predicted per position")
+    a("--pos_emb", default=d.pos_emb, choices=["learned", "rope"],
+      help="position information: a learned table added to the input (nanoGPT) or rotary embeddings on q and k")
+    a("--varlen_weight", default=d.varlen_weight, choices=["token", "sequence"],
+      help="mlm_varlen's loss: mean over every hidden token of the batch, or every sequence weighted equally")
+    # theory: the four objectives' optima computed exactly on small enumerable worlds, no training
+    a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
+    a("--theory_worlds", type=int, default=20, help="--theory: independent random worlds, drawn from --seed")
+    a("--theory_vocab", type=int, default=4, help="--theory: tokens per world")
+    a("--theory_len", type=int, default=6, help="--theory: tokens per sequence; every sequence is enumerated")
+    a("--theory_classes", type=int, default=3, help="--theory: classes, each a Markov chain, equally likely")
+    a("--theory_alpha", type=float, default=0.5, help="--theory: Dirichlet concentration of the transition rows")
+    # optimisation (nanoGPT's names)
+    a("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--learning_rate", type=float, default=None,
+      help="peak learning rate (AdamW); unset means the objective's own, from LEARNING_RATES")
+    a("--max_iters", type=int, default=1000, help="optimizer steps")
+    a("--lr_decay_iters", type=int, default=None,
+      help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
+    a("--warmup_iters", type=int, default=50, help="linear warmup steps")
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices and embeddings")
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
+    # logging, evaluation, checkpoints
+    a("--eval_interval", type=int, default=50, help="steps between val-loss estimates (the curve) and checkpoints")
+    a("--eval_iters", type=int, default=10, help="val batches per val-loss estimate")
+    a("--log_interval", type=int, default=50, help="steps between training-loss lines")
+    a("--out_dir", default="out", help="where ckpt.pt, results.json (and summary.json, bench.json) go")
+    a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
+    a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True,
+      help="clustering evaluation (where the data has labels)")
+    a("--eval_gen", action=argparse.BooleanOptionalAction, default=True,
+      help="generation evaluation (perplexity by prefix length)")
+    a("--readout_views", type=int, default=8, help="masked objectives' trained readout: random hidings per document")
+    a("--eval_finetune", action=argparse.BooleanOptionalAction, default=True,
+      help="fine-tuning evaluation (where the data has labels): the network plus a linear head on n labelled documents")
+    a("--finetune_labels", type=positive_ints, default="32,128,512",
+      help="fine-tuning: the numbers n of labelled training documents, comma-separated")
+    a("--finetune_draws", type=int, default=3, help="fine-tuning: independent draws of documents and head per n")
+    a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
+    a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
+    a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
+    a("--top_k", type=int, default=50, help="--sample: keep the k most likely tokens; 0 keeps all")
+    # system
+    a("--seed", type=int, default=1,
+      help="sets the weights, the random streams, the built-in corpus and the text split")
+    a("--seeds", type=integers, default=None,
+      help="comma-separated seeds, e.g. 1,2,3: repeat every run and report mean ± std; unset means --seed")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
+    a("--compile", action="store_true", help="torch.compile the model")
+    # benchmark
+    a("--bench", action="store_true", help="time training steps on random token ids; no data, no evaluation")
+    a("--bench_iters", type=int, default=20, help="--bench: timed steps per model")
+    a("--vocab_size", type=int, default=8192, help="--bench: vocabulary of the random ids")
+    a("--bench_nanogpt", default=None, help="--bench: path to nanoGPT's model.py, timed side by side as the reference")
+    return p
 
 
-def unigram_entropy(stream):
-    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
-    counts = np.bincount(np.asarray(stream, dtype=np.int64))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+def integers(text, minimum=None):
+    """argparse type: '1,2,3' -> [1, 2, 3], at least one value, each at least minimum if given."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or (minimum is not None and min(values) < minimum):
+        kind = "integers" if minimum is None else f"integers of at least {minimum}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind} (e.g. 1,2,3)")
+    return values
+
+
+def positive_ints(text):
+    """argparse type: '32,128,512' -> [32, 128, 512]."""
+    return integers(text, minimum=1)
+
+
+def parse_args(argv=None):
+    """The flags; --seeds unset becomes [--seed], so every later step reads one list of seeds."""
+    args = make_parser().parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    return args
+
+
+def config_from_args(args, objective, vocab_size):
+    """The model for one run. Only ar_diverse trains the extra future-offset heads, so only it builds them."""
+    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                     n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
+                     varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1,
+                     pos_emb=args.pos_emb, varlen_weight=args.varlen_weight)
+
+
+def check_args(args):
+    problems = []
+    if args.n_embd % args.n_head:
+        problems.append(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; "
+                        "pick sizes where it is (e.g. --n_embd 128 --n_head 4).")
+    if not 0 < args.mask_ratio < 1:
+        problems.append(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1.")
+    if not 0 < args.varlen_min <= args.varlen_max < 1:
+        problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: "
+                        "need 0 < varlen_min <= varlen_max < 1.")
+    if args.pos_emb == "rope" and args.n_embd % args.n_head == 0 and (args.n_embd // args.n_head) % 2:
+        problems.append(f"--pos_emb rope rotates pairs of channels: the head size --n_embd / --n_head "
+                        f"({args.n_embd // args.n_head}) must be even.")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        problems.append(f"--learning_rate {args.learning_rate} must be positive (or unset: each objective's own).")
+    if args.n_future < 1 or args.n_future >= args.block_size:
+        problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
+    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
+                 "eval_iters", "log_interval", "bench_iters", "readout_views", "finetune_draws"]:
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1.")
+    if args.block_size < 8:
+        problems.append("--block_size must be at least 8 (the generation evaluation scores prefixes of 1/8 of it).")
+    if args.max_iters < 0 or args.warmup_iters < 0:
+        problems.append("--max_iters and --warmup_iters cannot be negative.")
+    if args.temperature <= 0:
+        problems.append("--temperature must be positive.")
+    if not 0 <= args.dropout < 1:
+        problems.append(f"--dropout {args.dropout} must lie in [0, 1).")
+    if args.top_k < 0 or args.sample < 0 or args.gen_seqs < 1 or args.vocab_size < 2:
+        problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 "
+                        "and --vocab_size at least 2.")
+    if args.resume and (args.objective == "all" or len(args.seeds) > 1):
+        problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds.")
+    if args.theory:
+        V, L = args.theory_vocab, args.theory_len
+        if args.bench or args.resume or len(args.seeds) > 1:
+            problems.append("--theory trains nothing: it cannot be combined with --bench, --resume or several --seeds "
+                            "(it draws --theory_worlds worlds from one --seed).")
+        if V < 2 or L < 2 or args.theory_classes < 2 or args.theory_worlds < 1 or not args.theory_alpha > 0:
+            problems.append("--theory needs --theory_vocab, --theory_len and --theory_classes of at least 2, "
+                            "--theory_worlds of at least 1 and a positive --theory_alpha.")
+        elif V ** L > 2 ** 16 or L > 12:  # the probes fit V^L * K rows; mlm_varlen has L * 2^(L-1) patterns
+            problems.append(f"--theory_vocab {V} --theory_len {L} is too large to enumerate: --theory allows at most "
+                            f"2^16 = 65,536 sequences (V^L, here {V ** L:,}) and --theory_len 12.")
+        elif args.n_future > L - 1:
+            problems.append(f"--n_future {args.n_future}: with --theory, ar_diverse's offsets must fit in the sequence "
+                            f"(at most --theory_len - 1 = {L - 1}).")
+    if args.bench and args.objective == "all":
+        problems.append("--bench times one objective; pick one with --objective.")
+    if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
+        problems.append(f"--bench_nanogpt {args.bench_nanogpt}: no such file; "
+                        "point it at model.py in a nanoGPT checkout.")
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but this PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+                         "Install a CUDA build of torch on a machine with an NVIDIA GPU, or run with --device cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was requested but MPS is not available here; run with --device cpu.")
+    return torch.device(name)
 
 
 def run(args, objective, seed, corpus, out_dir, device, ddp):
@@ -1811,187 +2027,6 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
-
-
-def baseline_name(objective):
-    """The untrained model's row: read out as a causal objective (ar and ar_diverse read alike) or as a masked one."""
-    return "random init (causal)" if CAUSAL[objective] else f"random init (as {objective})"
-
-
-GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
-
-
-def summarize(all_results):
-    """The paper-style comparison: objectives and baselines as rows; clustering (both readouts) and generation as
-    columns, mean and sample std over seeds."""
-    rows = {}
-
-    def classification(readouts, finetune):  # the trained model's numbers, or its untrained baseline's
-        values = {f"{ro}_{k}": readouts[ro][k] for ro in READOUTS for k in CLUSTER_METRICS} if readouts else {}
-        if readouts:
-            values["per_position_probe_acc"] = readouts["per_position"]["probe_acc"]
-        values.update({f"finetune@{n}": v["acc"] for n, v in (finetune or {}).items() if n.isdigit()})
-        return values
-    for r in all_results:
-        obj, c, f, g = r["objective"], r["cluster"], r["finetune"], r["gen"]
-        values = classification(c and c["readouts"], f)
-        if g:
-            values.update({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
-        rows.setdefault(obj, {})[r["seed"]] = values
-        if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
-            untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
-                                       f and f["baselines"]["random_init"])
-            rows.setdefault(baseline_name(obj), {}).setdefault(r["seed"], untrained)
-        if c:
-            tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
-            rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
-    finetune_cols = sorted({col for by_seed in rows.values() for v in by_seed.values() for col in v
-                            if col.startswith("finetune@")}, key=lambda col: int(col.split("@")[1]))
-    table = {}
-    for name, by_seed in rows.items():
-        table[name] = {}
-        for col in [f"{ro}_{k}" for ro in READOUTS for k in CLUSTER_METRICS] + ["per_position_probe_acc"] \
-                + finetune_cols + GEN_METRICS:
-            vals = [v[col] for v in by_seed.values() if v.get(col) is not None]
-            if vals:
-                table[name][col] = {"mean": float(np.mean(vals)), "n": len(vals),
-                                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
-    n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
-    order = [n for n in OBJECTIVE_NAMES if n in table] + sorted(n for n in table if n not in OBJECTIVE_NAMES)
-
-    def cell(name, col, digits, width):
-        v = table[name].get(col)
-        text = "-" if v is None else f"{v['mean']:.{digits}f}" + (f"±{v['std']:.{digits}f}" if n_seeds > 1 else "")
-        return f"{text:>{width}}"
-    width = 13 if n_seeds > 1 else 8
-    print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
-    if any(c.startswith("clean_") for row in table.values() for c in row):
-        print(("clustering of held-out documents" + " " * 6
-               + "".join(f"{ro + ' readout':<{4 * width}}" for ro in READOUTS)).rstrip())
-        print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(READOUTS)))
-        for name in order:
-            print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
-                                          for ro in READOUTS for k in CLUSTER_METRICS))
-    if any("per_position_probe_acc" in row or any(c in row for c in finetune_cols) for row in table.values()):
-        print("classification: per-position probe, and fine-tuned accuracy with n labelled documents")
-        cols = ["per_position_probe_acc"] + finetune_cols
-        heads = ["per-pos"] + [f"n={c.split('@')[1]}" for c in finetune_cols]
-        print(" " * 28 + "".join(f"{h:>{width}}" for h in heads))
-        for name in order:
-            if any(c in table[name] for c in cols):
-                print(f"{name:<28}" + "".join(cell(name, c, 3, width) for c in cols))
-    if any(c in GEN_METRICS for row in table.values() for c in row):
-        print("generation: perplexity after a prefix of f*T tokens")
-        gen_width = max(width + 1, 10)
-        print(" " * 28 + "".join(f"{h:>{gen_width}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]))
-        for name in order:
-            if "ppl" in table[name]:
-                print(f"{name:<28}" + "".join(cell(name, col, 2, gen_width) for col in GEN_METRICS))
-    return table
-
-
-# The paper's four claims as paired differences: each row measures value(a's run) - value(b's run) in the same seed
-# (same corpus draw, same initial weights), signed so that > 0 is the paper's side. Generation compares log
-# perplexities: differences of mean next-token losses. Each claim has ONE primary row, fixed before any result was
-# seen; the verdicts on the four primary rows are corrected for testing four (Holm). Every other row is secondary:
-# evidence to read beside the primary one, with its interval, and no verdict of its own that could be cherry-picked.
-PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary row: fine-tuned accuracy at n = 128
-
-
-def cluster_value(readout, key):
-    return lambda r: r["cluster"]["readouts"][readout][key] if r["cluster"] else None
-
-
-def finetune_value(n):
-    return lambda r: r["finetune"][str(n)]["acc"] if r["finetune"] and str(n) in r["finetune"] else None
-
-
-def log_ppl(prefix=None):
-    return lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]) if r["gen"] else None
-
-
-def claim_rows(label_counts):
-    """(claim, metric, readout, a, b, value, primary) for every row; label_counts: the fine-tuning n's that ran."""
-    varlen = "variable-length masked generates better than masked, most at short prefixes"
-    rows = []
-    for claim, a in (("masked clusters better than AR", "mlm"),
-                     ("diversity-enhanced AR clusters better than AR", "ar_diverse")):
-        n0 = PRIMARY_FINETUNE_LABELS
-        rows.append((claim, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), True))
-        rows += [(claim, f"fine-tuned acc n={n} {a} - ar", None, a, "ar", finetune_value(n), False)
-                 for n in label_counts if n != n0]
-        rows += [(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key), False)
-                 for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS]
-        rows.append((claim, f"probe acc {a} - ar", "per_position", a, "ar", cluster_value("per_position", "probe_acc"),
-                     False))
-    rows.append(("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True))
-    rows.append((varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), True))
-    rows.append((varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False))
-    return rows
-
-
-def paired_verdict(diffs):
-    """Mean paired difference, its 95% t-interval, the two-sided paired t-test's p-value, and the interval's
-    verdict: reproduced (the interval lies above 0), contradicted (below 0) or inconclusive. One seed gives a
-    difference but no interval, no p-value and no verdict."""
-    from scipy import stats
-    mean = float(np.mean(diffs))
-    if len(diffs) < 2:
-        return mean, None, None, None
-    sd = float(np.std(diffs, ddof=1))
-    half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
-    # identical differences (sd 0 up to rounding) have no spread to test against: p is 0, or 1 if they are all 0
-    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 1e-12 * max(1.0, abs(mean)) else float(mean == 0)
-    lo, hi = mean - half, mean + half
-    return mean, [lo, hi], p, "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
-
-
-def holm(p_values):
-    """Holm's step-down adjustment of m p-values: the k-th smallest times (m - k + 1), never below the one
-    before it, capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise error at alpha."""
-    m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
-    for rank, i in enumerate(np.argsort(p_values, kind="stable")):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def claims_table(all_results):
-    """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned for summary.json.
-    A primary row's verdict comes from its Holm-adjusted p-value (over the primary rows that ran): reproduced or
-    contradicted where p_holm < 0.05, on the side of the mean difference, else inconclusive."""
-    by_run = {(r["objective"], r["seed"]): r for r in all_results}
-    seeds = sorted({r["seed"] for r in all_results})
-    label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
-    claims = []
-    for claim, metric, readout, a, b, value, primary in claim_rows(label_counts):
-        pairs = [(value(by_run[a, s]), value(by_run[b, s])) for s in seeds if (a, s) in by_run and (b, s) in by_run]
-        diffs = [va - vb for va, vb in pairs if va is not None and vb is not None]
-        if diffs:
-            mean, ci, p, verdict = paired_verdict(diffs)
-            claims.append({"claim": claim, "metric": metric, "readout": readout, "primary": primary,
-                           "mean_diff": mean, "ci95": ci, "p_value": p if primary else None, "p_holm": None,
-                           "n_seeds": len(diffs), "n_expected_sign": sum(d > 0 for d in diffs), "verdict": verdict})
-    tested = [c for c in claims if c["primary"] and c["p_value"] is not None]
-    for c, p_holm in zip(tested, holm([c["p_value"] for c in tested])):
-        c["p_holm"] = p_holm
-        c["verdict"] = "inconclusive" if p_holm >= 0.05 else "reproduced" if c["mean_diff"] > 0 else "contradicted"
-    if not claims:
-        return claims
-    n = max(c["n_seeds"] for c in claims)
-    print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
-          f"t-interval).\nOne primary row per claim (*), judged by its paired t-test, Holm-adjusted over the "
-          f"{len(tested)} primary rows;\nthe other rows are secondary evidence, judged by their intervals alone.")
-    print(f"  {'metric':<38}{'readout':<13}{'mean diff':>10}{'95% interval':>22}{'p (Holm)':>10}{'> 0':>7}  verdict")
-    for i, c in enumerate(claims):
-        if i == 0 or c["claim"] != claims[i - 1]["claim"]:
-            print(c["claim"])
-        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        print(f"{'*' if c['primary'] else ' '} {c['metric']:<38}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
-              f"{ci:>22}{fmt(c['p_holm']):>10}{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
-    if n < 2:
-        print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
-    return claims
 
 
 def setup_ddp(device_name):

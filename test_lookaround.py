@@ -50,23 +50,29 @@ def test_forward_shapes_and_mask_row():
     idx = random_ids()
     assert model(idx).shape == (4, 32, 97)  # the [MASK] id is never predicted
     assert model.wte.weight.shape[0] == 98
-    assert model(idx, causal=False, positions=torch.zeros(4, 5, dtype=torch.long)).shape == (4, 5, 97)
-    assert model(idx, offsets=3).shape == (4, 32, 3, 97)  # ar_diverse: every position through offsets 1..3
+    assert model(idx, causal=False, rows=torch.zeros(5, dtype=torch.long)).shape == (5, 97)
+    assert model(idx, future_offsets=3).shape == (4, 32, 3, 97)  # ar_diverse: every position, offsets 1..3
+    # rows index the flattened B*T positions: flat_rows turns per-row positions into them
+    positions = torch.tensor([[0, 5], [1, 2], [31, 0], [7, 7]])
+    rows = L.flat_rows(positions, 32)
+    assert rows.tolist() == [0, 5, 33, 34, 95, 64, 103, 103]
+    every = model(idx).gather(1, positions[..., None].expand(-1, -1, 97))
+    assert torch.allclose(model(idx, rows=rows).view(4, 2, 97), every, atol=1e-5)
 
 
-@pytest.mark.parametrize("offsets", [1, 4])
+@pytest.mark.parametrize("future_offsets", [1, 4])
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_causal_attention_does_not_leak_the_future(offsets, pos_emb):
+def test_causal_attention_does_not_leak_the_future(future_offsets, pos_emb):
     model = tiny_model(pos_emb=pos_emb).eval()
     with torch.no_grad():  # non-zero offset heads, so the per-offset path is exercised too
-        model.future_heads.normal_(std=0.1)
+        model.future_heads.weight.normal_(std=0.1)
     idx = random_ids(B=2)
     t = 12
     changed = idx.clone()
     changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 97
-    positions = torch.arange(t + 1).expand(2, -1)
-    a = model(idx, causal=True, positions=positions, offsets=offsets)
-    b = model(changed, causal=True, positions=positions, offsets=offsets)
+    rows = L.flat_rows(torch.arange(t + 1).expand(2, -1), 32)
+    a = model(idx, causal=True, rows=rows, future_offsets=future_offsets)
+    b = model(changed, causal=True, rows=rows, future_offsets=future_offsets)
     assert torch.allclose(a, b, atol=1e-6)
     # and the test can fail: bidirectional attention does see the change
     assert not torch.allclose(model(idx, causal=False)[:, :t + 1], model(changed, causal=False)[:, :t + 1], atol=1e-4)
@@ -90,7 +96,7 @@ def test_mlm_varlen_packed_targets_never_reach_the_input(monkeypatch):
     rows_seen = []
     model = tiny_model()
     real_forward = model.forward
-    model.forward = lambda idx, causal, positions: rows_seen.append(positions) or real_forward(idx, causal, positions)
+    model.forward = lambda idx, causal, rows: rows_seen.append(rows) or real_forward(idx, causal, rows)
     torch.manual_seed(0)
     idx = random_ids(B=64)
     L.mlm_varlen(model, idx)
@@ -180,7 +186,7 @@ def test_fast_masked_loss_equals_full_logits_reference(name, monkeypatch):
 def test_ar_diverse_batched_heads_equal_a_per_offset_per_position_reference():
     model = tiny_model(n_future=3)
     with torch.no_grad():
-        model.future_heads.normal_(std=0.1)
+        model.future_heads.weight.normal_(std=0.1)
     idx = random_ids(B=4, T=33)  # a causal window: block_size + 1 tokens
     fast = L.ar_diverse(model, idx)
     assert torch.equal(fast, L.ar_diverse(model, idx))  # no random split left: the same batch, the same loss
@@ -193,17 +199,17 @@ def test_ar_diverse_batched_heads_equal_a_per_offset_per_position_reference():
         for t in range(32):
             if t + d > 32:  # the target x[t + d] lies past the window
                 continue
-            state = h[:, t] if d == 1 else h[:, t] + h[:, t] @ model.future_heads[d - 2]
+            state = h[:, t] if d == 1 else h[:, t] + h[:, t] @ model.future_heads.weight[d - 2]
             losses.append(F.cross_entropy(state @ W.T, idx[:, t + d], reduction="none"))
         assert len(losses) == 33 - d  # every position that has its target is scored
         per_offset.append(torch.cat(losses).mean())
     assert torch.allclose(fast, torch.stack(per_offset).mean(), atol=1e-5), (fast, per_offset)
     assert not torch.allclose(fast, per_offset[0], atol=1e-3)  # and the next-token loss alone would differ
     # the heads, at the level of the logits: offset d reads h + h @ future_heads[d - 2] (offset 1: h itself)
-    logits = model(idx[:, :-1], causal=True, offsets=3)
+    logits = model(idx[:, :-1], causal=True, future_offsets=3)
     assert torch.allclose(logits[:, :, 0], h @ W.T, atol=1e-5)
     for d in (2, 3):
-        assert torch.allclose(logits[:, :, d - 1], (h + h @ model.future_heads[d - 2]) @ W.T, atol=1e-5)
+        assert torch.allclose(logits[:, :, d - 1], (h + h @ model.future_heads.weight[d - 2]) @ W.T, atol=1e-5)
     assert not torch.allclose(logits[:, :, 1], logits[:, :, 2], atol=1e-3)  # the heads really differ
 
 
@@ -237,7 +243,7 @@ def test_compiled_mlm_varlen_training_never_recompiles(tmp_path, monkeypatch):
     counters.clear()
     model = torch.compile(tiny_model())
     for n_rows in (100, 90):
-        model(random_ids(B=8), causal=False, positions=torch.arange(n_rows))
+        model(random_ids(B=8), causal=False, rows=torch.arange(n_rows))
     assert counters["frames"]["total"] == 2
 
 
@@ -818,7 +824,6 @@ def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
     (["--varlen_min", "0.9", "--varlen_max", "0.2"], "varlen_min"),
     (["--n_embd", "30", "--n_head", "4"], "divisible"),
     (["--objective", "all", "--resume"], "--resume"),
-    (["--seeds", "1,x"], "--seeds"),
     (["--dropout", "1.5"], "--dropout"),
     (["--gen_seqs", "0"], "--gen_seqs"),
     (["--pos_emb", "rope", "--n_embd", "36", "--n_head", "4"], "even"),
@@ -827,6 +832,14 @@ def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
 def test_impossible_flag_combinations_are_refused(flags, words, tmp_path, capsys):
     assert L.main(flags + ["--out_dir", str(tmp_path / "x")]) == 2
     assert words in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", "1,x"), ("--seeds", ","), ("--finetune_labels", "0,32")])
+def test_malformed_lists_are_refused_by_the_parser(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        L.main([flag, value, "--out_dir", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and flag in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -840,7 +853,7 @@ def test_help_documents_every_flag():
                --out_dir --seed
                --device --compile --objective --data --mask_ratio --varlen_min --varlen_max --n_future --resume
                --eval_cluster --eval_gen --sample --seeds --encoding --compact_vocab --bench --vocab_size --eval_iters
-               --gen_seqs --temperature --top_k --bench_iters --bench_nanogpt --bench_old --lr_decay_iters
+               --gen_seqs --temperature --top_k --bench_iters --bench_nanogpt --lr_decay_iters
                --readout_views --pos_emb --varlen_weight
                --theory --theory_worlds --theory_vocab --theory_len --theory_classes --theory_alpha"""
     for flag in flags.split():
@@ -1108,7 +1121,7 @@ def test_bench_writes_a_valid_bench_json(tmp_path):
     assert b["objective"] == "mlm" and b["ms_per_iter"] > 0 and b["tokens_per_s"] > 0 and b["batch_size"] == 8
 
 
-def test_bench_times_reference_models_side_by_side(tmp_path, capsys):
+def test_bench_times_nanogpt_side_by_side(tmp_path, capsys):
     # a stand-in with nanoGPT's interface: GPTConfig(...), GPT(config), forward(idx, targets) -> (logits, loss)
     ref = write(tmp_path / "model.py", """
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -1126,17 +1139,14 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 """)
     out = tmp_path / "bench"
-    this_file = os.path.join(HERE, "lookaround.py")  # --bench_old takes any lookaround.py: here, this one
     assert L.main(TINY + ["--bench", "--objective", "mlm_varlen", "--bench_iters", "5", "--vocab_size", "64",
-                          "--bench_nanogpt", ref, "--bench_old", this_file, "--out_dir", str(out)]) == 0
+                          "--bench_nanogpt", ref, "--out_dir", str(out)]) == 0
     b = json.load(open(out / "bench.json"))
-    for name, ratio in (("nanogpt", "speed_ratio"), ("old", "speed_ratio_old")):
-        theirs = b[f"{name}_tokens_per_s"]
-        assert theirs > 0 and b[ratio] == pytest.approx(b["tokens_per_s"] / theirs)
+    assert b["nanogpt_tokens_per_s"] > 0
+    assert b["speed_ratio"] == pytest.approx(b["tokens_per_s"] / b["nanogpt_tokens_per_s"])
     bad = write(tmp_path / "not_nanogpt.py", "x = 1\n")
-    for flag in ("--bench_nanogpt", "--bench_old"):
-        assert L.main(TINY + ["--bench", flag, bad, "--out_dir", str(tmp_path / "b2")]) == 2
-        assert flag in capsys.readouterr().err
+    assert L.main(TINY + ["--bench", "--bench_nanogpt", bad, "--out_dir", str(tmp_path / "b2")]) == 2
+    assert "--bench_nanogpt" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()
 
 
