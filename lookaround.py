@@ -3,14 +3,16 @@ lookaround.py: autoregressive ("look ahead") versus masked ("look around") pretr
 
 Zhang, Du, Huang, Wang, Wang. "Look Ahead or Look Around? A Theoretical Comparison Between Autoregressive and
 Masked Pretraining." ICML 2024, arXiv 2407.00935. The paper trains one Transformer with two objectives and argues
-that masked pretraining classifies better (its targets sit at any position, so more samples share targets and get
-connected) while autoregressive pretraining generates better (a masked model always sees about the same number of
-visible tokens, while test-time prefixes vary in length). Its two fixes are the other two objectives here:
-diversity-enhanced AR (predict several future tokens) and variable-length masking (draw the mask ratio per sequence).
+that masked pretraining classifies better (its targets sit at any position, so more samples share targets and are
+linked in the graph of contexts and targets) while autoregressive pretraining generates better (a masked model
+always sees about the same number of visible tokens, while test-time prefixes vary in length). Its two fixes are
+the other two objectives: diversity-enhanced AR (predict several future tokens) and variable-length masking (draw
+the mask ratio per sequence).
 
-Read top to bottom: the model, then the four objectives, which differ only in the attention mode, the positions
-hidden and the tokens that are targets; then the built-in corpus, the evaluations, the exact theory, and the
-machinery (training loop, real text, benchmark, flags and main).
+Read top to bottom: the model, then the four objectives, which differ in the attention mode, the positions hidden
+and the tokens that are targets (and, as each says, in small details: mlm's BERT corruption, ar_diverse's heads);
+then the built-in corpus, the evaluations, the exact theory, and the machinery (training loop, real text,
+benchmark, flags and main).
 
     python lookaround.py                                    # built-in corpus, one objective; ~4 min on a laptop CPU
     python lookaround.py --objective all --seeds 1,2,3,4,5  # the four objectives, paired by seed, with verdicts
@@ -72,8 +74,8 @@ class GPTConfig:
 
 def rotate(x, cos, sin):
     """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q or k (B, n_head, T, head_size) by the
-    angle position * 10000^(-2i/head_size). A rotation by a at query and by b at key leaves their dot product a
-    function of a - b: the scores see relative offsets only."""
+    angle position * 10000^(-2i/head_size); cos and sin, (T, head_size/2), are GPT's rope_cos and rope_sin. A
+    rotation by a at query and by b at key leaves their dot product a function of a - b: relative offsets only."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -92,7 +94,7 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        # is_causal and no mask tensor in the bidirectional case, so the fused (flash) kernels apply
+        # no mask tensor in either mode (causal attention is is_causal=True), so the fused (flash) kernels apply
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -120,6 +122,23 @@ class Block(nn.Module):
     def forward(self, x, causal, rope):
         x = x + self.attn(self.ln_1(x), causal, rope)
         return x + self.mlp(self.ln_2(x))
+
+
+class FutureHeads(nn.Module):
+    """ar_diverse's readout of future offsets 1..k. Offset 1 is the state itself, the ordinary next-token head;
+    offset d reads x + x @ weight[d - 2], a light residual n_embd x n_embd map per extra offset in front of the
+    shared unembedding (a choice the paper leaves open). Zero init: every offset starts as the next-token head."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd))
+
+    def forward(self, x, k):
+        """(..., n_embd) -> (..., k, n_embd), all the heads in one matmul."""
+        heads = self.weight[:k - 1].transpose(0, 1).flatten(1)  # (C, (k - 1) * C)
+        extra = (x @ heads).unflatten(-1, (k - 1, -1))  # (..., k - 1, C)
+        x = x.unsqueeze(-2)
+        return torch.cat([x, x + extra], dim=-2)
 
 
 class GPT(nn.Module):
@@ -152,7 +171,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def features(self, idx, causal=True):
-        """Final hidden states (B, T, n_embd): what the evaluations pool and the heads read."""
+        """Final hidden states (B, T, n_embd): what the evaluations pool and the output layer reads."""
         T = idx.size(1)
         x, rope = self.wte(idx), None
         if self.wpe is not None:
@@ -178,27 +197,17 @@ class GPT(nn.Module):
         return F.linear(x, self.wte.weight[:self.config.vocab_size])  # unembedding tied to the embedding
 
 
-class FutureHeads(nn.Module):
-    """ar_diverse's readout of future offsets 1..k. Offset 1 is the state itself, the ordinary next-token head;
-    offset d reads x + x @ weight[d - 2], a light residual n_embd x n_embd map per extra offset in front of the
-    shared unembedding (a choice the paper leaves open). Zero init: every offset starts as the next-token head."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(config.n_future - 1, config.n_embd, config.n_embd))
-
-    def forward(self, x, k):
-        """(..., n_embd) -> (..., k, n_embd), all the heads in one matmul."""
-        heads = self.weight[:k - 1].transpose(0, 1).flatten(1)  # (C, (k - 1) * C)
-        extra = (x @ heads).unflatten(-1, (k - 1, -1))  # (..., k - 1, C)
-        x = x.unsqueeze(-2)
-        return torch.cat([x, x + extra], dim=-2)
-
-
 def flat_rows(positions, T):
-    """positions (B, S), S positions in each of B rows of T tokens -> their indices among the B*T positions
+    """positions (B, S), S positions in each of B sequences of T tokens -> their indices among the B*T positions
     flattened, (B*S,): what GPT's rows argument takes."""
     return (positions + T * torch.arange(len(positions), device=positions.device)[:, None]).flatten()
+
+
+def initial_model(config, seed, device):
+    """The weights a run with this seed starts from: training begins here, and the evaluations' untrained
+    baselines are exactly this model."""
+    torch.manual_seed(seed)
+    return GPT(config).to(device)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -229,6 +238,7 @@ def ar_diverse(model, idx):
     k = model.config.n_future
     T = idx.size(1) - 1
     logits = model(idx[:, :-1], causal=True, future_offsets=k)  # (B, T, k, V)
+    # targets[b, t, d - 1] = idx[b, t + d], and -1 (not scored) where t + d lies past the window
     ahead = torch.arange(T, device=idx.device)[:, None] + torch.arange(1, k + 1, device=idx.device)  # t + d, (T, k)
     targets = idx[:, ahead.clamp(max=T)].masked_fill(ahead > T, -1)  # past the window: not scored
     nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none")
@@ -239,8 +249,8 @@ def ar_diverse(model, idx):
 def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
     """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide the
     first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and their targets
-    (the original tokens; -1 for slots past n_hidden[b], which are not scored). The gather has a fixed
-    size, so shapes never depend on the data (torch.compile needs no recompiles or graph breaks)."""
+    (the original tokens; -1 for slots past n_hidden[b], which are not scored). n_slots is fixed, so shapes
+    never depend on the data (torch.compile needs no recompiles or graph breaks)."""
     B, T = idx.shape
     positions = torch.rand(B, T, device=idx.device).argsort(dim=1)[:, :n_slots]
     hidden = torch.arange(n_slots, device=idx.device) < n_hidden[:, None]
@@ -256,48 +266,15 @@ def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
 
 def mlm(model, idx):
     """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%) of
-    positions is hidden; the targets are the hidden tokens, wherever they sit. The visible length is
-    always about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
+    positions is hidden (BERT's corruption: 80% shown as [MASK], 10% as a random token, 10% unchanged); the
+    targets are the hidden tokens, wherever they sit. The visible length is always about (1 - mask_ratio) * T:
+    the mismatch with variable-length prefixes the paper points at."""
     B, T = idx.shape
     n = max(1, round(model.config.mask_ratio * T))
     inputs, positions, targets = hide_tokens(idx, torch.full((B,), n, device=idx.device), n, model.config.vocab_size,
                                              bert_corruption=True)
     logits = model(inputs, causal=False, rows=flat_rows(positions, T))  # only hidden positions reach the output
     return F.cross_entropy(logits, targets.flatten())
-
-
-def mlm_varlen(model, idx, weight=None):
-    """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per
-    sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time
-    prefixes do. Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens.
-    The ratios of a batch are drawn stratified (varlen_mask_ratios), so the batch hides nearly the same total
-    every step, and only the hidden positions, packed across the batch, reach the output layer: about half of the
-    positions, where a per-row readout of fixed width would pay for varlen_max of them.
-    weight (default: the config's varlen_weight) is how the hidden tokens are averaged. "token": every hidden
-    token of the batch counts once, BERT's mean, under which a sequence that hides 95% weighs 19 times one that
-    hides 5%. "sequence": each sequence's mean over its own hidden tokens, then the mean over sequences, so every
-    visible length counts alike; up to a constant this is the 1/t weighting of masked diffusion LMs (MDLM, Sahoo
-    et al., 2024; LLaDA, Nie et al., 2025). The paper states no weighting; "token" is the plain masked-LM loss."""
-    B, T = idx.shape
-    c = model.config
-    # The draw: one mask ratio per sequence (stratified across the batch), rounded to a count of hidden positions
-    strata, u = torch.randperm(B, device=idx.device), torch.rand((), device=idx.device)
-    n_hidden = hidden_counts(varlen_mask_ratios(strata, u, c), T)
-    # The shapes: the most each stratum can hide (u -> 1), whatever is drawn, so torch.compile never recompiles
-    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
-    n_slots, n_rows = int(most.max()), int(most.sum())
-    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, c.vocab_size, bert_corruption=False)
-    # The packing: the batch's hidden slots first (rows in order), then unscored slots to fill the n_rows rows
-    packed = (targets < 0).flatten().int().argsort(stable=True)[:n_rows]
-    logits = model(inputs, causal=False, rows=flat_rows(positions, T)[packed])
-    # The loss: cross-entropy at the hidden positions (0 at the unscored fillers), averaged as weight says
-    nll = F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1, reduction="none")
-    hidden = (targets >= 0).float()
-    if (weight or c.varlen_weight) == "token":
-        weights = hidden / hidden.sum()
-    else:
-        weights = hidden / (B * hidden.sum(1, keepdim=True))
-    return (nll * weights.flatten()[packed]).sum()
 
 
 def varlen_mask_ratios(strata, u, c):
@@ -314,10 +291,41 @@ def hidden_counts(ratios, T):
     return (ratios * T).round().long().clamp(1, max(1, T - 1))
 
 
+def mlm_varlen(model, idx, weight=None):
+    """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per sequence
+    from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time prefixes do.
+    Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens. Only the hidden
+    positions, packed across the batch, reach the output layer (about half of them, where a fixed width per
+    sequence would pay for varlen_max).
+    weight (default: the config's varlen_weight) averages the hidden tokens. "token": each counts once, BERT's mean
+    (a sequence that hides 95% weighs 19 times one that hides 5%). "sequence": the mean over sequences of each one's
+    own mean, so every visible length counts alike; up to a constant, the 1/t weighting of masked diffusion LMs
+    (MDLM, Sahoo et al., 2024; LLaDA, Nie et al., 2025). The paper states none; "token" is the plain masked loss."""
+    B, T = idx.shape
+    c = model.config
+    # The draw: one mask ratio per sequence (stratified across the batch), rounded to a count of hidden positions
+    strata, u = torch.randperm(B, device=idx.device), torch.rand((), device=idx.device)
+    n_hidden = hidden_counts(varlen_mask_ratios(strata, u, c), T)
+    # The shapes: the most each stratum can hide (u -> 1), whatever is drawn, so torch.compile never recompiles
+    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
+    n_slots, n_read = int(most.max()), int(most.sum())
+    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, c.vocab_size, bert_corruption=False)
+    # The packing: the batch's hidden slots first (sequences in order), then unscored slots up to n_read in all
+    packed = (targets < 0).flatten().int().argsort(stable=True)[:n_read]
+    logits = model(inputs, causal=False, rows=flat_rows(positions, T)[packed])
+    # The loss: cross-entropy at the hidden positions (0 at the unscored fillers), averaged as weight says
+    nll = F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1, reduction="none")
+    hidden = (targets >= 0).float()
+    if (weight or c.varlen_weight) == "token":
+        weights = hidden / hidden.sum()
+    else:
+        weights = hidden / (B * hidden.sum(1, keepdim=True))
+    return (nll * weights.flatten()[packed]).sum()
+
+
 OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
-# Peak learning rate per objective, chosen by one rule for all four (README, "A fair race"): on tuning seeds that
-# no verdict study uses, each objective's lowest mean final val loss among 1e-3, 2e-3 and 4e-3. --learning_rate
-# overrides it.
+# Peak learning rate per objective, by one rule for all four: the lowest mean final val loss among 1e-3, 2e-3 and
+# 4e-3 on tuning seeds (101, 102) that no verdict study uses. --learning_rate overrides it.
 LEARNING_RATES = {"ar": 1e-3, "ar_diverse": 1e-3, "mlm": 1e-3, "mlm_varlen": 2e-3}
 
 
@@ -532,8 +540,7 @@ def per_position_features(model, docs, objective, device, batch_size=256):
     """The per_position readout, (N, block_size * n_embd): the final state at every position the objective trains,
     concatenated in order (zeros past the end of a shorter document), for a linear probe. Causal: one pass, the
     states at the positions that predict a target (all but the last). Masked: position p is read from a copy of
-    the document with p alone hidden as [MASK] and everything else visible, the context a masked objective
-    trains p in; a document of T tokens costs T passes (batched)."""
+    the document with p alone hidden as [MASK] and everything else visible (a one-token hiding); a document of T tokens costs T passes (batched)."""
     model.eval()
     causal, C = CAUSAL[objective], model.config.n_embd
     features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
@@ -553,7 +560,8 @@ def per_position_features(model, docs, objective, device, batch_size=256):
 
 def hidden_state_mean(model, x, objective, device):
     """One random hiding of each row of x, drawn as the masked objective draws it (mlm: a fixed count; mlm_varlen:
-    stratified ratios across the rows, as across a training batch), every hidden position shown as [MASK];
+    stratified ratios across the rows, as across a training batch), every hidden position shown as [MASK] (no
+    BERT corruption: a readout, not a training step);
     returns the mean of the final states at the hidden positions, (B, n_embd)."""
     B, T = x.shape
     c = model.config
@@ -583,7 +591,7 @@ def cluster_scores(features, labels, seed):
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
     from sklearn.preprocessing import StandardScaler
-    if not hasattr(features, "tocsr"):
+    if not hasattr(features, "tocsr"):  # sparse TF-IDF rows are left as they are
         features = StandardScaler().fit_transform(features)
     assignment = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(features)
     return dict(nmi=float(normalized_mutual_info_score(labels, assignment)),
@@ -605,13 +613,6 @@ def probe_accuracy(features, labels, seed, choose_c=False):
     if choose_c:
         probe = GridSearchCV(probe, {"logisticregression__C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3)
     return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
-
-
-def initial_model(config, seed, device):
-    """The weights a run with this seed starts from: training begins here, and the evaluations' untrained
-    baselines are exactly this model."""
-    torch.manual_seed(seed)
-    return GPT(config).to(device)
 
 
 def evaluate_clustering(model, corpus, objective, seed, device, views):
