@@ -540,7 +540,8 @@ def per_position_features(model, docs, objective, device, batch_size=256):
     """The per_position readout, (N, block_size * n_embd): the final state at every position the objective trains,
     concatenated in order (zeros past the end of a shorter document), for a linear probe. Causal: one pass, the
     states at the positions that predict a target (all but the last). Masked: position p is read from a copy of
-    the document with p alone hidden as [MASK] and everything else visible (a one-token hiding); a document of T tokens costs T passes (batched)."""
+    the document with p alone hidden as [MASK] and everything else visible (a one-token hiding); a document of
+    T tokens costs T passes (batched)."""
     model.eval()
     causal, C = CAUSAL[objective], model.config.n_embd
     features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
