@@ -616,26 +616,27 @@ def probe_accuracy(features, labels, seed, choose_c=False):
     return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
 
-def evaluate_clustering(model, corpus, objective, seed, device, views):
-    """Both readouts of the trained model and of two baselines: the same architecture untrained (read out the
-    same way) and TF-IDF + KMeans. "cluster" keeps the clean readout's numbers at its top level."""
+def evaluate_clustering(model, corpus, objective, seed, device, views, baselines=True):
+    """The model's three readouts, each scored by k-means and a linear probe. With baselines, each beside the same
+    architecture untrained (read out the same way) and TF-IDF + KMeans. The top level repeats the clean readout."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     labels = corpus.eval_labels
 
-    def scores(features):
-        return dict(cluster_scores(features, labels, seed), probe_acc=probe_accuracy(features, labels, seed))
-    untrained = initial_model(model.config, seed, device)
-    trained_feats, untrained_feats = (embed_documents(m, corpus.eval_docs, objective, device, views, seed)
-                                      for m in (model, untrained))
-    tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
-    readouts = {name: dict(scores(trained_feats[name]),
-                           baselines={"random_init": scores(untrained_feats[name]), "tfidf": tfidf})
-                for name in READOUTS}
-    per_position = [probe_accuracy(per_position_features(m, corpus.eval_docs, objective, device), labels, seed,
-                                   choose_c=True) for m in (model, untrained)]
-    readouts["per_position"] = {"probe_acc": per_position[0],
-                                "baselines": {"random_init": {"probe_acc": per_position[1]}}}
-    return dict(readouts["clean"], readouts=readouts)
+    def readouts(m):
+        features = embed_documents(m, corpus.eval_docs, objective, device, views, seed)
+        out = {name: dict(cluster_scores(features[name], labels, seed),
+                          probe_acc=probe_accuracy(features[name], labels, seed)) for name in READOUTS}
+        per_position = per_position_features(m, corpus.eval_docs, objective, device)
+        out["per_position"] = {"probe_acc": probe_accuracy(per_position, labels, seed, choose_c=True)}
+        return out
+    ours = readouts(model)
+    if baselines:
+        untrained = readouts(initial_model(model.config, seed, device))
+        tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
+        for name in READOUTS:
+            ours[name]["baselines"] = {"random_init": untrained[name], "tfidf": tfidf}
+        ours["per_position"]["baselines"] = {"random_init": untrained["per_position"]}
+    return dict(ours["clean"], readouts=ours)
 
 
 # Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is trained further
@@ -684,12 +685,11 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device):
     return predictions
 
 
-def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws):
+def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws, baselines=True):
     """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and sample std over
-    draws (each draw its own documents and head). The untrained network, the weights this run started from, is
-    fine-tuned the same way as the baseline."""
+    draws (each draw its own documents and head). With baselines, the untrained network (the weights this run
+    started from) is fine-tuned the same way beside it."""
     t0 = time.time()
-    untrained = initial_model(model.config, seed, device)
 
     def accuracies(net):
         out = {}
@@ -698,7 +698,10 @@ def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draw
                            == corpus.eval_labels).mean()) for draw in range(draws)]
             out[str(n)] = {"acc": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
         return out
-    return dict(accuracies(model), baselines={"random_init": accuracies(untrained)}, seconds=time.time() - t0)
+    out = accuracies(model)
+    if baselines:
+        out["baselines"] = {"random_init": accuracies(initial_model(model.config, seed, device))}
+    return dict(out, seconds=time.time() - t0)
 
 
 def gen_windows(corpus, block_size, n):
@@ -932,7 +935,7 @@ def holm(p_values):
     return adjusted
 
 
-def claims_table(all_results):
+def claims_table(all_results, verbose=True):
     """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned for summary.json.
     A primary row's verdict comes from its Holm-adjusted p-value (over the primary rows that ran): reproduced or
     contradicted where p_holm < 0.05, on the side of the mean difference, else inconclusive."""
@@ -952,7 +955,7 @@ def claims_table(all_results):
     for c, p_holm in zip(tested, holm([c["p_value"] for c in tested])):
         c["p_holm"] = p_holm
         c["verdict"] = "inconclusive" if p_holm >= 0.05 else "reproduced" if c["mean_diff"] > 0 else "contradicted"
-    if not claims:
+    if not claims or not verbose:
         return claims
     n = max(c["n_seeds"] for c in claims)
     print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
@@ -968,6 +971,66 @@ def claims_table(all_results):
     if n < 2:
         print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
     return claims
+
+
+def claims_by_iter(all_results):
+    """The primary rows' verdicts at every curve point that all runs share, each judged as claims_table judges the
+    end (Holm over the primary rows at that budget); printed as one table, claim x budget."""
+    common = sorted(set.intersection(*({p["iter"] for p in r["curve"]} for r in all_results)))
+    by_iter = {}
+    for it in common:
+        at = [dict(r, **{k: p[k] for k in ("cluster", "finetune", "gen")}) for r in all_results
+              for p in r["curve"] if p["iter"] == it]
+        by_iter[str(it)] = [c for c in claims_table(at, verbose=False) if c["primary"]]
+    metrics = list(dict.fromkeys(c["metric"] for rows in by_iter.values() for c in rows))
+    if metrics:
+        print("\nthe primary rows' verdicts by training budget (iterations), with the mean difference:")
+        print(f"  {'primary row':<34}" + "".join(f"{it:>22}" for it in by_iter))
+        for metric in metrics:
+            cells = [next((f"{c['verdict'] or '-'} {c['mean_diff']:+.3f}" for c in rows if c["metric"] == metric), "-")
+                     for rows in by_iter.values()]
+            print(f"  {metric:<34}" + "".join(f"{cell:>22}" for cell in cells))
+    return by_iter
+
+
+def plot_summary(all_results, path):
+    """summary.png: per objective, the mean over seeds and its 95% t-band, against iterations, of the generation
+    perplexity at each prefix fraction, the primary classification metric (fine-tuned accuracy) and the val loss."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from scipy import stats
+    ns = sorted({int(n) for r in all_results for p in r["curve"] if p["finetune"] for n in p["finetune"]
+                 if n.isdigit() and all(n in q["finetune"] for q in r["curve"])})
+    n = PRIMARY_FINETUNE_LABELS if PRIMARY_FINETUNE_LABELS in ns else (ns[0] if ns else None)
+    panels = [(f"perplexity after a prefix of {f:g} T", "curve",
+               lambda p, f=f: p["gen"] and p["gen"]["ppl_by_prefix"][str(f)]) for f in PREFIX_FRACTIONS]
+    panels.append((f"fine-tuned accuracy, n = {n}", "curve", lambda p: p["finetune"] and p["finetune"][str(n)]["acc"]))
+    panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"]))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for ax, (title, source, value) in zip(axes.flat, panels):
+        for objective in OBJECTIVE_NAMES:
+            curves = [{p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
+                      for r in all_results if r["objective"] == objective]
+            iters = sorted(i for i in set.intersection(*map(set, curves)) if all(c[i] is not None for c in curves)) \
+                if curves else []
+            if not iters:
+                continue
+            y = np.array([[c[i] for i in iters] for c in curves], dtype=float)
+            mean = y.mean(0)
+            half = stats.t.ppf(0.975, len(y) - 1) * y.std(0, ddof=1) / math.sqrt(len(y)) if len(y) > 1 else 0 * mean
+            ax.plot(iters, mean, marker="o" if source == "curve" else None, label=objective)
+            ax.fill_between(iters, mean - half, mean + half, alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    seeds = sorted({r["seed"] for r in all_results})
+    fig.suptitle(f"mean over {len(seeds)} seed(s) and 95% t-band; {all_results[0]['data']} corpus", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"figure: {path}")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1330,16 +1393,22 @@ def plateau_exit_iter(curve, unigram_entropy, margin=0.25):
     return next((point["iter"] for point in curve if point["val_loss"] <= unigram_entropy - margin), None)
 
 
-def save_checkpoint(path, **state):
-    """Write to a temporary name, then rename: an interrupted save never leaves a broken checkpoint."""
-    torch.save(state, path + ".tmp")
+def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
+    """Everything a run needs to go on exactly where it stopped: weights, optimizer, random streams, and run (its
+    identity and its curves). Written to a temporary name, then renamed: an interrupted save never leaves a
+    broken checkpoint."""
+    rng = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+    torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
+                    scaler=scaler.state_dict() if scaler else None), path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
     """--resume: check that ckpt_path holds this run (expected: its objective, seed, config and tokenizer), load the
-    weights and the optimizer into model and optimizer, and return (iteration, val-loss curve, data_rng) to go on
-    from. Rank 0 continues its random streams exactly where they stopped; other ranks start fresh ones."""
+    weights and the optimizer into model and optimizer, and return (iteration, val-loss curve, evaluated points,
+    data_rng) to go on from. Rank 0 continues its random streams exactly where they stopped; other ranks start
+    fresh ones."""
     if not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
                          "or point --out_dir at the run.")
@@ -1365,7 +1434,7 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
         data_rng = np.random.default_rng([seed, rank, iter_num])
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
     print(f"resumed {ckpt_path} at iter {iter_num}")
-    return iter_num, ckpt["curve"], data_rng
+    return iter_num, ckpt["curve"], ckpt.get("points", []), data_rng
 
 
 def wrap_model(model, use_compile, ddp, device):
@@ -1412,8 +1481,9 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     optimizer.zero_grad(set_to_none=True)
 
 
-def train(args, corpus, objective_name, seed, out_dir, device, ddp):
-    """Pretrain one model with one objective. Returns (model, stats)."""
+def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curve_iters, evaluate):
+    """Pretrain one model with one objective. At every iteration in curve_iters (the last is max_iters), rank 0
+    records evaluate(model, iteration): the run's metrics there. Returns (model, stats, those points)."""
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
     master = rank == 0
     objective = OBJECTIVES[objective_name]
@@ -1427,12 +1497,14 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
     data_rng = np.random.default_rng([seed, rank])
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    iter_num, curve = 0, []  # curve: the val loss at every evaluation
+    iter_num, curve, points = 0, [], []  # curve: the val loss at every evaluation; points: evaluate() at curve_iters
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
-    if args.resume:
-        expected = {"objective": objective_name, "config": asdict(config), "seed": seed, "tokenizer": tokenizer}
-        iter_num, curve, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank)
+    identity = {"objective": objective_name, "config": asdict(config), "seed": seed, "tokenizer": tokenizer,
+                "settings": run_settings(args)}
+    if resume:
+        iter_num, curve, points, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity,
+                                                        device, rank)
     raw_model, model = model, wrap_model(model, args.compile, ddp, device)
     tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
     if master:
@@ -1444,19 +1516,18 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
         lr = learning_rate(iter_num, args, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
+        if master and (iter_num % args.eval_interval == 0 or iter_num in curve_iters):
             t_eval = time.time()
             val_loss = estimate_val_loss(raw_model, objective_name, corpus, args, device, seed)
             print(f"iter {iter_num}: val loss {val_loss:.4f}")
             if not curve or curve[-1]["iter"] != iter_num:  # a resumed run re-evaluates where it stopped
                 curve.append({"iter": iter_num, "val_loss": val_loss})
+            if iter_num in curve_iters and (not points or points[-1]["iter"] != iter_num):
+                points.append({"iter": iter_num, "val_loss": val_loss, **evaluate(raw_model, iter_num)})
             if iter_num > start_iter or iter_num == args.max_iters:
                 os.makedirs(out_dir, exist_ok=True)
-                save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                scaler=scaler.state_dict() if scaler else None, config=asdict(config), curve=curve,
-                                objective=objective_name, iter=iter_num, seed=seed, tokenizer=tokenizer,
-                                rng={"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
-                                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, data_rng, device, iter=iter_num, curve=curve,
+                                points=points, **identity)
             t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
         if iter_num >= args.max_iters:
             break
@@ -1473,19 +1544,17 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp):
                 timed_tokens, timed_seconds = timed_tokens + iters * tokens_per_iter, timed_seconds + dt
             if master:
                 tokens_per_s = iters * tokens_per_iter / dt
-                msg = (f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, "
-                       f"{tokens_per_s:,.0f} tokens/s")
-                if device.type == "cuda":
-                    mfu = flops_per_token(raw_model) * tokens_per_s / (world * peak_flops(device))
-                    msg += f", MFU {100 * mfu:.1f}%"
-                print(msg)
+                on_cuda = device.type == "cuda"
+                mfu = flops_per_token(raw_model) * tokens_per_s / (world * peak_flops(device)) if on_cuda else None
+                print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, "
+                      f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
             t_last, losses_since_log = time.time(), []
     seconds = time.time() - t_start
     if not timed_seconds:  # too short a run to leave its first interval out: time all of it
         timed_tokens, timed_seconds = (iter_num - start_iter) * tokens_per_iter, seconds
     stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds, "final_val_loss": val_loss,
              "seconds": seconds, "learning_rate": peak_lr, "curve": curve}
-    return raw_model, stats
+    return raw_model, stats, points
 
 
 def unigram_entropy(stream):
@@ -1846,6 +1915,10 @@ def make_parser():
     a("--finetune_labels", type=positive_ints, default="32,128,512",
       help="fine-tuning: the numbers n of labelled training documents, comma-separated")
     a("--finetune_draws", type=int, default=3, help="fine-tuning: independent draws of documents and head per n")
+    a("--curve_iters", type=positive_ints, default=None,
+      help="iterations where every metric is evaluated (the curve; max_iters is always one); "
+           "unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
+    a("--plot", action="store_true", help="write summary.png (needs matplotlib); several runs write it anyway")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
     a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
     a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
@@ -1946,6 +2019,9 @@ def check_args(args):
         elif args.n_future > L - 1:
             problems.append(f"--n_future {args.n_future}: with --theory, ar_diverse's offsets must fit in the sequence "
                             f"(at most --theory_len - 1 = {L - 1}).")
+    if args.curve_iters and max(args.curve_iters) > args.max_iters:
+        problems.append(f"--curve_iters {','.join(map(str, args.curve_iters))} lies past --max_iters {args.max_iters}; "
+                        "every curve point must be at most --max_iters.")
     if args.bench and args.objective == "all":
         problems.append("--bench times one objective; pick one with --objective.")
     if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
@@ -1967,15 +2043,85 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def run(args, objective, seed, corpus, out_dir, device, ddp):
-    model, train_stats = train(args, corpus, objective, seed, out_dir, device, ddp)
+def default_curve_iters(max_iters):
+    """Where a run's metrics are evaluated unless --curve_iters says: 250, 500, 1000, every multiple of 1000, and
+    always max_iters, the end."""
+    return sorted({n for n in [250, 500, *range(1000, max_iters + 1, 1000)] if n < max_iters} | {max_iters})
+
+
+def curve_iters(args):
+    return sorted(set(args.curve_iters or []) | {args.max_iters}) if args.curve_iters else \
+        default_curve_iters(args.max_iters)
+
+
+# The flags that do not change what a run computes; every other flag is a setting that a study's runs must share.
+SETTINGS_ASIDE = ["out_dir", "objective", "seed", "seeds", "resume", "plot", "log_interval", "sample", "temperature",
+                  "top_k"]
+
+
+def run_settings(args):
+    return {k: v for k, v in sorted(vars(args).items()) if k not in SETTINGS_ASIDE}
+
+
+def evaluate(model, corpus, objective, seed, args, device, final):
+    """A run's metrics at one point of its training, as results.json stores them (the final point with the
+    untrained baselines, computed once per run). Points before the end fine-tune at one n only: the primary
+    rows' n if it is among --finetune_labels, else the first. Evaluating never moves training's random streams."""
+    label_counts = args.finetune_labels if final else \
+        [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS] or args.finetune_labels[:1]
+    point = {"cluster": None, "finetune": None, "gen": None}
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        if args.eval_cluster and corpus.eval_labels is not None:
+            point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views, final)
+        if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
+            point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, label_counts,
+                                                  args.finetune_draws, final)
+        if args.eval_gen:
+            point["gen"] = evaluate_generation(model, corpus, CAUSAL[objective], args.gen_seqs)
+    model.train()
+    if not final:
+        c, f, g = point["cluster"], point["finetune"], point["gen"]
+        print("  metrics: " + ", ".join(
+            ([f"probe (clean) {c['probe_acc']:.3f}", f"NMI (clean) {c['nmi']:.3f}"] if c else [])
+            + [f"fine-tuned n={n} {f[str(n)]['acc']:.3f}" for n in label_counts if f]
+            + ([f"ppl@1/8 {g['ppl_by_prefix']['0.125']:.2f}", f"ppl {g['ppl']:.2f}"] if g else [])))
+    return point
+
+
+def without_baselines(x):
+    """A final evaluation as a curve point stores it: every "baselines" entry left out."""
+    return {k: without_baselines(v) for k, v in x.items() if k != "baselines"} if isinstance(x, dict) else x
+
+
+def run(args, objective, seed, corpus, out_dir, device, ddp, resume=False):
+    """One run: train, with the metrics at every curve point; print the report; write results.json."""
+    last = max(curve_iters(args))
+
+    def evaluate_at(model, iter_num):
+        return evaluate(model, corpus, objective, seed, args, device, final=iter_num == last)
+    model, train_stats, points = train(args, corpus, objective, seed, out_dir, device, ddp, resume or args.resume,
+                                       curve_iters(args), evaluate_at)
     if ddp and ddp["rank"] != 0:
         return None
+    final = points[-1]
+    results = {"objective": objective, "seed": seed, "data": args.data, "settings": run_settings(args),
+               "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"], "gen": final["gen"],
+               "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
+    train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
+    print_report(results, corpus, args)
+    if args.sample:
+        print_samples(model, objective, corpus, args, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def print_report(results, corpus, args):
+    """The run's report: training, then each evaluation beside its baselines."""
+    objective, seed, train_stats = results["objective"], results["seed"], results["train"]
     causal = CAUSAL[objective]
-    results = {"objective": objective, "seed": seed, "data": args.data, "train": train_stats,
-               "cluster": None, "finetune": None, "gen": None}
     H = unigram_entropy(corpus.train)
-    train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], H)
     print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in "
           f"{train_stats['seconds']:.1f} s, {train_stats['tokens_per_s']:,.0f} tokens/s; "
           f"val loss {train_stats['final_val_loss']:.3f} "
@@ -1984,8 +2130,8 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
     print(f"peak learning rate {train_stats['learning_rate']:g}; left the unigram plateau (val loss at least 0.25 "
           "below the unigram entropy) " + ("never" if exit_iter is None else f"at iter {exit_iter}")
           + "; val loss by iter: " + ", ".join(f"{p['iter']}: {p['val_loss']:.2f}" for p in train_stats["curve"]))
-    if args.eval_cluster and corpus.eval_labels is not None:
-        c = results["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views)
+    if results["cluster"]:
+        c = results["cluster"]
         print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
               f"(trained readout: {'positions that predict' if causal else f'{args.readout_views} hidings'}):")
         untrained = {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS + ["per_position"]}
@@ -2000,35 +2146,95 @@ def run(args, objective, seed, corpus, out_dir, device, ddp):
                   + f"{fmt(r.get('per_position', {}).get('probe_acc')):>9}")
     elif args.eval_cluster:
         print(corpus.note or "clustering skipped.")
-    if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
-        f = results["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, args.finetune_labels,
-                                                    args.finetune_draws)
+    if results["finetune"]:
+        f = results["finetune"]
         print(f"fine-tuning the network and a linear head on n labelled training documents ({args.finetune_draws} "
               f"draws; held-out accuracy, mean ± std; {f['seconds']:.1f} s):")
         print(" " * 30 + "".join(f"{f'n={n}':>14}" for n in args.finetune_labels))
         for name, r in ((objective, f), (baseline_name(objective), f["baselines"]["random_init"])):
             print(f"  {name:<28}" + "".join(f"{r[str(n)]['acc']:>8.3f} ±{r[str(n)]['acc_std']:.3f}"
                                             for n in args.finetune_labels))
-    if args.eval_gen:
-        g = results["gen"] = evaluate_generation(model, corpus, causal, args.gen_seqs)
+    if results["gen"]:
+        g = results["gen"]
         print(f"generation: perplexity of the next tokens after a prefix of f*T tokens "
               f"({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
         print("  " + "  ".join(f"f={f:<6}" for f in g["ppl_by_prefix"]) + "  all")
         print("  " + "  ".join(f"{v:<8.2f}" for v in g["ppl_by_prefix"].values()) + f"  {g['ppl']:.2f}")
-    if args.sample:
-        seqs = gen_windows(corpus, args.block_size, args.sample)
-        generator = torch.Generator().manual_seed(seed)
-        prefix_len = args.block_size // 4
-        print(f"samples ({'sampled left to right' if causal else 'unmasked left to right'}, "
-              f"temperature {args.temperature}, top-k {args.top_k}):")
-        for seq in seqs:
-            out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature,
-                         args.top_k, generator)
-            print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    return results
+
+
+def print_samples(model, objective, corpus, args, seed):
+    """--sample: continuations of held-out prefixes a quarter of a block long, by the model's own way to generate."""
+    causal = CAUSAL[objective]
+    seqs = gen_windows(corpus, args.block_size, args.sample)
+    generator = torch.Generator().manual_seed(seed)
+    prefix_len = args.block_size // 4
+    print(f"samples ({'sampled left to right' if causal else 'unmasked left to right'}, "
+          f"temperature {args.temperature}, top-k {args.top_k}):")
+    for seq in seqs:
+        out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature,
+                     args.top_k, generator)
+        print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
+def run_state(run_dir, args):
+    """What a study finds in one run's folder: "done" (results.json made with this command's settings), "resume"
+    (ckpt.pt made with them) or "new". Made with other settings: an error that names the flags."""
+    settings = run_settings(args)
+    for name in ("results.json", "ckpt.pt"):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
+        found = json.load(open(path)) if name == "results.json" else torch.load(path, "cpu", weights_only=False)
+        found = found.get("settings")
+        if found is None:
+            raise UsageError(f"{path} records no settings (an older lookaround.py made it): move it away, or give "
+                             "another --out_dir.")
+        differ = [k for k in settings if k in found and found[k] != settings[k]]
+        if differ:
+            raise UsageError(f"{path} was made with other settings (" + "; ".join(
+                f"--{k} {found[k]} there, {settings[k]} here" for k in differ) + "). Give those flags as they were "
+                "to go on with that study, or another --out_dir for a new one.")
+        return "done" if name == "results.json" else "resume"
+    return "new"
+
+
+def run_study(args, device, ddp):
+    """Every run of the command (objectives x seeds) and, for several, summary.json and summary.png. A study is
+    resumable: a run whose results.json holds the same settings is read back, not rerun, and an interrupted run
+    goes on from its checkpoint. Every run's folder is checked before anything trains."""
+    master = not ddp or ddp["rank"] == 0
+    objectives = OBJECTIVE_NAMES if args.objective == "all" else [args.objective]
+    study = len(objectives) > 1 or len(args.seeds) > 1
+    plan = {}
+    for seed, objective in itertools.product(args.seeds, objectives):
+        run_dir = os.path.join(args.out_dir, *([objective] if len(objectives) > 1 else []),
+                               *([f"seed{seed}"] if len(args.seeds) > 1 else []))
+        plan[seed, objective] = run_dir, run_state(run_dir, args) if study else "new"
+    all_results = []
+    for seed in args.seeds:
+        if any(plan[seed, o][1] != "done" for o in objectives):
+            corpus = load_corpus(args, seed)  # identical data for every objective at this seed
+            if corpus.note and master:
+                print(f"note: {corpus.note}")
+        for objective in objectives:
+            run_dir, state = plan[seed, objective]
+            if state == "done":
+                result = json.load(open(os.path.join(run_dir, "results.json")))
+                if master:
+                    print(f"{objective} seed {seed}: {run_dir}/results.json has these settings; not run again")
+            else:
+                result = run(args, objective, seed, corpus, run_dir, device, ddp, resume=state == "resume")
+            if master:
+                all_results.append(result)
+    if ddp:  # rank 0 evaluated while the others waited here: leave the process group together
+        dist.barrier()
+    if len(all_results) > 1:
+        table, claims, by_iter = summarize(all_results), claims_table(all_results), claims_by_iter(all_results)
+        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+            json.dump({"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter}, f, indent=2)
+    if all_results and (args.plot or len(all_results) > 1):
+        if importlib.util.find_spec("matplotlib"):
+            plot_summary(all_results, os.path.join(args.out_dir, "summary.png"))
+        elif args.plot:
+            print("--plot: the figure needs matplotlib, which is not installed: pip install matplotlib")
 
 
 def setup_ddp(device_name):
@@ -2062,24 +2268,7 @@ def main(argv=None):
         if args.bench:
             bench(args, device)
             return 0
-        objectives = OBJECTIVE_NAMES if args.objective == "all" else [args.objective]
-        all_results = []
-        for seed in args.seeds:
-            corpus = load_corpus(args, seed)  # identical data for every objective at this seed
-            if corpus.note and (not ddp or ddp["rank"] == 0):
-                print(f"note: {corpus.note}")
-            for objective in objectives:
-                out_dir = os.path.join(args.out_dir, *([objective] if len(objectives) > 1 else []),
-                                       *([f"seed{seed}"] if len(args.seeds) > 1 else []))
-                result = run(args, objective, seed, corpus, out_dir, device, ddp)
-                if result is not None:
-                    all_results.append(result)
-        if ddp:  # rank 0 evaluated while the others waited here: leave the process group together
-            dist.barrier()
-        if len(all_results) > 1:
-            table, claims = summarize(all_results), claims_table(all_results)
-            with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-                json.dump({"runs": all_results, "table": table, "claims": claims}, f, indent=2)
+        run_study(args, device, ddp)
         return 0
     except UsageError as e:
         print(f"lookaround: error: {e}", file=sys.stderr)

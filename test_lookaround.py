@@ -3,11 +3,16 @@
 Real-text tests read LOOKAROUND_AG_NEWS (path to the AG News test.csv) and TIKTOKEN_CACHE_DIR (or network)
 and skip with a reason where those are absent."""
 
+import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -672,7 +677,9 @@ def test_sample_keeps_the_prefix_and_fills_the_rest(causal):
 
 
 def check_results_schema(r):
-    assert set(r) == {"objective", "seed", "data", "train", "cluster", "finetune", "gen"}
+    assert set(r) == {"objective", "seed", "data", "settings", "train", "cluster", "finetune", "gen", "curve"}
+    assert r["curve"] and r["curve"][-1]["iter"] == r["train"]["iters"]  # the curve's last point is the end
+    assert r["settings"] == L.run_settings(argparse.Namespace(**{**r["settings"], **dict.fromkeys(L.SETTINGS_ASIDE)}))
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
     t = r["train"]
     assert {"iters", "tokens_per_s", "final_val_loss", "seconds", "learning_rate", "curve",
@@ -734,10 +741,29 @@ def test_default_run_learns_below_unigram_entropy(tmp_path):
     assert r["train"]["final_val_loss"] < L.unigram_entropy(corpus.train) - 0.5
 
 
-def test_objective_all_with_seeds_runs_end_to_end(tmp_path, capsys):
-    out = tmp_path / "all"
-    assert L.main(TINY + ["--objective", "all", "--seeds", "1,2", "--max_iters", "4", "--eval_interval", "4",
-                          "--out_dir", str(out)]) == 0
+STUDY = TINY + ["--objective", "all", "--seeds", "1,2", "--max_iters", "60", "--eval_interval", "30",
+                "--curve_iters", "30"]
+
+
+def small_synthetic(make_synthetic=L.make_synthetic, **kwargs):
+    """The built-in corpus with fewer documents (evaluating 160 instead of 400): the study tests test mechanics."""
+    return make_synthetic(**dict(kwargs, n_train_docs=1000, n_eval_docs=160))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One small study (four objectives, two seeds, a curve point at 30 of 60 iterations) on a smaller corpus, run
+    once for the tests that read it: its output folder, its printed text and its wall time."""
+    out = tmp_path_factory.mktemp("study") / "all"
+    t0 = time.time()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as text:
+        patch.setattr(L, "make_synthetic", small_synthetic)
+        assert L.main(STUDY + ["--out_dir", str(out)]) == 0
+    return out, text.getvalue(), time.time() - t0
+
+
+def test_objective_all_with_seeds_runs_end_to_end(study):
+    out, text, _ = study
     for name in L.OBJECTIVE_NAMES:
         for seed in (1, 2):
             check_results_schema(json.load(open(out / name / f"seed{seed}" / "results.json")))
@@ -761,8 +787,109 @@ def test_objective_all_with_seeds_runs_end_to_end(tmp_path, capsys):
         assert c["n_seeds"] == 2 and len(c["ci95"]) == 2
         assert c["verdict"] in ("reproduced", "contradicted", "inconclusive")
         assert (c["p_holm"] is not None) == c["primary"]
-    text = capsys.readouterr().out
     assert "±" in text and "95% t-interval" in text and "trained readout" in text and "clean readout" in text
+
+
+def test_curve_points_are_the_requested_iterations_and_the_last_is_the_run_itself(study):
+    out, text, _ = study
+    r = json.load(open(out / "mlm" / "seed1" / "results.json"))
+    assert [p["iter"] for p in r["curve"]] == [30, 60]
+    first, last = r["curve"]
+    val = {p["iter"]: p["val_loss"] for p in r["train"]["curve"]}
+    assert first["val_loss"] == val[30] and last["val_loss"] == val[60] == r["train"]["final_val_loss"]
+    for ro in ("trained", "clean", "per_position"):  # the last point is the run's final metrics, baselines aside
+        assert last["cluster"]["readouts"][ro] == {k: v for k, v in r["cluster"]["readouts"][ro].items()
+                                                   if k != "baselines"}
+    assert last["gen"] == r["gen"] and {k: last["finetune"][k] for k in ("8", "16")} == {
+        k: r["finetune"][k] for k in ("8", "16")}
+    assert "baselines" not in json.dumps(r["curve"])  # the untrained baselines: once per run, at the end
+    # the point before the end: every readout and generation; fine-tuning at one n (128 is absent: the first, 8)
+    assert set(first["cluster"]["readouts"]) == {"trained", "clean", "per_position"}
+    assert set(first["finetune"]) == {"8", "seconds"} and set(first["gen"]["ppl_by_prefix"]) == {
+        "0.125", "0.25", "0.5", "0.75"}
+    assert first["cluster"]["readouts"]["clean"] != last["cluster"]["readouts"]["clean"]  # the model did change
+    # verdicts along the curve: the primary rows at every common point, the last as the final claims table
+    summary = json.load(open(out / "summary.json"))
+    assert list(summary["claims_by_iter"]) == ["30", "60"]
+    assert summary["claims_by_iter"]["60"] == [c for c in summary["claims"] if c["primary"]]
+    primary_at_30 = [c["metric"] for c in summary["claims_by_iter"]["30"]]
+    assert primary_at_30 == ["log ppl mlm - ar", "log ppl@1/8 mlm - mlm_varlen"]
+    assert "verdicts by training budget" in text
+
+
+def test_default_curve_points():
+    assert L.default_curve_iters(1000) == [250, 500, 1000]
+    assert L.default_curve_iters(3000) == [250, 500, 1000, 2000, 3000]
+    assert L.default_curve_iters(400) == [250, 400] and L.default_curve_iters(150) == [150]
+    assert L.curve_iters(L.parse_args(["--max_iters", "100", "--curve_iters", "50,10"])) == [10, 50, 100]
+
+
+def test_rerunning_a_study_reads_its_runs_back(study, monkeypatch):
+    out, _, first_seconds = study
+    monkeypatch.setattr(L, "make_synthetic", small_synthetic)
+    before = open(out / "summary.json").read()
+    os.remove(out / "summary.json")
+    t0 = time.time()
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        assert L.main(STUDY + ["--out_dir", str(out)]) == 0
+    assert time.time() - t0 < first_seconds / 3
+    assert open(out / "summary.json").read() == before
+    assert text.getvalue().count("has these settings; not run again") == 8
+
+
+def test_a_study_refuses_a_changed_setting_and_names_the_flag(study, capsys):
+    out, _, _ = study
+    assert L.main(STUDY[:-2] + ["--curve_iters", "20", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--curve_iters [30] there, [20] here" in err and "another --out_dir" in err
+    assert L.main(STUDY + ["--max_iters", "80", "--out_dir", str(out)]) == 2
+    assert "--max_iters 60 there, 80 here" in capsys.readouterr().err
+
+
+def test_the_study_figure_is_written(study):
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib (pip install matplotlib)")
+    out, text, _ = study
+    assert (out / "summary.png").stat().st_size > 10_000 and "figure:" in text
+
+
+def test_plot_without_matplotlib_says_how_to_install_it_and_changes_nothing_else(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+                        else real_find_spec(name, *a))
+    assert L.main(TINY + ["--max_iters", "2", "--eval_interval", "2", "--no-eval_cluster", "--no-eval_finetune",
+                          "--plot", "--out_dir", str(tmp_path / "run")]) == 0
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "summary.png").exists()
+
+
+def test_an_interrupted_study_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
+    common = TINY + ["--objective", "mlm_varlen", "--seeds", "1,2", "--max_iters", "20", "--eval_interval", "5",
+                     "--curve_iters", "10", "--no-eval_cluster", "--no-eval_finetune"]
+    assert L.main(common + ["--out_dir", str(tmp_path / "whole")]) == 0
+    real_step, steps = L.optimizer_step, []
+
+    def killed_at_step_33(*a):  # seed 1's 20 steps, then seed 2 dies after step 13 (last checkpoint: iter 10)
+        steps.append(1)
+        if len(steps) == 34:
+            raise KeyboardInterrupt
+        real_step(*a)
+    monkeypatch.setattr(L, "optimizer_step", killed_at_step_33)
+    with pytest.raises(KeyboardInterrupt):
+        L.main(common + ["--out_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(L, "optimizer_step", real_step)
+    assert not (tmp_path / "cut" / "seed2" / "results.json").exists()
+    assert torch.load(tmp_path / "cut" / "seed2" / "ckpt.pt", weights_only=False)["iter"] == 10
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        assert L.main(common + ["--out_dir", str(tmp_path / "cut")]) == 0
+    assert "resumed" in text.getvalue() and "not run again" in text.getvalue()
+    for seed in (1, 2):
+        whole, cut = (json.load(open(tmp_path / d / f"seed{seed}" / "results.json")) for d in ("whole", "cut"))
+        for r in (whole, cut):
+            for k in ("seconds", "tokens_per_s"):
+                r["train"].pop(k)
+            for p in [r] + r["curve"]:
+                p["gen"].pop("seconds")
+        assert whole == cut
 
 
 # ---------------------------------------------------------------------------------------------------
