@@ -21,6 +21,7 @@ benchmark, flags and main).
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import hashlib
 import importlib.util
@@ -1024,10 +1025,12 @@ def plot_summary(all_results, path):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+        ax.set_visible(bool(ax.lines))  # a metric the runs did not evaluate: no empty panel
+    handles = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0]))
+    fig.legend(*handles, loc="lower center", ncol=len(OBJECTIVE_NAMES))
     seeds = sorted({r["seed"] for r in all_results})
     fig.suptitle(f"mean over {len(seeds)} seed(s) and 95% t-band; {all_results[0]['data']} corpus", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"figure: {path}")
@@ -1394,9 +1397,9 @@ def plateau_exit_iter(curve, unigram_entropy, margin=0.25):
 
 
 def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
-    """Everything a run needs to go on exactly where it stopped: weights, optimizer, random streams, and run (its
-    identity and its curves). Written to a temporary name, then renamed: an interrupted save never leaves a
-    broken checkpoint."""
+    """Everything a run needs to go on where it stopped: weights, optimizer, random streams (rank 0's: resumed
+    under torchrun, the other ranks draw fresh ones), and run (its identity, curves and time so far). Written to a
+    temporary name, then renamed: an interrupted save never leaves a broken checkpoint."""
     rng = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
     torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
@@ -1405,21 +1408,24 @@ def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
 
 
 def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
-    """--resume: check that ckpt_path holds this run (expected: its objective, seed, config and tokenizer), load the
-    weights and the optimizer into model and optimizer, and return (iteration, val-loss curve, evaluated points,
-    data_rng) to go on from. Rank 0 continues its random streams exactly where they stopped; other ranks start
-    fresh ones."""
+    """Resuming: check that ckpt_path holds this run (expected: its objective, seed, config, tokenizer and
+    settings), load the weights and the optimizer into model and optimizer, and return the checkpoint (its
+    iteration, curves and time so far) and data_rng to go on from. Rank 0 continues its random streams exactly
+    where they stopped; other ranks start fresh ones."""
     if not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
                          "or point --out_dir at the run.")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
     if any(ckpt[key] != expected[key] for key in ("objective", "config", "seed")):
-        raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and "
+        raise UsageError(f"{ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and "
                          f"config {ckpt['config']}; give the same --objective, --seed, data and model flags as "
                          "that run, or another --out_dir.")
     if ckpt["tokenizer"] != expected["tokenizer"]:
-        raise UsageError(f"--resume: the corpus's vocabulary differs from the one {ckpt_path} was trained on; "
+        raise UsageError(f"the corpus's vocabulary differs from the one {ckpt_path} was trained on; "
                          "use the same --data and --seed.")
+    if ckpt["iter"] > expected["settings"]["max_iters"]:
+        raise UsageError(f"{ckpt_path} stopped at iter {ckpt['iter']}, past --max_iters "
+                         f"{expected['settings']['max_iters']}: give a --max_iters of at least {ckpt['iter']}.")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler and ckpt["scaler"]:
@@ -1434,7 +1440,7 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
         data_rng = np.random.default_rng([seed, rank, iter_num])
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
     print(f"resumed {ckpt_path} at iter {iter_num}")
-    return iter_num, ckpt["curve"], ckpt.get("points", []), data_rng
+    return ckpt, data_rng
 
 
 def wrap_model(model, use_compile, ddp, device):
@@ -1502,16 +1508,17 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curv
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
     identity = {"objective": objective_name, "config": asdict(config), "seed": seed, "tokenizer": tokenizer,
                 "settings": run_settings(args)}
+    elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0  # wall time, and the tokens and seconds speed is timed on
     if resume:
-        iter_num, curve, points, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity,
-                                                        device, rank)
+        ckpt, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity, device, rank)
+        iter_num, curve, points = ckpt["iter"], ckpt["curve"], ckpt.get("points", [])
+        elapsed, timed_tokens, timed_seconds = ckpt.get("timing", (0.0, 0, 0.0))
     raw_model, model = model, wrap_model(model, args.compile, ddp, device)
     tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
     if master:
         print(f"{objective_name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
               f"{tokens_per_iter} tokens/iter on {device}{f' x {world} processes' if world > 1 else ''}")
-    val_loss, t_start, timed_tokens, timed_seconds = float("nan"), time.time(), 0, 0.0
-    t_last, losses_since_log, start_iter = time.time(), [], iter_num
+    val_loss, t_start, t_last, losses_since_log, start_iter = float("nan"), time.time(), time.time(), [], iter_num
     while True:
         lr = learning_rate(iter_num, args, peak_lr)
         for group in optimizer.param_groups:
@@ -1527,7 +1534,8 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curv
             if iter_num > start_iter or iter_num == args.max_iters:
                 os.makedirs(out_dir, exist_ok=True)
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, data_rng, device, iter=iter_num, curve=curve,
-                                points=points, **identity)
+                                points=points, timing=(elapsed + time.time() - t_start, timed_tokens, timed_seconds),
+                                **identity)
             t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
         if iter_num >= args.max_iters:
             break
@@ -1549,9 +1557,9 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curv
                 print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, "
                       f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
             t_last, losses_since_log = time.time(), []
-    seconds = time.time() - t_start
+    seconds = elapsed + time.time() - t_start
     if not timed_seconds:  # too short a run to leave its first interval out: time all of it
-        timed_tokens, timed_seconds = (iter_num - start_iter) * tokens_per_iter, seconds
+        timed_tokens, timed_seconds = iter_num * tokens_per_iter, seconds
     stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds, "final_val_loss": val_loss,
              "seconds": seconds, "learning_rate": peak_lr, "curve": curve}
     return raw_model, stats, points
@@ -1916,8 +1924,8 @@ def make_parser():
       help="fine-tuning: the numbers n of labelled training documents, comma-separated")
     a("--finetune_draws", type=int, default=3, help="fine-tuning: independent draws of documents and head per n")
     a("--curve_iters", type=positive_ints, default=None,
-      help="iterations where every metric is evaluated (the curve; max_iters is always one); "
-           "unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
+      help="iterations where every metric is evaluated (the curve; max_iters is always one; each point costs a "
+           "full evaluation): unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
     a("--plot", action="store_true", help="write summary.png (needs matplotlib); several runs write it anyway")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
     a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
@@ -2004,7 +2012,8 @@ def check_args(args):
         problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 "
                         "and --vocab_size at least 2.")
     if args.resume and (args.objective == "all" or len(args.seeds) > 1):
-        problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds.")
+        problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds "
+                        "(rerun a study's own command: it goes on by itself).")
     if args.theory:
         V, L = args.theory_vocab, args.theory_len
         if args.bench or args.resume or len(args.seeds) > 1:
@@ -2054,13 +2063,33 @@ def curve_iters(args):
         default_curve_iters(args.max_iters)
 
 
-# The flags that do not change what a run computes; every other flag is a setting that a study's runs must share.
+# The flags that do not change what a study's run computes (a run's objective and seed are its identity, checked
+# apart); every other flag is a setting that a study's runs must share.
 SETTINGS_ASIDE = ["out_dir", "objective", "seed", "seeds", "resume", "plot", "log_interval", "sample", "temperature",
-                  "top_k"]
+                  "top_k", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", "theory_worlds",
+                  "theory_vocab", "theory_len", "theory_classes", "theory_alpha"]
 
 
 def run_settings(args):
-    return {k: v for k, v in sorted(vars(args).items()) if k not in SETTINGS_ASIDE}
+    """The settings results.json and ckpt.pt record; the curve points as the run takes them, unset or not."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in SETTINGS_ASIDE}
+    return dict(settings, curve_iters=curve_iters(args))
+
+
+def as_flag(name, value):
+    """A setting as one would type it: --eval_gen / --no-eval_gen, --finetune_labels 32,128, --learning_rate unset."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return f"--{name} {'unset' if value is None else value}"
+
+
+def write_json(path, obj):
+    """Write to a temporary name, then rename: a killed run never leaves half a file for a study to read back."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def evaluate(model, corpus, objective, seed, args, device, final):
@@ -2108,12 +2137,11 @@ def run(args, objective, seed, corpus, out_dir, device, ddp, resume=False):
                "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"], "gen": final["gen"],
                "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
     train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "results.json"), results)
     print_report(results, corpus, args)
     if args.sample:
         print_samples(model, objective, corpus, args, seed)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
     return results
 
 
@@ -2174,15 +2202,18 @@ def print_samples(model, objective, corpus, args, seed):
         out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature,
                      args.top_k, generator)
         print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
-def run_state(run_dir, args):
-    """What a study finds in one run's folder: "done" (results.json made with this command's settings), "resume"
-    (ckpt.pt made with them) or "new". Made with other settings: an error that names the flags."""
+def run_state(run_dir, args, objective, seed):
+    """What a study finds in one run's folder: "done" (results.json of this objective and seed, made with this
+    command's settings), "resume" (such a ckpt.pt) or "new". Anything else there: an error that names the flags."""
     settings = run_settings(args)
     for name in ("results.json", "ckpt.pt"):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
             continue
         found = json.load(open(path)) if name == "results.json" else torch.load(path, "cpu", weights_only=False)
+        if (found["objective"], found["seed"]) != (objective, seed):
+            raise UsageError(f"{path} holds a {found['objective']} run with seed {found['seed']}, not {objective} with "
+                             f"seed {seed}: give another --out_dir.")
         found = found.get("settings")
         if found is None:
             raise UsageError(f"{path} records no settings (an older lookaround.py made it): move it away, or give "
@@ -2190,8 +2221,8 @@ def run_state(run_dir, args):
         differ = [k for k in settings if k in found and found[k] != settings[k]]
         if differ:
             raise UsageError(f"{path} was made with other settings (" + "; ".join(
-                f"--{k} {found[k]} there, {settings[k]} here" for k in differ) + "). Give those flags as they were "
-                "to go on with that study, or another --out_dir for a new one.")
+                f"{as_flag(k, found[k])} there, {as_flag(k, settings[k])} here" for k in differ) + "). Give those "
+                "flags as they were to go on with that study, or another --out_dir for a new one.")
         return "done" if name == "results.json" else "resume"
     return "new"
 
@@ -2207,7 +2238,7 @@ def run_study(args, device, ddp):
     for seed, objective in itertools.product(args.seeds, objectives):
         run_dir = os.path.join(args.out_dir, *([objective] if len(objectives) > 1 else []),
                                *([f"seed{seed}"] if len(args.seeds) > 1 else []))
-        plan[seed, objective] = run_dir, run_state(run_dir, args) if study else "new"
+        plan[seed, objective] = run_dir, run_state(run_dir, args, objective, seed) if study else "new"
     all_results = []
     for seed in args.seeds:
         if any(plan[seed, o][1] != "done" for o in objectives):
@@ -2228,8 +2259,8 @@ def run_study(args, device, ddp):
         dist.barrier()
     if len(all_results) > 1:
         table, claims, by_iter = summarize(all_results), claims_table(all_results), claims_by_iter(all_results)
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump({"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter}, f, indent=2)
+        write_json(os.path.join(args.out_dir, "summary.json"),
+                   {"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter})
     if all_results and (args.plot or len(all_results) > 1):
         if importlib.util.find_spec("matplotlib"):
             plot_summary(all_results, os.path.join(args.out_dir, "summary.png"))
@@ -2245,7 +2276,8 @@ def setup_ddp(device_name):
     use_cuda = device_name in ("cuda", "auto") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # rank 0 evaluates at every curve point while the others wait in the next step's all-reduce: allow for it
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return {"rank": rank, "world": world, "device": torch.device("cuda", local_rank) if use_cuda else None}
 
 

@@ -679,7 +679,7 @@ def test_sample_keeps_the_prefix_and_fills_the_rest(causal):
 def check_results_schema(r):
     assert set(r) == {"objective", "seed", "data", "settings", "train", "cluster", "finetune", "gen", "curve"}
     assert r["curve"] and r["curve"][-1]["iter"] == r["train"]["iters"]  # the curve's last point is the end
-    assert r["settings"] == L.run_settings(argparse.Namespace(**{**r["settings"], **dict.fromkeys(L.SETTINGS_ASIDE)}))
+    assert set(r["settings"]) == set(L.run_settings(L.parse_args([])))  # every flag but those set aside
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
     t = r["train"]
     assert {"iters", "tokens_per_s", "final_val_loss", "seconds", "learning_rate", "curve",
@@ -841,9 +841,31 @@ def test_a_study_refuses_a_changed_setting_and_names_the_flag(study, capsys):
     out, _, _ = study
     assert L.main(STUDY[:-2] + ["--curve_iters", "20", "--out_dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "--curve_iters [30] there, [20] here" in err and "another --out_dir" in err
-    assert L.main(STUDY + ["--max_iters", "80", "--out_dir", str(out)]) == 2
-    assert "--max_iters 60 there, 80 here" in capsys.readouterr().err
+    assert "--curve_iters 30,60 there, --curve_iters 20,60 here" in err and "another --out_dir" in err
+    assert L.main(STUDY + ["--max_iters", "80", "--no-eval_gen", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--max_iters 60 there, --max_iters 80 here" in err and "--eval_gen there, --no-eval_gen here" in err
+
+
+def test_a_study_refuses_another_objectives_runs(tmp_path, capsys):
+    quick = TINY + ["--seeds", "1,2", "--max_iters", "2", "--eval_interval", "2", "--no-eval_cluster",
+                    "--no-eval_finetune", "--no-eval_gen", "--out_dir", str(tmp_path / "s")]
+    assert L.main(quick + ["--objective", "mlm"]) == 0
+    before = open(tmp_path / "s" / "seed1" / "results.json").read()
+    assert L.main(quick + ["--objective", "ar"]) == 2  # the same folders, seed1/ and seed2/, hold mlm's runs
+    assert "holds a mlm run with seed 1, not ar" in capsys.readouterr().err
+    assert open(tmp_path / "s" / "seed1" / "results.json").read() == before
+
+
+def test_points_before_the_end_fine_tune_at_the_primary_rows_n(monkeypatch):
+    seen = []
+    monkeypatch.setattr(L, "evaluate_finetune", lambda *a: seen.append(a[5]) or {})
+    corpus = L.make_synthetic(n_train_docs=40, n_val_docs=10, n_eval_docs=20, block_size=16)
+    model = L.GPT(L.GPTConfig(vocab_size=corpus.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    for labels, final in (("32,128,512", False), ("32,128,512", True), ("8,16", False)):
+        args = L.parse_args(["--finetune_labels", labels, "--no-eval_cluster", "--no-eval_gen"])
+        L.evaluate(model, corpus, "ar", 1, args, torch.device("cpu"), final)
+    assert seen == [[128], [32, 128, 512], [8]]
 
 
 def test_the_study_figure_is_written(study):
@@ -884,6 +906,7 @@ def test_an_interrupted_study_goes_on_from_its_checkpoint(tmp_path, monkeypatch)
     assert "resumed" in text.getvalue() and "not run again" in text.getvalue()
     for seed in (1, 2):
         whole, cut = (json.load(open(tmp_path / d / f"seed{seed}" / "results.json")) for d in ("whole", "cut"))
+        assert cut["train"]["tokens_per_s"] > 0 and cut["train"]["seconds"] > 0  # timed across the cut
         for r in (whole, cut):
             for k in ("seconds", "tokens_per_s"):
                 r["train"].pop(k)
