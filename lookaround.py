@@ -146,6 +146,8 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # ar_diverse only; registered first, so its parameter comes first (the order clip_grad_norm_ sums in)
+        self.future_heads = FutureHeads(config) if config.n_future > 1 else None
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
         self.wpe = None
         if config.pos_emb == "learned":
@@ -159,7 +161,6 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.future_heads = FutureHeads(config) if config.n_future > 1 else None  # ar_diverse only
         for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
             if p.dim() == 2:
                 residual = name.endswith("c_proj.weight")
