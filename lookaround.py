@@ -14,7 +14,7 @@ and the tokens that are targets (and, as each says, in small details: mlm's BERT
 then the built-in corpus, the evaluations, the exact theory, and the machinery (training loop, real text,
 benchmark, flags and main).
 
-    python lookaround.py                                    # built-in corpus, one objective; ~4 min on a laptop CPU
+    python lookaround.py                                    # built-in corpus, one objective; ~5 min on a laptop CPU
     python lookaround.py --objective all --seeds 1,2,3,4,5  # the four objectives, paired by seed, with verdicts
     python lookaround.py --theory                           # the comparison computed exactly, no training; < 1 min
 """
