@@ -52,7 +52,8 @@ class UsageError(Exception):
 #
 # Position information is a choice (--pos_emb). A causal mask tells a model where it is for free (position t sees
 # t + 1 tokens); a bidirectional model with a learned position table must first learn positions before it can use
-# its neighbours, and on a small budget that can leave a masked model predicting unigrams for most of the run.
+# its neighbours, and on a small budget that can leave a masked model predicting unigrams for most of the run
+# (the "unigram plateau": the loss stalls at the entropy of token frequencies, since no context is used yet).
 # Rotary embeddings (RoPE) make every attention score depend on the relative offset of its two positions, which
 # gives both attention modes that information from the first step.
 
@@ -146,7 +147,8 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # ar_diverse only; registered first, so its parameter comes first (the order clip_grad_norm_ sums in)
+        # ar_diverse only. Registered first, so its parameter is first in the order clip_grad_norm_ sums the norms
+        # in: moving it changes a run's last bits, and then no longer matches the README's published runs
         self.future_heads = FutureHeads(config) if config.n_future > 1 else None
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
         self.wpe = None
@@ -352,7 +354,7 @@ class Corpus:
     val: np.ndarray
     held: np.ndarray  # the held-out documents as a stream (separators included), as train and val
     held_starts: np.ndarray  # where each held-out document starts in it
-    eval_docs: list  # held-out documents cut to block_size tokens: what the clustering evaluation embeds
+    eval_docs: list  # held-out documents cut to block_size tokens: what the clustering and fine-tuning score
     eval_texts: list  # the same cut documents as text (the TF-IDF baseline reads it)
     eval_labels: np.ndarray = None  # int label per held-out document, or None
     label_names: list = field(default_factory=list)
@@ -486,14 +488,16 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
 # Classification: do held-out documents' representations separate by label (k-means, linear probes, fine-tuning)?
 # Generation: how well does the model continue prefixes of different lengths?
 #
-# How a document becomes one vector is a choice that can flip the clustering comparison, so every run reports
-# two readouts side by side, each a mean of final hidden states:
+# How a document becomes a vector is a choice that can flip the clustering comparison, so every run reports
+# three readouts side by side; the first two are each a mean of final hidden states:
 # - "trained": the states at the positions the objective trains. A causal model's state at every position but
 #   the last predicts the next token, so: the mean over those. A masked model is trained only where it hides
 #   (its visible positions are never asked to predict anything), so: hide positions as the objective does
 #   (hidden ones shown as [MASK]), average the states at the hidden positions, and average over several random
 #   hidings. This is the paper's view: a sample is represented through the contexts its objective trains on.
 # - "clean": the conventional readout, the mean over every position of the unmasked document.
+# - "per_position": no pooling; the states at every trained position side by side (per_position_features), for a
+#   linear probe only (k-means on thousands of dimensions says little).
 
 PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
 READOUTS = ["trained", "clean"]
@@ -619,8 +623,9 @@ def probe_accuracy(features, labels, seed, choose_c=False):
 
 
 def evaluate_clustering(model, corpus, objective, seed, device, views, baselines=True):
-    """The model's three readouts, each scored by k-means and a linear probe. With baselines, each beside the same
-    architecture untrained (read out the same way) and TF-IDF + KMeans. The top level repeats the clean readout."""
+    """The model's three readouts: trained and clean scored by k-means and a linear probe, per_position by a probe
+    only. With baselines, each beside the same architecture untrained (read out the same way) and TF-IDF + KMeans.
+    The top level repeats the clean readout."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     labels = corpus.eval_labels
 
@@ -639,6 +644,12 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, baselines
             ours[name]["baselines"] = {"random_init": untrained[name], "tfidf": tfidf}
         ours["per_position"]["baselines"] = {"random_init": untrained["per_position"]}
     return dict(ours["clean"], readouts=ours)
+
+
+def own_rng(device):
+    """A block whose random draws leave the global random streams (the CPU's and device's) as they found them, so
+    an evaluation in the middle of training does not change what training draws next."""
+    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
 
 
 # Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is trained further
@@ -663,7 +674,7 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device):
     rng = np.random.default_rng([seed, n, draw])
     picks = balanced_draw(corpus.train_labels, n, rng)
     docs, labels = [corpus.train_docs[i] for i in picks], torch.as_tensor(corpus.train_labels[picks])
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+    with own_rng(device):
         torch.manual_seed(int(rng.integers(2 ** 31)))  # the head's initial weights: the same for every objective
         net = copy.deepcopy(model).train()
         head = nn.Linear(model.config.n_embd, len(corpus.label_names)).to(device)
@@ -755,14 +766,16 @@ def next_token_nll(model, seqs, positions, causal, batch_size=256):
 
 
 def evaluate_generation(model, corpus, causal, n_seqs):
+    """Perplexity of the next token after prefixes of every length, on n_seqs held-out windows: overall ("ppl")
+    and by prefix fraction of the block ("ppl_by_prefix", the paper's short-prefix question)."""
     t0 = time.time()
     T = model.config.block_size
     seqs = gen_windows(corpus, T, n_seqs)
     by_fraction = scored_positions(T)
     nll = next_token_nll(model, seqs, [p for ps in by_fraction.values() for p in ps], causal)
     ppl_by_prefix, col = {}, 0
-    for f, ps in by_fraction.items():
-        ppl_by_prefix[str(f)] = float(torch.exp(nll[:, col:col + len(ps)].mean()))
+    for frac, ps in by_fraction.items():
+        ppl_by_prefix[str(frac)] = float(torch.exp(nll[:, col:col + len(ps)].mean()))
         col += len(ps)
     return {"ppl": float(torch.exp(nll.mean())), "ppl_by_prefix": ppl_by_prefix, "seconds": time.time() - t0}
 
@@ -817,7 +830,7 @@ def summarize(all_results):
         obj, c, f, g = r["objective"], r["cluster"], r["finetune"], r["gen"]
         values = classification(c and c["readouts"], f)
         if g:
-            values.update({f"ppl@{f}": v for f, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
+            values.update({f"ppl@{frac}": v for frac, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
         rows.setdefault(obj, {})[r["seed"]] = values
         if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
             untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
@@ -1091,7 +1104,8 @@ def training_patterns(objective, L, c):
         return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d))) for d in offsets for t in range(L - d)]
     if objective == "mlm":  # every hidden set of m positions; each hidden token a target
         counts = {min(max(1, round(c.mask_ratio * L)), L - 1): 1.0}
-    else:  # mlm_varlen: the hidden count as the objective draws it; the loss is a mean over all hidden tokens
+    else:  # mlm_varlen: the hidden count as the objective draws it; every hidden token weighs alike (the default
+        # --varlen_weight token; the theory does not model "sequence")
         counts = varlen_count_probs(L, c.varlen_min, c.varlen_max)
     mean_hidden = sum(m * p for m, p in counts.items())
     return [(full & ~sum(1 << j for j in hidden), j, p / math.comb(L, m) / mean_hidden)
@@ -1223,7 +1237,9 @@ def causal_bayes_accuracy(tokens, p_xc, V):
 def theory_world(seed, args):
     """Every measurement on one world: the Bayes accuracy (from the whole sequence, and from x[<L-1] alone) and,
     per objective, both probes, the graph's components and sigma_{K+1}, and which generation contexts it trained
-    on, with their perplexity."""
+    on, with their perplexity. sigma_{K+1} is the (K+1)-th largest singular value of the normalised graph (see
+    graph_spectrum) of K classes: 1 where the graph falls apart into more than K pieces, smaller the better the
+    samples are connected beyond K clusters, the quantity the paper's bound on downstream error rests on."""
     K, L = args.theory_classes, args.theory_len
     tokens, p_xc = enumerate_world(*draw_world(seed, K, args.theory_vocab, args.theory_alpha), L)
     p_x = p_xc.sum(1)
@@ -1341,14 +1357,16 @@ def peak_flops(device):
 def flops_per_token(model):
     """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the parameters other than the
     position embedding, plus attention. It counts the output layer at every position, also for objectives
-    that read out fewer (mlm, mlm_varlen), whose MFU it therefore overstates."""
+    that read out fewer (mlm, mlm_varlen), whose MFU it therefore overstates; ar_diverse's k output layers count
+    once, so its MFU is understated."""
     c = model.config
     position_table = model.wpe.weight.numel() if model.wpe is not None else 0
     return 6 * (model.num_params() - position_table) + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 def autocast_context(device):
-    """bf16 autocast on CUDA (fp16 + a GradScaler where bf16 is unsupported); plain fp32 elsewhere."""
+    """bf16 autocast on CUDA (fp16 where bf16 is unsupported) and a GradScaler, enabled only for fp16 (disabled,
+    its calls pass through); plain fp32 and no scaler elsewhere."""
     if device.type != "cuda":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
@@ -1383,7 +1401,7 @@ def estimate_val_loss(model, objective_name, corpus, args, device, seed):
     window = window_length(objective_name, args.block_size)
     loss_fn = functools.partial(mlm_varlen, weight="token") if objective_name == "mlm_varlen" \
         else OBJECTIVES[objective_name]
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+    with own_rng(device):
         torch.manual_seed(seed)
         losses = [loss_fn(model, get_batch(corpus.val, rng, args.batch_size, window, device)).item()
                   for _ in range(args.eval_iters)]
@@ -1391,10 +1409,10 @@ def estimate_val_loss(model, objective_name, corpus, args, device, seed):
     return float(np.mean(losses))
 
 
-def plateau_exit_iter(curve, unigram_entropy, margin=0.25):
+def plateau_exit_iter(curve, entropy, margin=0.25):
     """The first evaluated iteration whose val loss lies at least margin nats below the unigram entropy (the loss
     of a model that ignores context): where the run left the unigram plateau. None if it never did."""
-    return next((point["iter"] for point in curve if point["val_loss"] <= unigram_entropy - margin), None)
+    return next((point["iter"] for point in curve if point["val_loss"] <= entropy - margin), None)
 
 
 def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
@@ -1732,7 +1750,7 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
         return np.r_[0, ends[:-1] + 1], ends
     starts, ends = documents(held)
     for name, arr in (("train", train), ("val", val)):
-        if len(arr) <= block_size:
+        if len(arr) <= block_size + 1:  # get_batch needs more tokens than a window; a causal one is block_size + 1
             raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
                              "Add documents, or lower --block_size.")
     if not (starts + block_size <= len(held)).any():
@@ -1995,8 +2013,9 @@ def check_args(args):
                         f"({args.n_embd // args.n_head}) must be even.")
     if args.learning_rate is not None and not args.learning_rate > 0:
         problems.append(f"--learning_rate {args.learning_rate} must be positive (or unset: each objective's own).")
-    if args.n_future < 1 or args.n_future >= args.block_size:
-        problems.append(f"--n_future {args.n_future} must be at least 1 and below --block_size {args.block_size}.")
+    if args.n_future < 2 or args.n_future >= args.block_size:
+        problems.append(f"--n_future {args.n_future} must be at least 2 (at 1, ar_diverse is ar) and below "
+                        f"--block_size {args.block_size}.")
     for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
                  "eval_iters", "log_interval", "bench_iters", "readout_views", "finetune_draws"]:
         if getattr(args, name) < 1:
@@ -2065,7 +2084,8 @@ def curve_iters(args):
 
 
 # The flags that do not change what a study's run computes (a run's objective and seed are its identity, checked
-# apart); every other flag is a setting that a study's runs must share.
+# apart); every other flag is a setting that a study's runs must share, --device and --compile too (a run on
+# another device, or compiled, differs in its last bits).
 SETTINGS_ASIDE = ["out_dir", "objective", "seed", "seeds", "resume", "plot", "log_interval", "sample", "temperature",
                   "top_k", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", "theory_worlds",
                   "theory_vocab", "theory_len", "theory_classes", "theory_alpha"]
@@ -2100,7 +2120,7 @@ def evaluate(model, corpus, objective, seed, args, device, final):
     label_counts = args.finetune_labels if final else \
         [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS] or args.finetune_labels[:1]
     point = {"cluster": None, "finetune": None, "gen": None}
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+    with own_rng(device):
         if args.eval_cluster and corpus.eval_labels is not None:
             point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views, final)
         if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
@@ -2203,6 +2223,12 @@ def print_samples(model, objective, corpus, args, seed):
         out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature,
                      args.top_k, generator)
         print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
+
+
+# Studies: several objectives and seeds from one command, each run in its own folder; a rerun of the command finds
+# the finished runs (compared by settings, not assumed) and resumes a cut-off one from its checkpoint.
+
+
 def run_state(run_dir, args, objective, seed):
     """What a study finds in one run's folder: "done" (results.json of this objective and seed, made with this
     command's settings), "resume" (such a ckpt.pt) or "new". Anything else there: an error that names the flags."""

@@ -978,6 +978,7 @@ def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
     (["--gen_seqs", "0"], "--gen_seqs"),
     (["--pos_emb", "rope", "--n_embd", "36", "--n_head", "4"], "even"),
     (["--learning_rate", "0"], "--learning_rate"),
+    (["--objective", "ar_diverse", "--n_future", "1"], "--n_future"),
 ])
 def test_impossible_flag_combinations_are_refused(flags, words, tmp_path, capsys):
     assert L.main(flags + ["--out_dir", str(tmp_path / "x")]) == 2
@@ -1152,14 +1153,17 @@ def bad_inputs(tmp_path):
                     "line 11 has no \"text\""),
         "too short": (write(tmp_path / "short.jsonl", "\n".join(json.dumps({"text": "hi", "label": str(i % 2)})
                                                                 for i in range(6))), "too few for --block_size"),
+        # each split exactly one causal window (block_size + 1 tokens with the end-of-text): no second start point
+        "one window": (write(tmp_path / "one.txt", "\n\n".join(["hello" + " hello" * 31] * 3)),
+                       "too few for --block_size"),
         "too few": (write(tmp_path / "two.jsonl", '{"text": "a"}\n{"text": "b"}\n'), "at least 3 are needed"),
         "unknown type": (write(tmp_path / "data.csv", "a,b\n"), "unknown file type"),
     }
 
 
 @needs_gpt2
-@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8", "bad json", "no text", "too short", "too few",
-                                  "unknown type"])
+@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8", "bad json", "no text", "too short", "one window",
+                                  "too few", "unknown type"])
 def test_bad_input_is_a_clear_error_with_nothing_written(case, tmp_path, capsys):
     path, words = bad_inputs(tmp_path)[case]
     before = set(os.listdir(tmp_path))
