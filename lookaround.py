@@ -72,6 +72,7 @@ class GPTConfig:
     n_future: int = 4  # ar_diverse: how many future tokens each position learns to predict
     pos_emb: str = "rope"  # "learned": a position table added to the input (nanoGPT); "rope": rotary, on q and k
     varlen_weight: str = "token"  # mlm_varlen's loss: "token" (every hidden token counts once) or "sequence"
+    varlen_corruption: str = "mask"  # mlm_varlen's hidden positions: "mask" ([MASK] only) or "bert" (mlm's 80/10/10)
 
 
 def rotate(x, cos, sin):
@@ -298,7 +299,8 @@ def hidden_counts(ratios, T):
 def mlm_varlen(model, idx, weight=None):
     """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per sequence
     from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time prefixes do.
-    Bidirectional attention; hidden positions become [MASK]; the targets are the hidden tokens. Only the hidden
+    Bidirectional attention; hidden positions become [MASK] (with varlen_corruption "bert", mlm's 80/10/10: then
+    the two masked objectives differ only in how many they hide); the targets are the hidden tokens. Only the hidden
     positions, packed across the batch, reach the output layer (about half of them, where a fixed width per
     sequence would pay for varlen_max).
     weight (default: the config's varlen_weight) averages the hidden tokens. "token": each counts once, BERT's mean
@@ -313,7 +315,8 @@ def mlm_varlen(model, idx, weight=None):
     # The shapes: the most each stratum can hide (u -> 1), whatever is drawn, so torch.compile never recompiles
     most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
     n_slots, n_read = int(most.max()), int(most.sum())
-    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, c.vocab_size, bert_corruption=False)
+    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, c.vocab_size,
+                                             bert_corruption=c.varlen_corruption == "bert")
     # The packing: the batch's hidden slots first (sequences in order), then unscored slots up to n_read in all
     packed = (targets < 0).flatten().int().argsort(stable=True)[:n_read]
     logits = model(inputs, causal=False, rows=flat_rows(positions, T)[packed])
@@ -1908,6 +1911,8 @@ def make_parser():
       help="position information: a learned table added to the input (nanoGPT) or rotary embeddings on q and k")
     a("--varlen_weight", default=d.varlen_weight, choices=["token", "sequence"],
       help="mlm_varlen's loss: mean over every hidden token of the batch, or every sequence weighted equally")
+    a("--varlen_corruption", default=d.varlen_corruption, choices=["mask", "bert"],
+      help="mlm_varlen's hidden positions: all [MASK], or BERT's 80/10/10 as mlm's (the paper states neither)")
     # theory: the four objectives' optima computed exactly on small enumerable worlds, no training
     a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
     a("--theory_worlds", type=int, default=20, help="--theory: independent random worlds, drawn from --seed")
@@ -1995,7 +2000,8 @@ def config_from_args(args, objective, vocab_size):
     return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                      n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
                      varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1,
-                     pos_emb=args.pos_emb, varlen_weight=args.varlen_weight)
+                     pos_emb=args.pos_emb, varlen_weight=args.varlen_weight,
+                     varlen_corruption=args.varlen_corruption)
 
 
 def check_args(args):

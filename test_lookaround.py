@@ -122,6 +122,23 @@ def test_mlm_varlen_packed_targets_never_reach_the_input(monkeypatch):
     assert visible.min() < 0.2 and visible.max() > 0.8  # the visible length really varies
 
 
+def test_mlm_varlen_bert_corruption_hides_as_mlm_does(monkeypatch):
+    calls = capture_hiding(monkeypatch)
+    torch.manual_seed(0)
+    idx = random_ids(B=64)
+    for corruption in ("mask", "bert"):
+        L.mlm_varlen(tiny_model(varlen_corruption=corruption), idx)
+    shown = {}
+    for corruption, call in zip(("mask", "bert"), calls):
+        inputs, positions, targets = call["out"]
+        hidden_inputs = inputs.gather(1, positions)[targets >= 0]
+        shown[corruption] = ((hidden_inputs == 97).float().mean().item(),
+                             (hidden_inputs == targets[targets >= 0]).float().mean().item())
+    assert shown["mask"] == (1.0, 0.0)  # the default: every hidden position shows [MASK]
+    masked, unchanged = shown["bert"]  # of about 2,000 hidden positions: 80% [MASK], 10% kept (+ random hits)
+    assert 0.75 < masked < 0.85 and 0.06 < unchanged < 0.15
+
+
 def test_varlen_ratios_are_uniform_per_row_and_stratified_per_batch():
     from scipy.stats import kstest
     c = L.GPTConfig()
@@ -1005,7 +1022,7 @@ def test_help_documents_every_flag():
                --device --compile --objective --data --mask_ratio --varlen_min --varlen_max --n_future --resume
                --eval_cluster --eval_gen --sample --seeds --encoding --compact_vocab --bench --vocab_size --eval_iters
                --gen_seqs --temperature --top_k --bench_iters --bench_nanogpt --lr_decay_iters
-               --readout_views --pos_emb --varlen_weight
+               --readout_views --pos_emb --varlen_weight --varlen_corruption
                --theory --theory_worlds --theory_vocab --theory_len --theory_classes --theory_alpha"""
     for flag in flags.split():
         assert flag in p.stdout, flag
