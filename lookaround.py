@@ -1297,7 +1297,7 @@ def theory(args):
     bayes_causal = np.array([w["bayes_acc_causal"] for w in worlds])
     print(f"the causal objectives against their own ceiling, the Bayes accuracy from x[<L-1] "
           f"({mean_std(bayes_causal)}):")
-    for name in (n for n in OBJECTIVE_NAMES if CAUSAL[n]):
+    for name in (o for o in OBJECTIVE_NAMES if CAUSAL[o]):
         print(f"{name:<12}{mean_std(values(name, 'probe_rel_causal')):>20}"
               f"{mean_std(values(name, 'probe_rel_per_position_causal')):>21}")
     print("\ngeneration after a prefix of l tokens (then [MASK]s): where the objective trained on that context, the\n"
