@@ -1170,7 +1170,8 @@ def bad_inputs(tmp_path):
                     "line 11 has no \"text\""),
         "too short": (write(tmp_path / "short.jsonl", "\n".join(json.dumps({"text": "hi", "label": str(i % 2)})
                                                                 for i in range(6))), "too few for --block_size"),
-        # each split exactly one causal window (block_size + 1 tokens with the end-of-text): no second start point
+        # each split exactly one causal window (block_size + 1 tokens with the end-of-text): get_batch draws starts
+        # below len - window, so there is none to draw
         "one window": (write(tmp_path / "one.txt", "\n\n".join(["hello" + " hello" * 31] * 3)),
                        "too few for --block_size"),
         "too few": (write(tmp_path / "two.jsonl", '{"text": "a"}\n{"text": "b"}\n'), "at least 3 are needed"),
