@@ -819,8 +819,9 @@ GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
 
 
 def summarize(all_results):
-    """The paper-style comparison: objectives and baselines as rows; clustering (both readouts) and generation as
-    columns, mean and sample std over seeds."""
+    """The paper-style comparison: objectives and baselines as rows; as columns the frozen readouts (k-means and
+    probe on trained and clean, the per-position probe), fine-tuned accuracy per n and generation; mean and sample
+    std over seeds."""
     rows = {}
 
     def classification(readouts, finetune):  # the trained model's numbers, or its untrained baseline's
@@ -2112,6 +2113,11 @@ def as_flag(name, value):
     return f"--{name} {'unset' if value is None else value}"
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_json(path, obj):
     """Write to a temporary name, then rename: a killed run never leaves half a file for a study to read back."""
     with open(path + ".tmp", "w") as f:
@@ -2160,10 +2166,10 @@ def run(args, objective, seed, corpus, out_dir, device, ddp, resume=False):
     if ddp and ddp["rank"] != 0:
         return None
     final = points[-1]
+    train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
     results = {"objective": objective, "seed": seed, "data": args.data, "settings": run_settings(args),
                "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"], "gen": final["gen"],
                "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
-    train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), results)
     print_report(results, corpus, args)
@@ -2243,7 +2249,7 @@ def run_state(run_dir, args, objective, seed):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
             continue
-        found = json.load(open(path)) if name == "results.json" else torch.load(path, "cpu", weights_only=False)
+        found = read_json(path) if name == "results.json" else torch.load(path, "cpu", weights_only=False)
         if (found["objective"], found["seed"]) != (objective, seed):
             raise UsageError(f"{path} holds a {found['objective']} run with seed {found['seed']}, not {objective} with "
                              f"seed {seed}: give another --out_dir.")
@@ -2281,7 +2287,7 @@ def run_study(args, device, ddp):
         for objective in objectives:
             run_dir, state = plan[seed, objective]
             if state == "done":
-                result = json.load(open(os.path.join(run_dir, "results.json")))
+                result = read_json(os.path.join(run_dir, "results.json"))
                 if master:
                     print(f"{objective} seed {seed}: {run_dir}/results.json has these settings; not run again")
             else:
