@@ -1,18 +1,19 @@
 """
 lookaround.py: autoregressive ("look ahead") versus masked ("look around") pretraining, in one file.
 
-Zhang, Du, Huang, Wang, Wang. "Look Ahead or Look Around? A Theoretical Comparison Between Autoregressive and
-Masked Pretraining." ICML 2024, arXiv 2407.00935. The paper trains one Transformer with two objectives and argues
-that masked pretraining classifies better (its targets sit at any position, so more samples share targets and are
-linked in the graph of contexts and targets) while autoregressive pretraining generates better (a masked model
-always sees about the same number of visible tokens, while test-time prefixes vary in length). Its two fixes are
-the other two objectives: diversity-enhanced AR (predict several future tokens) and variable-length masking (draw
-the mask ratio per sequence).
+Zhang, Du, Huang, Wang, Wang. "Look Ahead or Look Around? A Theoretical Comparison Between
+Autoregressive and Masked Pretraining." ICML 2024, arXiv 2407.00935. The paper trains one
+Transformer with two objectives and argues that masked pretraining classifies better (its targets
+sit at any position, so more samples share targets and are linked in the graph of contexts and
+targets) while autoregressive pretraining generates better (a masked model always sees about the
+same number of visible tokens, while test-time prefixes vary in length). Its two fixes are the other
+two objectives: diversity-enhanced AR (predict several future tokens) and variable-length masking
+(draw the mask ratio per sequence).
 
-Read top to bottom: the model, then the four objectives, which differ in the attention mode, the positions hidden
-and the tokens that are targets (and, as each says, in small details: mlm's BERT corruption, ar_diverse's heads);
-then the built-in corpus, the evaluations, the exact theory, and the machinery (training loop, real text,
-benchmark, flags and main).
+Read top to bottom: the model, then the four objectives, which differ in the attention mode, the
+positions hidden and the tokens that are targets (and, as each says, in small details: mlm's BERT
+corruption, ar_diverse's heads); then the built-in corpus, the evaluations, the exact theory, and
+the machinery (training loop, real text, benchmark, flags and main).
 
     python lookaround.py                                    # built-in corpus, one objective; ~5 min on a laptop CPU
     python lookaround.py --objective all --seeds 1,2,3,4,5  # the four objectives, paired by seed, with verdicts
@@ -43,19 +44,22 @@ import torch.nn.functional as F
 
 
 class UsageError(Exception):
-    """A problem with the flags or the data that the user can fix; main() prints it without a traceback."""
+    """A problem with the flags or the data that the user can fix; main() prints it without a
+    traceback."""
 
 
 # -----------------------------------------------------------------------------------------------------
 # Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode.
-# causal=True lets position t attend to positions <= t ("look ahead"), causal=False to all ("look around").
+# causal=True lets position t attend to positions <= t ("look ahead"), causal=False to all ("look
+# around").
 #
-# Position information is a choice (--pos_emb). A causal mask tells a model where it is for free (position t sees
-# t + 1 tokens); a bidirectional model with a learned position table must first learn positions before it can use
-# its neighbours, and on a small budget that can leave a masked model predicting unigrams for most of the run
-# (the "unigram plateau": the loss stalls at the entropy of token frequencies, since no context is used yet).
-# Rotary embeddings (RoPE) make every attention score depend on the relative offset of its two positions, which
-# gives both attention modes that information from the first step.
+# Position information is a choice (--pos_emb). A causal mask tells a model where it is for free
+# (position t sees t + 1 tokens); a bidirectional model with a learned position table must first
+# learn positions before it can use its neighbours, and on a small budget that can leave a masked
+# model predicting unigrams for most of the run (the "unigram plateau": the loss stalls at the
+# entropy of token frequencies, since no context is used yet). Rotary embeddings (RoPE) make every
+# attention score depend on the relative offset of its two positions, which gives both attention
+# modes that information from the first step.
 
 
 @dataclass
@@ -76,9 +80,10 @@ class GPTConfig:
 
 
 def rotate(x, cos, sin):
-    """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q or k (B, n_head, T, head_size) by the
-    angle position * 10000^(-2i/head_size); cos and sin, (T, head_size/2), are GPT's rope_cos and rope_sin. A
-    rotation by a at query and by b at key leaves their dot product a function of a - b: relative offsets only."""
+    """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q or k (B, n_head, T,
+    head_size) by the angle position * 10000^(-2i/head_size); cos and sin, (T, head_size/2), are
+    GPT's rope_cos and rope_sin. A rotation by a at query and by b at key leaves their dot product a
+    function of a - b: relative offsets only."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -97,7 +102,8 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        # no mask tensor in either mode (causal attention is is_causal=True), so the fused (flash) kernels apply
+        # no mask tensor in either mode (causal attention is is_causal=True), so the fused (flash)
+        # kernels apply
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -128,9 +134,10 @@ class Block(nn.Module):
 
 
 class FutureHeads(nn.Module):
-    """ar_diverse's readout of future offsets 1..k. Offset 1 is the state itself, the ordinary next-token head;
-    offset d reads x + x @ weight[d - 2], a light residual n_embd x n_embd map per extra offset in front of the
-    shared unembedding (a choice the paper leaves open). Zero init: every offset starts as the next-token head."""
+    """ar_diverse's readout of future offsets 1..k. Offset 1 is the state itself, the ordinary
+    next-token head; offset d reads x + x @ weight[d - 2], a light residual n_embd x n_embd map per
+    extra offset in front of the shared unembedding (a choice the paper leaves open). Zero init:
+    every offset starts as the next-token head."""
 
     def __init__(self, config):
         super().__init__()
@@ -148,8 +155,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # ar_diverse only. Registered first, so its parameter is first in the order clip_grad_norm_ sums the norms
-        # in: moving it changes a run's last bits, and then no longer matches the README's published runs
+        # ar_diverse only. Registered first, so its parameter is first in the order clip_grad_norm_
+        # sums the norms in: moving it changes a run's last bits, and then no longer matches the
+        # README's published runs
         self.future_heads = FutureHeads(config) if config.n_future > 1 else None
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
         self.wpe = None
@@ -176,7 +184,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def features(self, idx, causal=True):
-        """Final hidden states (B, T, n_embd): what the evaluations pool and the output layer reads."""
+        """Final hidden states (B, T, n_embd): what the evaluations pool and the output layer
+        reads."""
         T = idx.size(1)
         x, rope = self.wte(idx), None
         if self.wpe is not None:
@@ -189,11 +198,12 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx, causal=True, rows=None, future_offsets=1):
-        """Logits over the vocabulary (the [MASK] id is never predicted), from one pass in one attention mode.
-        rows: which positions reach the output layer. None: all of them, (B, T, V). Otherwise a 1-D tensor of
-        indices into the B*T positions flattened (flat_rows makes one), (R, V): the output layer is the largest
-        matmul, so objectives that score few positions pay only for those.
-        future_offsets=k (ar_diverse): every state read out through the heads of offsets 1..k, (..., k, V)."""
+        """Logits over the vocabulary (the [MASK] id is never predicted), from one pass in one
+        attention mode. rows: which positions reach the output layer. None: all of them, (B, T, V).
+        Otherwise a 1-D tensor of indices into the B*T positions flattened (flat_rows makes one),
+        (R, V): the output layer is the largest matmul, so objectives that score few positions pay
+        only for those. future_offsets=k (ar_diverse): every state read out through the heads of
+        offsets 1..k, (..., k, V)."""
         x = self.features(idx, causal)
         if rows is not None:
             x = x.flatten(0, 1).index_select(0, rows)  # index_select: cheaper than gather
@@ -203,23 +213,24 @@ class GPT(nn.Module):
 
 
 def flat_rows(positions, T):
-    """positions (B, S), S positions in each of B sequences of T tokens -> their indices among the B*T positions
-    flattened, (B*S,): what GPT's rows argument takes."""
+    """positions (B, S), S positions in each of B sequences of T tokens -> their indices among the
+    B*T positions flattened, (B*S,): what GPT's rows argument takes."""
     return (positions + T * torch.arange(len(positions), device=positions.device)[:, None]).flatten()
 
 
 def initial_model(config, seed, device):
-    """The weights a run with this seed starts from: training begins here, and the evaluations' untrained
-    baselines are exactly this model."""
+    """The weights a run with this seed starts from: training begins here, and the evaluations'
+    untrained baselines are exactly this model."""
     torch.manual_seed(seed)
     return GPT(config).to(device)
 
 
 # -----------------------------------------------------------------------------------------------------
-# The four objectives: the paper compares these losses on one network, so each is one small function, loss =
-# objective(model, idx), answering three questions: which attention mode, which positions are hidden, which tokens
-# are targets. The causal pair read windows of block_size + 1 tokens (as nanoGPT's x and y), so every one of the
-# model's block_size positions has a target and is trained; the masked pair read windows of block_size tokens.
+# The four objectives: the paper compares these losses on one network, so each is one small
+# function, loss = objective(model, idx), answering three questions: which attention mode, which
+# positions are hidden, which tokens are targets. The causal pair read windows of block_size + 1
+# tokens (as nanoGPT's x and y), so every one of the model's block_size positions has a target and
+# is trained; the masked pair read windows of block_size tokens.
 
 
 OBJECTIVE_NAMES = ["ar", "ar_diverse", "mlm", "mlm_varlen"]
@@ -227,19 +238,21 @@ CAUSAL = {"ar": True, "ar_diverse": True, "mlm": False, "mlm_varlen": False}  # 
 
 
 def ar(model, idx):
-    """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality hides the future);
-    the target of position t is always the next token x[t+1]: one fixed relative position."""
+    """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality hides the
+    future); the target of position t is always the next token x[t+1]: one fixed relative
+    position."""
     logits = model(idx[:, :-1], causal=True)
     return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
 
 def ar_diverse(model, idx):
-    """Diversity-enhanced AR, the paper's fix for AR's clustering: the targets of position t are x[t+d] for every
-    offset d = 1..n_future, not only x[t+1], so targets sit at varied positions and connect more samples, as masked
-    targets do. Causal attention; nothing hidden. Every offset is scored at every position that has its target, and
-    the loss is the mean over offsets of each offset's mean cross-entropy (the objective --theory optimises). A
-    choice the paper leaves open: each offset reads the states through a light head of its own (FutureHeads).
-    Offset 1 is the ordinary next-token head that generation uses."""
+    """Diversity-enhanced AR, the paper's fix for AR's clustering: the targets of position t are
+    x[t+d] for every offset d = 1..n_future, not only x[t+1], so targets sit at varied positions and
+    connect more samples, as masked targets do. Causal attention; nothing hidden. Every offset is
+    scored at every position that has its target, and the loss is the mean over offsets of each
+    offset's mean cross-entropy (the objective --theory optimises). A choice the paper leaves open:
+    each offset reads the states through a light head of its own (FutureHeads). Offset 1 is the
+    ordinary next-token head that generation uses."""
     k = model.config.n_future
     T = idx.size(1) - 1
     logits = model(idx[:, :-1], causal=True, future_offsets=k)  # (B, T, k, V)
@@ -252,10 +265,11 @@ def ar_diverse(model, idx):
 
 
 def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
-    """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide the
-    first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and their targets
-    (the original tokens; -1 for slots past n_hidden[b], which are not scored). n_slots is fixed, so shapes
-    never depend on the data (torch.compile needs no recompiles or graph breaks)."""
+    """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide
+    the first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and
+    their targets (the original tokens; -1 for slots past n_hidden[b], which are not scored).
+    n_slots is fixed, so shapes never depend on the data (torch.compile needs no recompiles or graph
+    breaks)."""
     B, T = idx.shape
     positions = torch.rand(B, T, device=idx.device).argsort(dim=1)[:, :n_slots]
     hidden = torch.arange(n_slots, device=idx.device) < n_hidden[:, None]
@@ -270,10 +284,10 @@ def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
 
 
 def mlm(model, idx):
-    """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%) of
-    positions is hidden (BERT's corruption: 80% shown as [MASK], 10% as a random token, 10% unchanged); the
-    targets are the hidden tokens, wherever they sit. The visible length is always about (1 - mask_ratio) * T:
-    the mismatch with variable-length prefixes the paper points at."""
+    """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%)
+    of positions is hidden (BERT's corruption: 80% shown as [MASK], 10% as a random token, 10%
+    unchanged); the targets are the hidden tokens, wherever they sit. The visible length is always
+    about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
     B, T = idx.shape
     n = max(1, round(model.config.mask_ratio * T))
     inputs, positions, targets = hide_tokens(idx, torch.full((B,), n, device=idx.device), n, model.config.vocab_size,
@@ -283,44 +297,51 @@ def mlm(model, idx):
 
 
 def varlen_mask_ratios(strata, u, c):
-    """mlm_varlen's mask ratios, stratified: [varlen_min, varlen_max] is cut into B equal strata, row b draws
-    stratum strata[b] (a random permutation) and every row sits at the same relative place u ~ U(0, 1) in its
-    stratum. Each row's ratio is still U[varlen_min, varlen_max] (the objective is unchanged in expectation),
-    but the batch's total hidden count is nearly constant, so the gradient's variance falls. MDLM's
-    low-discrepancy sampler of the masking level (Sahoo et al., 2024) is the precedent."""
+    """mlm_varlen's mask ratios, stratified: [varlen_min, varlen_max] is cut into B equal strata,
+    row b draws stratum strata[b] (a random permutation) and every row sits at the same relative
+    place u ~ U(0, 1) in its stratum. Each row's ratio is still U[varlen_min, varlen_max] (the
+    objective is unchanged in expectation), but the batch's total hidden count is nearly constant,
+    so the gradient's variance falls. MDLM's low-discrepancy sampler of the masking level (Sahoo et
+    al., 2024) is the precedent."""
     return c.varlen_min + (c.varlen_max - c.varlen_min) * (strata + u) / len(strata)
 
 
 def hidden_counts(ratios, T):
-    """round(ratio * T) hidden positions per row, with at least one hidden and (where T > 1) one visible."""
+    """round(ratio * T) hidden positions per row, with at least one hidden and (where T > 1) one
+    visible."""
     return (ratios * T).round().long().clamp(1, max(1, T - 1))
 
 
 def mlm_varlen(model, idx, weight=None):
-    """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn per sequence
-    from U[varlen_min, varlen_max], so the number of visible tokens varies the way test-time prefixes do.
-    Bidirectional attention; hidden positions become [MASK] (with varlen_corruption "bert", mlm's 80/10/10: then
-    the two masked objectives differ only in how many they hide); the targets are the hidden tokens. Only the hidden
-    positions, packed across the batch, reach the output layer (about half of them, where a fixed width per
-    sequence would pay for varlen_max).
-    weight (default: the config's varlen_weight) averages the hidden tokens. "token": each counts once, BERT's mean
-    (a sequence that hides 95% weighs 19 times one that hides 5%). "sequence": the mean over sequences of each one's
-    own mean, so every visible length counts alike; up to a constant, the 1/t weighting of masked diffusion LMs
-    (MDLM, Sahoo et al., 2024; LLaDA, Nie et al., 2025). The paper states none; "token" is the plain masked loss."""
+    """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn
+    per sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way
+    test-time prefixes do. Bidirectional attention; hidden positions become [MASK] (with
+    varlen_corruption "bert", mlm's 80/10/10: then the two masked objectives differ only in how many
+    they hide); the targets are the hidden tokens. Only the hidden positions, packed across the
+    batch, reach the output layer (about half of them, where a fixed width per sequence would pay
+    for varlen_max). weight (default: the config's varlen_weight) averages the hidden tokens.
+    "token": each counts once, BERT's mean (a sequence that hides 95% weighs 19 times one that hides
+    5%). "sequence": the mean over sequences of each one's own mean, so every visible length counts
+    alike; up to a constant, the 1/t weighting of masked diffusion LMs (MDLM, Sahoo et al., 2024;
+    LLaDA, Nie et al., 2025). The paper states none; "token" is the plain masked loss."""
     B, T = idx.shape
     c = model.config
-    # The draw: one mask ratio per sequence (stratified across the batch), rounded to a count of hidden positions
+    # The draw: one mask ratio per sequence (stratified across the batch), rounded to a count of
+    # hidden positions
     strata, u = torch.randperm(B, device=idx.device), torch.rand((), device=idx.device)
     n_hidden = hidden_counts(varlen_mask_ratios(strata, u, c), T)
-    # The shapes: the most each stratum can hide (u -> 1), whatever is drawn, so torch.compile never recompiles
+    # The shapes: the most each stratum can hide (u -> 1), whatever is drawn, so torch.compile never
+    # recompiles
     most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
     n_slots, n_read = int(most.max()), int(most.sum())
     inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, c.vocab_size,
                                              bert_corruption=c.varlen_corruption == "bert")
-    # The packing: the batch's hidden slots first (sequences in order), then unscored slots up to n_read in all
+    # The packing: the batch's hidden slots first (sequences in order), then unscored slots up to
+    # n_read in all
     packed = (targets < 0).flatten().int().argsort(stable=True)[:n_read]
     logits = model(inputs, causal=False, rows=flat_rows(positions, T)[packed])
-    # The loss: cross-entropy at the hidden positions (0 at the unscored fillers), averaged as weight says
+    # The loss: cross-entropy at the hidden positions (0 at the unscored fillers), averaged as
+    # weight says
     nll = F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1, reduction="none")
     hidden = (targets >= 0).float()
     if (weight or c.varlen_weight) == "token":
@@ -331,22 +352,24 @@ def mlm_varlen(model, idx, weight=None):
 
 
 OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
-# Peak learning rate per objective, by one rule for all four: the lowest mean final val loss among 1e-3, 2e-3 and
-# 4e-3 on tuning seeds (101, 102) that no verdict study uses. --learning_rate overrides it.
+# Peak learning rate per objective, by one rule for all four: the lowest mean final val loss among
+# 1e-3, 2e-3 and 4e-3 on tuning seeds (101, 102) that no verdict study uses. --learning_rate
+# overrides it.
 LEARNING_RATES = {"ar": 1e-3, "ar_diverse": 1e-3, "mlm": 1e-3, "mlm_varlen": 2e-3}
 
 
 def window_length(objective, block_size):
-    """Tokens per training window: one more than the context for the causal objectives, whose inputs are
-    window[:-1] and whose last target is window[-1]; exactly the context for the masked ones."""
+    """Tokens per training window: one more than the context for the causal objectives, whose inputs
+    are window[:-1] and whose last target is window[-1]; exactly the context for the masked ones."""
     return block_size + 1 if CAUSAL[objective] else block_size
 
 
 # -----------------------------------------------------------------------------------------------------
-# The built-in corpus: a small English-like language with latent topics, so the claims can be tested in minutes.
-# Every corpus, this one or real text (further down), ends up as the same arrays: a train and a val token stream
-# (documents joined by an end-of-document token; training samples random windows, as nanoGPT does) and held-out
-# documents, with labels where the data has them, that feed the evaluations.
+# The built-in corpus: a small English-like language with latent topics, so the claims can be tested
+# in minutes. Every corpus, this one or real text (further down), ends up as the same arrays: a
+# train and a val token stream (documents joined by an end-of-document token; training samples
+# random windows, as nanoGPT does) and held-out documents, with labels where the data has them, that
+# feed the evaluations.
 
 
 @dataclass
@@ -378,11 +401,12 @@ class Corpus:
         return load_encoding(self.encoding).decode(ids)
 
 
-# The built-in language. Its word list is its tokenizer, so no download is needed and samples decode to readable
-# words. A document's topic shows partly in which words it uses (each topic has a few words of its own, used
-# sparingly) and partly in its structure: which verb follows which subject, which object follows which verb, and
-# which sentence templates it prefers differ by topic over a shared vocabulary. A bag of words sees only part of
-# that; a model that reads context can see the rest.
+# The built-in language. Its word list is its tokenizer, so no download is needed and samples decode
+# to readable words. A document's topic shows partly in which words it uses (each topic has a few
+# words of its own, used sparingly) and partly in its structure: which verb follows which subject,
+# which object follows which verb, and which sentence templates it prefers differ by topic over a
+# shared vocabulary. A bag of words sees only part of that; a model that reads context can see the
+# rest.
 
 SYN_DETS = "the a this every some".split()
 SYN_PREPS = "in on near with under after".split()
@@ -412,7 +436,8 @@ SYN_TEMPLATES = [  # sentence shapes; each topic prefers some of them
 
 
 def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_size=64, n_topics=4, seed=1):
-    """A deterministic labelled corpus in a toy language (see the comment above). Returns a Corpus."""
+    """A deterministic labelled corpus in a toy language (see the comment above). Returns a
+    Corpus."""
     if not 2 <= n_topics <= len(SYN_TOPIC_WORDS):
         raise UsageError(f"the synthetic corpus has between 2 and {len(SYN_TOPIC_WORDS)} topics, not {n_topics}.")
     rng = random.Random(seed)
@@ -487,20 +512,23 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
 
 
 # -----------------------------------------------------------------------------------------------------
-# Evaluation: the claims are about what a pretrained model is good for, so every run is scored on both uses.
-# Classification: do held-out documents' representations separate by label (k-means, linear probes, fine-tuning)?
-# Generation: how well does the model continue prefixes of different lengths?
+# Evaluation: the claims are about what a pretrained model is good for, so every run is scored on
+# both uses. Classification: do held-out documents' representations separate by label (k-means,
+# linear probes, fine-tuning)? Generation: how well does the model continue prefixes of different
+# lengths?
 #
-# How a document becomes a vector is a choice that can flip the clustering comparison, so every run reports
-# three readouts side by side; the first two are each a mean of final hidden states:
-# - "trained": the states at the positions the objective trains. A causal model's state at every position but
-#   the last predicts the next token, so: the mean over those. A masked model is trained only where it hides
-#   (its visible positions are never asked to predict anything), so: hide positions as the objective does
-#   (hidden ones shown as [MASK]), average the states at the hidden positions, and average over several random
-#   hidings. This is the paper's view: a sample is represented through the contexts its objective trains on.
+# How a document becomes a vector is a choice that can flip the clustering comparison, so every run
+# reports three readouts side by side; the first two are each a mean of final hidden states:
+# - "trained": the states at the positions the objective trains. A causal model's state at every
+#   position but the last predicts the next token, so: the mean over those. A masked model is
+#   trained only where it hides (its visible positions are never asked to predict anything), so:
+#   hide positions as the objective does (hidden ones shown as [MASK]), average the states at the
+#   hidden positions, and average over several random hidings. This is the paper's view: a sample is
+#   represented through the contexts its objective trains on.
 # - "clean": the conventional readout, the mean over every position of the unmasked document.
-# - "per_position": no pooling; the states at every trained position side by side (per_position_features), for a
-#   linear probe only (k-means on thousands of dimensions says little).
+# - "per_position": no pooling; the states at every trained position side by side
+#   (per_position_features), for a linear probe only (k-means on thousands of dimensions says
+#   little).
 
 PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
 READOUTS = ["trained", "clean"]
@@ -509,10 +537,11 @@ CLUSTER_METRICS = ["nmi", "ari", "acc", "probe_acc"]
 
 @torch.no_grad()
 def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=256):
-    """{"trained": (N, n_embd), "clean": (N, n_embd)}: both readouts of every document. Documents of equal length
-    are batched together, so there is no padding to leak into a mean or (bidirectionally) into attention. The
-    masked hidings come from a random stream seeded by seed, so a run is repeatable and an untrained model read
-    out with the same seed sees the same hidings."""
+    """{"trained": (N, n_embd), "clean": (N, n_embd)}: both readouts of every document. Documents of
+    equal length are batched together, so there is no padding to leak into a mean or
+    (bidirectionally) into attention. The masked hidings come from a random stream seeded by seed,
+    so a run is repeatable and an untrained model read out with the same seed sees the same
+    hidings."""
     model.eval()
     causal = CAUSAL[objective]
     features = {name: [None] * len(docs) for name in READOUTS}
@@ -534,9 +563,9 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
 
 
 def length_batches(docs, batch_size, rng=None):
-    """Lists of indices of documents of equal length, at most batch_size each: no batch needs padding (padding
-    would leak into a mean, and under bidirectional attention into every state). With a numpy rng, the
-    documents and the batches come in a random order."""
+    """Lists of indices of documents of equal length, at most batch_size each: no batch needs
+    padding (padding would leak into a mean, and under bidirectional attention into every state).
+    With a numpy rng, the documents and the batches come in a random order."""
     by_length = {}
     for i in (range(len(docs)) if rng is None else rng.permutation(len(docs))):
         by_length.setdefault(len(docs[i]), []).append(int(i))
@@ -546,11 +575,12 @@ def length_batches(docs, batch_size, rng=None):
 
 @torch.no_grad()
 def per_position_features(model, docs, objective, device, batch_size=256):
-    """The per_position readout, (N, block_size * n_embd): the final state at every position the objective trains,
-    concatenated in order (zeros past the end of a shorter document), for a linear probe. Causal: one pass, the
-    states at the positions that predict a target (all but the last). Masked: position p is read from a copy of
-    the document with p alone hidden as [MASK] and everything else visible (a one-token hiding); a document of
-    T tokens costs T passes (batched)."""
+    """The per_position readout, (N, block_size * n_embd): the final state at every position the
+    objective trains, concatenated in order (zeros past the end of a shorter document), for a linear
+    probe. Causal: one pass, the states at the positions that predict a target (all but the last).
+    Masked: position p is read from a copy of the document with p alone hidden as [MASK] and
+    everything else visible (a one-token hiding); a document of T tokens costs T passes
+    (batched)."""
     model.eval()
     causal, C = CAUSAL[objective], model.config.n_embd
     features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
@@ -569,10 +599,10 @@ def per_position_features(model, docs, objective, device, batch_size=256):
 
 
 def hidden_state_mean(model, x, objective, device):
-    """One random hiding of each row of x, drawn as the masked objective draws it (mlm: a fixed count; mlm_varlen:
-    stratified ratios across the rows, as across a training batch), every hidden position shown as [MASK] (no
-    BERT corruption: a readout, not a training step);
-    returns the mean of the final states at the hidden positions, (B, n_embd)."""
+    """One random hiding of each row of x, drawn as the masked objective draws it (mlm: a fixed
+    count; mlm_varlen: stratified ratios across the rows, as across a training batch), every hidden
+    position shown as [MASK] (no BERT corruption: a readout, not a training step); returns the mean
+    of the final states at the hidden positions, (B, n_embd)."""
     B, T = x.shape
     c = model.config
     if objective == "mlm":
@@ -610,9 +640,10 @@ def cluster_scores(features, labels, seed):
 
 
 def probe_accuracy(features, labels, seed, choose_c=False):
-    """A linear probe: logistic regression trained on half the held-out documents, scored on the other half.
-    choose_c: pick the regularisation strength by 3-fold cross-validation inside the training half (for the
-    per_position readout, whose thousands of dimensions outnumber the documents)."""
+    """A linear probe: logistic regression trained on half the held-out documents, scored on the
+    other half. choose_c: pick the regularisation strength by 3-fold cross-validation inside the
+    training half (for the per_position readout, whose thousands of dimensions outnumber the
+    documents)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, train_test_split
     from sklearn.pipeline import make_pipeline
@@ -626,9 +657,9 @@ def probe_accuracy(features, labels, seed, choose_c=False):
 
 
 def evaluate_clustering(model, corpus, objective, seed, device, views, baselines=True):
-    """The model's three readouts: trained and clean scored by k-means and a linear probe, per_position by a probe
-    only. With baselines, each beside the same architecture untrained (read out the same way) and TF-IDF + KMeans.
-    The top level repeats the clean readout."""
+    """The model's three readouts: trained and clean scored by k-means and a linear probe,
+    per_position by a probe only. With baselines, each beside the same architecture untrained (read
+    out the same way) and TF-IDF + KMeans. The top level repeats the clean readout."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     labels = corpus.eval_labels
 
@@ -650,19 +681,22 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, baselines
 
 
 def own_rng(device):
-    """A block whose random draws leave the global random streams (the CPU's and device's) as they found them, so
-    an evaluation in the middle of training does not change what training draws next."""
+    """A block whose random draws leave the global random streams (the CPU's and device's) as they
+    found them, so an evaluation in the middle of training does not change what training draws
+    next."""
     return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
 
 
-# Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is trained further
-# on labelled examples. One small recipe for every objective and for the untrained baseline, fixed before any
-# result was seen; the number of labelled documents is the dial (few labels: what pretraining gave matters most).
+# Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is
+# trained further on labelled examples. One small recipe for every objective and for the untrained
+# baseline, fixed before any result was seen; the number of labelled documents is the dial (few
+# labels: what pretraining gave matters most).
 FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.01}
 
 
 def balanced_draw(labels, n, rng):
-    """n distinct indices into labels, an equal share per class where the labels allow (the rest at random)."""
+    """n distinct indices into labels, an equal share per class where the labels allow (the rest at
+    random)."""
     pools = [rng.permutation(np.flatnonzero(labels == k)) for k in range(int(labels.max()) + 1)]
     share = [min(len(pool), n // len(pools)) for pool in pools]
     rest = rng.permutation(np.concatenate([pool[m:] for pool, m in zip(pools, share)]))[:n - sum(share)]
@@ -670,9 +704,10 @@ def balanced_draw(labels, n, rng):
 
 
 def finetune_predictions(model, objective, corpus, n, draw, seed, device):
-    """Fine-tune a copy of model together with a linear head, which reads the mean of the final states over the
-    clean document (no [MASK]; the objective's own attention mode), on n labelled training documents; return the
-    predicted label of every held-out document. Held-out labels are never read here."""
+    """Fine-tune a copy of model together with a linear head, which reads the mean of the final
+    states over the clean document (no [MASK]; the objective's own attention mode), on n labelled
+    training documents; return the predicted label of every held-out document. Held-out labels are
+    never read here."""
     recipe, causal = FINETUNE_RECIPE, CAUSAL[objective]
     rng = np.random.default_rng([seed, n, draw])
     picks = balanced_draw(corpus.train_labels, n, rng)
@@ -702,9 +737,9 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device):
 
 
 def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws, baselines=True):
-    """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and sample std over
-    draws (each draw its own documents and head). With baselines, the untrained network (the weights this run
-    started from) is fine-tuned the same way beside it."""
+    """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and
+    sample std over draws (each draw its own documents and head). With baselines, the untrained
+    network (the weights this run started from) is fine-tuned the same way beside it."""
     t0 = time.time()
 
     def accuracies(net):
@@ -721,14 +756,15 @@ def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draw
 
 
 def gen_windows(corpus, block_size, n):
-    """Up to n held-out sequences of block_size tokens, each starting where a held-out document starts
-    (and running on into the next one after its separator, as training windows do)."""
+    """Up to n held-out sequences of block_size tokens, each starting where a held-out document
+    starts (and running on into the next one after its separator, as training windows do)."""
     starts = corpus.held_starts[corpus.held_starts + block_size <= len(corpus.held)][:n]
     return torch.tensor(np.stack([np.asarray(corpus.held[s:s + block_size], dtype=np.int64) for s in starts]))
 
 
 def scored_positions(block_size):
-    """For each prefix fraction f: after a prefix of l = f*T tokens, score the next min(T/8, T-l) tokens."""
+    """For each prefix fraction f: after a prefix of l = f*T tokens, score the next min(T/8, T-l)
+    tokens."""
     out = {}
     for f in PREFIX_FRACTIONS:
         prefix = int(f * block_size)
@@ -739,9 +775,10 @@ def scored_positions(block_size):
 @torch.no_grad()
 def next_token_nll(model, seqs, positions, causal, batch_size=256):
     """-log p(x[p] | x[<p]) for each sequence and each position p in positions: (N, len(positions)).
-    Causal models read it off one teacher-forced pass (logits at p-1). Masked models must generate the
-    way they can: the block holds the true tokens before p and [MASK] at p and every later position,
-    and the prediction is read at p. One forward pass per (sequence, position): batched here."""
+    Causal models read it off one teacher-forced pass (logits at p-1). Masked models must generate
+    the way they can: the block holds the true tokens before p and [MASK] at p and every later
+    position, and the prediction is read at p. One forward pass per (sequence, position): batched
+    here."""
     model.eval()
     N, T = seqs.shape
     device = next(model.parameters()).device
@@ -769,8 +806,9 @@ def next_token_nll(model, seqs, positions, causal, batch_size=256):
 
 
 def evaluate_generation(model, corpus, causal, n_seqs):
-    """Perplexity of the next token after prefixes of every length, on n_seqs held-out windows: overall ("ppl")
-    and by prefix fraction of the block ("ppl_by_prefix", the paper's short-prefix question)."""
+    """Perplexity of the next token after prefixes of every length, on n_seqs held-out windows:
+    overall ("ppl") and by prefix fraction of the block ("ppl_by_prefix", the paper's short-prefix
+    question)."""
     t0 = time.time()
     T = model.config.block_size
     seqs = gen_windows(corpus, T, n_seqs)
@@ -785,9 +823,10 @@ def evaluate_generation(model, corpus, causal, n_seqs):
 
 @torch.no_grad()
 def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=None):
-    """Continue a prefix one token at a time. One loop serves both kinds of model: the block holds the
-    tokens so far and [MASK] after them; a causal model predicts position p from position p-1 (and never
-    sees the masks), a masked model predicts it in place, from everything visible around it."""
+    """Continue a prefix one token at a time. One loop serves both kinds of model: the block holds
+    the tokens so far and [MASK] after them; a causal model predicts position p from position p-1
+    (and never sees the masks), a masked model predicts it in place, from everything visible around
+    it."""
     model.eval()
     T, device = model.config.block_size, next(model.parameters()).device
     x = torch.full((1, T), model.config.vocab_size, dtype=torch.long, device=device)
@@ -803,7 +842,8 @@ def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=
     return x[0, :end].tolist()
 
 
-# Across runs: several seeds and objectives become one summary table and one verdict per claim (summary.json).
+# Across runs: several seeds and objectives become one summary table and one verdict per claim
+# (summary.json).
 
 
 def fmt(x, digits=3):
@@ -811,7 +851,8 @@ def fmt(x, digits=3):
 
 
 def baseline_name(objective):
-    """The untrained model's row: read out as a causal objective (ar and ar_diverse read alike) or as a masked one."""
+    """The untrained model's row: read out as a causal objective (ar and ar_diverse read alike) or
+    as a masked one."""
     return "random init (causal)" if CAUSAL[objective] else f"random init (as {objective})"
 
 
@@ -819,9 +860,9 @@ GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
 
 
 def summarize(all_results):
-    """The paper-style comparison: objectives and baselines as rows; as columns the frozen readouts (k-means and
-    probe on trained and clean, the per-position probe), fine-tuned accuracy per n and generation; mean and sample
-    std over seeds."""
+    """The paper-style comparison: objectives and baselines as rows; as columns the frozen readouts
+    (k-means and probe on trained and clean, the per-position probe), fine-tuned accuracy per n and
+    generation; mean and sample std over seeds."""
     rows = {}
 
     def classification(readouts, finetune):  # the trained model's numbers, or its untrained baseline's
@@ -888,11 +929,12 @@ def summarize(all_results):
     return table
 
 
-# The paper's four claims as paired differences: each row measures value(a's run) - value(b's run) in the same seed
-# (same corpus draw, same initial weights), signed so that > 0 is the paper's side. Generation compares log
-# perplexities: differences of mean next-token losses. Each claim has ONE primary row, fixed before any result was
-# seen; the verdicts on the four primary rows are corrected for testing four (Holm). Every other row is secondary:
-# evidence to read beside the primary one, with its interval, and no verdict of its own that could be cherry-picked.
+# The paper's four claims as paired differences: each row measures value(a's run) - value(b's run)
+# in the same seed (same corpus draw, same initial weights), signed so that > 0 is the paper's side.
+# Generation compares log perplexities: differences of mean next-token losses. Each claim has ONE
+# primary row, fixed before any result was seen; the verdicts on the four primary rows are corrected
+# for testing four (Holm). Every other row is secondary: evidence to read beside the primary one,
+# with its interval, and no verdict of its own that could be cherry-picked.
 PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary row: fine-tuned accuracy at n = 128
 
 
@@ -909,7 +951,8 @@ def log_ppl(prefix=None):
 
 
 def claim_rows(label_counts):
-    """(claim, metric, readout, a, b, value, primary) for every row; label_counts: the fine-tuning n's that ran."""
+    """(claim, metric, readout, a, b, value, primary) for every row; label_counts: the fine-tuning
+    n's that ran."""
     varlen = "variable-length masked generates better than masked, most at short prefixes"
     rows = []
     for claim, a in (("masked clusters better than AR", "mlm"),
@@ -929,24 +972,26 @@ def claim_rows(label_counts):
 
 
 def paired_verdict(diffs):
-    """Mean paired difference, its 95% t-interval, the two-sided paired t-test's p-value, and the interval's
-    verdict: reproduced (the interval lies above 0), contradicted (below 0) or inconclusive. One seed gives a
-    difference but no interval, no p-value and no verdict."""
+    """Mean paired difference, its 95% t-interval, the two-sided paired t-test's p-value, and the
+    interval's verdict: reproduced (the interval lies above 0), contradicted (below 0) or
+    inconclusive. One seed gives a difference but no interval, no p-value and no verdict."""
     from scipy import stats
     mean = float(np.mean(diffs))
     if len(diffs) < 2:
         return mean, None, None, None
     sd = float(np.std(diffs, ddof=1))
     half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
-    # identical differences (sd 0 up to rounding) have no spread to test against: p is 0, or 1 if they are all 0
+    # identical differences (sd 0 up to rounding) have no spread to test against: p is 0, or 1 if
+    # they are all 0
     p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 1e-12 * max(1.0, abs(mean)) else float(mean == 0)
     lo, hi = mean - half, mean + half
     return mean, [lo, hi], p, "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
 
 
 def holm(p_values):
-    """Holm's step-down adjustment of m p-values: the k-th smallest times (m - k + 1), never below the one
-    before it, capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise error at alpha."""
+    """Holm's step-down adjustment of m p-values: the k-th smallest times (m - k + 1), never below
+    the one before it, capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise
+    error at alpha."""
     m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
     for rank, i in enumerate(np.argsort(p_values, kind="stable")):
         running = max(running, min(1.0, (m - rank) * p_values[i]))
@@ -955,9 +1000,10 @@ def holm(p_values):
 
 
 def claims_table(all_results, verbose=True):
-    """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned for summary.json.
-    A primary row's verdict comes from its Holm-adjusted p-value (over the primary rows that ran): reproduced or
-    contradicted where p_holm < 0.05, on the side of the mean difference, else inconclusive."""
+    """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned
+    for summary.json. A primary row's verdict comes from its Holm-adjusted p-value (over the primary
+    rows that ran): reproduced or contradicted where p_holm < 0.05, on the side of the mean
+    difference, else inconclusive."""
     by_run = {(r["objective"], r["seed"]): r for r in all_results}
     seeds = sorted({r["seed"] for r in all_results})
     label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
@@ -993,8 +1039,9 @@ def claims_table(all_results, verbose=True):
 
 
 def claims_by_iter(all_results):
-    """The primary rows' verdicts at every curve point that all runs share, each judged as claims_table judges the
-    end (Holm over the primary rows at that budget); printed as one table, claim x budget."""
+    """The primary rows' verdicts at every curve point that all runs share, each judged as
+    claims_table judges the end (Holm over the primary rows at that budget); printed as one table,
+    claim x budget."""
     common = sorted(set.intersection(*({p["iter"] for p in r["curve"]} for r in all_results)))
     by_iter = {}
     for it in common:
@@ -1013,8 +1060,9 @@ def claims_by_iter(all_results):
 
 
 def plot_summary(all_results, path):
-    """summary.png: per objective, the mean over seeds and its 95% t-band, against iterations, of the generation
-    perplexity at each prefix fraction, the primary classification metric (fine-tuned accuracy) and the val loss."""
+    """summary.png: per objective, the mean over seeds and its 95% t-band, against iterations, of
+    the generation perplexity at each prefix fraction, the primary classification metric (fine-tuned
+    accuracy) and the val loss."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -1055,23 +1103,25 @@ def plot_summary(all_results, path):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Theory: the paper's comparison computed exactly, with no training (--theory). Training noise can hide or fake a
-# difference; on worlds small enough to enumerate, every objective's optimum and what it can tell apart are exact.
+# Theory: the paper's comparison computed exactly, with no training (--theory). Training noise can
+# hide or fake a difference; on worlds small enough to enumerate, every objective's optimum and what
+# it can tell apart are exact.
 #
-# The paper reasons about what each objective's *optimal* predictor can know. An objective turns a sequence
-# into (context, target) pairs; its optimum is the exact conditional p*(target | context), and what that
-# optimum can tell apart depends on the co-occurrence graph of contexts and targets: two sequences end up
-# with related representations only if a path of shared targets joins their contexts. A context whose target
-# always sits at one position (ar: the token after the prefix; mlm hiding one token: that token) links only
-# to targets there, so the graph splits into one piece per target position; contexts with targets at several
-# positions (ar_diverse; masked objectives hiding two or more tokens) join the pieces. For generation, a
-# masked model is asked at test time for contexts it may never have trained on: a prefix followed by
-# [MASK]s, of a length its training never showed.
-# This section is lookaround's own construction in that spirit: worlds small enough to enumerate every
-# sequence (K classes, each a Markov chain over V tokens, sequences of L tokens), each objective written as
-# a list of training patterns (visible positions, target position, weight), and for each the optimal
-# predictor, a linear probe of it for the class, the graph's connected components and the coverage of
-# generation contexts, all exact: sums over the enumeration, no sampling and no optimisation noise.
+# The paper reasons about what each objective's *optimal* predictor can know. An objective turns a
+# sequence into (context, target) pairs; its optimum is the exact conditional p*(target | context),
+# and what that optimum can tell apart depends on the co-occurrence graph of contexts and targets:
+# two sequences end up with related representations only if a path of shared targets joins their
+# contexts. A context whose target always sits at one position (ar: the token after the prefix; mlm
+# hiding one token: that token) links only to targets there, so the graph splits into one piece per
+# target position; contexts with targets at several positions (ar_diverse; masked objectives hiding
+# two or more tokens) join the pieces. For generation, a masked model is asked at test time for
+# contexts it may never have trained on: a prefix followed by [MASK]s, of a length its training
+# never showed. This section is lookaround's own construction in that spirit: worlds small enough to
+# enumerate every sequence (K classes, each a Markov chain over V tokens, sequences of L tokens),
+# each objective written as a list of training patterns (visible positions, target position,
+# weight), and for each the optimal predictor, a linear probe of it for the class, the graph's
+# connected components and the coverage of generation contexts, all exact: sums over the
+# enumeration, no sampling and no optimisation noise.
 
 
 def prefix_mask(n):
@@ -1080,10 +1130,11 @@ def prefix_mask(n):
 
 
 def varlen_count_probs(L, lo, hi):
-    """{m: P(m)} for mlm_varlen's hidden count m = round(r * L), clamped to 1..L-1, with r ~ U[lo, hi].
-    round(r * L) = n for r * L in [n - 0.5, n + 0.5] (which way a tie rounds, half to even in Python and
-    torch, matters only on a set of measure zero), so P(n) is that interval's share of [lo, hi]. The clamp is
-    the network's (hidden_counts): at least one token hidden and one visible."""
+    """{m: P(m)} for mlm_varlen's hidden count m = round(r * L), clamped to 1..L-1, with r ~ U[lo,
+    hi]. round(r * L) = n for r * L in [n - 0.5, n + 0.5] (which way a tie rounds, half to even in
+    Python and torch, matters only on a set of measure zero), so P(n) is that interval's share of
+    [lo, hi]. The clamp is the network's (hidden_counts): at least one token hidden and one
+    visible."""
     if hi == lo:
         return {min(max(round(lo * L), 1), L - 1): 1.0}
     probs = {}
@@ -1095,11 +1146,11 @@ def varlen_count_probs(L, lo, hi):
 
 
 def training_patterns(objective, L, c):
-    """An objective, in the theory: the (visible mask, target position, weight) pairs its loss is made of,
-    weighted as its sampling weights them (the weights sum to 1). c holds mask_ratio, varlen_min, varlen_max
-    and n_future (the flags, or a GPTConfig). Causal contexts are prefixes; masked contexts show [MASK] at
-    every position that is not visible. BERT's 10% random / 10% kept replacements are left out: every hidden
-    position shows [MASK]."""
+    """An objective, in the theory: the (visible mask, target position, weight) pairs its loss is
+    made of, weighted as its sampling weights them (the weights sum to 1). c holds mask_ratio,
+    varlen_min, varlen_max and n_future (the flags, or a GPTConfig). Causal contexts are prefixes;
+    masked contexts show [MASK] at every position that is not visible. BERT's 10% random / 10% kept
+    replacements are left out: every hidden position shows [MASK]."""
     full = prefix_mask(L)
     if objective == "ar":  # x[<t] -> x[t]
         return [(prefix_mask(t), t, 1 / (L - 1)) for t in range(1, L)]
@@ -1124,8 +1175,8 @@ def draw_world(seed, K, V, alpha):
 
 
 def enumerate_world(starts, transitions, L):
-    """Every one of the V^L sequences, tokens (V^L, L) with position 0 the most significant base-V digit, and
-    its joint probability with each class, P (V^L, K); the classes are equally likely."""
+    """Every one of the V^L sequences, tokens (V^L, L) with position 0 the most significant base-V
+    digit, and its joint probability with each class, P (V^L, K); the classes are equally likely."""
     K, V = starts.shape
     tokens = np.arange(V ** L)[:, None] // V ** np.arange(L - 1, -1, -1) % V
     p = starts[:, tokens[:, 0]].T / K
@@ -1135,8 +1186,8 @@ def enumerate_world(starts, transitions, L):
 
 
 def context_keys(tokens, visible, V):
-    """Each sequence's context under a visible mask as one integer (the base-V digits of its visible tokens),
-    and the number of possible keys."""
+    """Each sequence's context under a visible mask as one integer (the base-V digits of its visible
+    tokens), and the number of possible keys."""
     key = np.zeros(len(tokens), dtype=np.int64)
     n_visible = 0
     for j in range(tokens.shape[1]):
@@ -1146,23 +1197,25 @@ def context_keys(tokens, visible, V):
 
 
 def joint_table(tokens, p_x, key, n_keys, target, V):
-    """P(context, x[target] = v) for every context key and token v, (n_keys, V): one bincount, no loop."""
+    """P(context, x[target] = v) for every context key and token v, (n_keys, V): one bincount, no
+    loop."""
     return np.bincount(key * V + tokens[:, target], weights=p_x, minlength=n_keys * V).reshape(n_keys, V)
 
 
 def conditional(joint):
-    """p*(v | context): the rows normalised. Contexts of probability 0 (only in hand-set worlds) give zeros."""
+    """p*(v | context): the rows normalised. Contexts of probability 0 (only in hand-set worlds)
+    give zeros."""
     return joint / np.maximum(joint.sum(1, keepdims=True), np.finfo(float).tiny)
 
 
 def exact_optimum(tokens, p_x, patterns, V):
-    """One objective at its optimum. For each training pattern, the table P(context, target token); its rows
-    normalised are the optimal predictor p*. Returns the two readouts of p* per sequence, pooled (N, V): the
-    weighted mean of log p*(. | context) over the sequence's training contexts (the optimum's counterpart of
-    the networks' trained readout: what the model says where its objective trains it, averaged), and per_position
-    (N, L*V): the same mean per target position (zeros where the objective has none); and the co-occurrence
-    matrix A of contexts (rows: (visible mask, key), those that occur) and targets (columns: (position,
-    token)), sparse."""
+    """One objective at its optimum. For each training pattern, the table P(context, target token);
+    its rows normalised are the optimal predictor p*. Returns the two readouts of p* per sequence,
+    pooled (N, V): the weighted mean of log p*(. | context) over the sequence's training contexts
+    (the optimum's counterpart of the networks' trained readout: what the model says where its
+    objective trains it, averaged), and per_position (N, L*V): the same mean per target position
+    (zeros where the objective has none); and the co-occurrence matrix A of contexts (rows: (visible
+    mask, key), those that occur) and targets (columns: (position, token)), sparse."""
     from scipy import sparse
     N, L = tokens.shape
     pooled, per_position, target_weight = np.zeros((N, V)), np.zeros((N, L, V)), np.zeros(L)
@@ -1174,8 +1227,8 @@ def exact_optimum(tokens, p_x, patterns, V):
         block = np.zeros((n_keys, L, V))
         for target, weight in targets:
             joint = joint_table(tokens, p_x, key, n_keys, target, V)
-            # a token the world never emits after a context (p* = 0, only in hand-set worlds) gets the log of
-            # the smallest float rather than -inf, so the features stay finite
+            # a token the world never emits after a context (p* = 0, only in hand-set worlds) gets
+            # the log of the smallest float rather than -inf, so the features stay finite
             log_p = np.log(np.maximum(conditional(joint), np.finfo(float).tiny))[key]
             pooled += weight * log_p
             per_position[:, target] += weight * log_p
@@ -1188,9 +1241,9 @@ def exact_optimum(tokens, p_x, patterns, V):
 
 
 def graph_spectrum(A):
-    """Singular values, largest first, of D+^-1/2 A D-^-1/2 (rows and columns of zero degree dropped). Each
-    connected component contributes exactly one singular value 1. A has only L*V columns, so they are the
-    square roots of the eigenvalues of a small Gram matrix."""
+    """Singular values, largest first, of D+^-1/2 A D-^-1/2 (rows and columns of zero degree
+    dropped). Each connected component contributes exactly one singular value 1. A has only L*V
+    columns, so they are the square roots of the eigenvalues of a small Gram matrix."""
     from scipy import sparse
     rows, cols = np.asarray(A.sum(1)).ravel(), np.asarray(A.sum(0)).ravel()
     A = A[rows > 0][:, cols > 0]
@@ -1199,11 +1252,11 @@ def graph_spectrum(A):
 
 
 def exact_probe_accuracy(features, p_xc):
-    """A linear probe of the class, fitted on the exact distribution: every (x, c) pair is a row weighted by
-    P(x, c) (times N*K, so the weights average 1), and its accuracy is sum_x P(x, argmax probe(x)). C is
-    large: the question is what a linear map can read off p*, not what a regularised one does with finite
-    data; there is no finite data here to overfit. (On the worlds checked, the accuracy agreed with a fit at
-    C = 1e6 and tol = 1e-10 to about 1e-4, at a third of the time.)"""
+    """A linear probe of the class, fitted on the exact distribution: every (x, c) pair is a row
+    weighted by P(x, c) (times N*K, so the weights average 1), and its accuracy is sum_x P(x, argmax
+    probe(x)). C is large: the question is what a linear map can read off p*, not what a regularised
+    one does with finite data; there is no finite data here to overfit. (On the worlds checked, the
+    accuracy agreed with a fit at C = 1e6 and tol = 1e-10 to about 1e-4, at a third of the time.)"""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     N, K = p_xc.shape
@@ -1214,7 +1267,8 @@ def exact_probe_accuracy(features, p_xc):
 
 
 def next_token_perplexity(tokens, p_x, l, V):
-    """exp of the exact cross-entropy of p*(x[l] | x[<l]) over the world: the best any model can do there."""
+    """exp of the exact cross-entropy of p*(x[l] | x[<l]) over the world: the best any model can do
+    there."""
     key, n_keys = context_keys(tokens, prefix_mask(l), V)
     joint = joint_table(tokens, p_x, key, n_keys, l, V)
     seen = joint > 0
@@ -1222,28 +1276,31 @@ def next_token_perplexity(tokens, p_x, l, V):
 
 
 def covered_prefixes(patterns, L):
-    """{"l": bool} for l = 1..L-1: is generation's context after a prefix of l tokens (x[<l], then [MASK] at
-    every later position) -> x[l] one of the objective's training patterns? A causal objective never sees
-    the positions after its prefix, so for it the prefix alone is that same context."""
+    """{"l": bool} for l = 1..L-1: is generation's context after a prefix of l tokens (x[<l], then
+    [MASK] at every later position) -> x[l] one of the objective's training patterns? A causal
+    objective never sees the positions after its prefix, so for it the prefix alone is that same
+    context."""
     trained = {(visible, target) for visible, target, weight in patterns if weight > 0}
     return {str(l): (prefix_mask(l), l) in trained for l in range(1, L)}
 
 
 def causal_bayes_accuracy(tokens, p_xc, V):
-    """The Bayes accuracy of the class from x[<L-1] alone: the most any causal context can see, since the last
-    token is never an input to a causal objective (it is only ever a target), while every masked context with
-    x[L-1] visible sees it. The fair ceiling for a causal objective's probes."""
+    """The Bayes accuracy of the class from x[<L-1] alone: the most any causal context can see,
+    since the last token is never an input to a causal objective (it is only ever a target), while
+    every masked context with x[L-1] visible sees it. The fair ceiling for a causal objective's
+    probes."""
     key, n_keys = context_keys(tokens, prefix_mask(tokens.shape[1] - 1), V)
     joint = np.stack([np.bincount(key, weights=p_xc[:, c], minlength=n_keys) for c in range(p_xc.shape[1])], 1)
     return float(joint.max(1).sum())
 
 
 def theory_world(seed, args):
-    """Every measurement on one world: the Bayes accuracy (from the whole sequence, and from x[<L-1] alone) and,
-    per objective, both probes, the graph's components and sigma_{K+1}, and which generation contexts it trained
-    on, with their perplexity. sigma_{K+1} is the (K+1)-th largest singular value of the normalised graph (see
-    graph_spectrum) of K classes: 1 where the graph falls apart into more than K pieces, smaller the better the
-    samples are connected beyond K clusters, the quantity the paper's bound on downstream error rests on."""
+    """Every measurement on one world: the Bayes accuracy (from the whole sequence, and from x[<L-1]
+    alone) and, per objective, both probes, the graph's components and sigma_{K+1}, and which
+    generation contexts it trained on, with their perplexity. sigma_{K+1} is the (K+1)-th largest
+    singular value of the normalised graph (see graph_spectrum) of K classes: 1 where the graph
+    falls apart into more than K pieces, smaller the better the samples are connected beyond K
+    clusters, the quantity the paper's bound on downstream error rests on."""
     K, L = args.theory_classes, args.theory_len
     tokens, p_xc = enumerate_world(*draw_world(seed, K, args.theory_vocab, args.theory_alpha), L)
     p_x = p_xc.sum(1)
@@ -1269,7 +1326,8 @@ def theory_world(seed, args):
 
 
 def theory(args):
-    """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all succeed)."""
+    """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all
+    succeed)."""
     V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
     print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
           f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
@@ -1336,12 +1394,14 @@ def theory(args):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Training loop: nanoGPT's, one for all four objectives, so that the objective is the only thing a comparison changes.
-# AdamW with warmup and cosine decay, gradient accumulation; bf16 autocast, torch.compile and DDP where asked.
+# Training loop: nanoGPT's, one for all four objectives, so that the objective is the only thing a
+# comparison changes. AdamW with warmup and cosine decay, gradient accumulation; bf16 autocast,
+# torch.compile and DDP where asked.
 
 
 def get_batch(stream, rng, batch_size, block_size, device):
-    """batch_size random windows of block_size tokens from a token stream, as a (B, T) int64 tensor."""
+    """batch_size random windows of block_size tokens from a token stream, as a (B, T) int64
+    tensor."""
     starts = rng.integers(0, len(stream) - block_size, size=batch_size)
     x = torch.from_numpy(np.stack([np.asarray(stream[s:s + block_size], dtype=np.int64) for s in starts]))
     if device.type == "cuda":
@@ -1359,18 +1419,18 @@ def peak_flops(device):
 
 
 def flops_per_token(model):
-    """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the parameters other than the
-    position embedding, plus attention. It counts the output layer at every position, also for objectives
-    that read out fewer (mlm, mlm_varlen), whose MFU it therefore overstates; ar_diverse's k output layers count
-    once, so its MFU is understated."""
+    """Training FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6N for the parameters other
+    than the position embedding, plus attention. It counts the output layer at every position, also
+    for objectives that read out fewer (mlm, mlm_varlen), whose MFU it therefore overstates;
+    ar_diverse's k output layers count once, so its MFU is understated."""
     c = model.config
     position_table = model.wpe.weight.numel() if model.wpe is not None else 0
     return 6 * (model.num_params() - position_table) + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 def autocast_context(device):
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported) and a GradScaler, enabled only for fp16 (disabled,
-    its calls pass through); plain fp32 and no scaler elsewhere."""
+    """bf16 autocast on CUDA (fp16 where bf16 is unsupported) and a GradScaler, enabled only for
+    fp16 (disabled, its calls pass through); plain fp32 and no scaler elsewhere."""
     if device.type != "cuda":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
@@ -1379,7 +1439,8 @@ def autocast_context(device):
 
 
 def make_optimizer(model, args, device, peak_lr):
-    """AdamW, fused on CUDA; weight decay on matrices and embeddings, not on biases and LayerNorm gains."""
+    """AdamW, fused on CUDA; weight decay on matrices and embeddings, not on biases and LayerNorm
+    gains."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -1397,9 +1458,10 @@ def learning_rate(it, args, peak_lr):
 
 @torch.no_grad()
 def estimate_val_loss(model, objective_name, corpus, args, device, seed):
-    """Mean objective loss on fixed val batches with fixed masks (a forked RNG), so successive estimates
-    are comparable and evaluating never disturbs the training run's random stream. mlm_varlen's is always the
-    token mean, whatever its training weighting, so that runs under either weighting compare like with like."""
+    """Mean objective loss on fixed val batches with fixed masks (a forked RNG), so successive
+    estimates are comparable and evaluating never disturbs the training run's random stream.
+    mlm_varlen's is always the token mean, whatever its training weighting, so that runs under
+    either weighting compare like with like."""
     model.eval()
     rng = np.random.default_rng(seed)
     window = window_length(objective_name, args.block_size)
@@ -1414,15 +1476,17 @@ def estimate_val_loss(model, objective_name, corpus, args, device, seed):
 
 
 def plateau_exit_iter(curve, entropy, margin=0.25):
-    """The first evaluated iteration whose val loss lies at least margin nats below the unigram entropy (the loss
-    of a model that ignores context): where the run left the unigram plateau. None if it never did."""
+    """The first evaluated iteration whose val loss lies at least margin nats below the unigram
+    entropy (the loss of a model that ignores context): where the run left the unigram plateau. None
+    if it never did."""
     return next((point["iter"] for point in curve if point["val_loss"] <= entropy - margin), None)
 
 
 def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
-    """Everything a run needs to go on where it stopped: weights, optimizer, random streams (rank 0's: resumed
-    under torchrun, the other ranks draw fresh ones), and run (its identity, curves and time so far). Written to a
-    temporary name, then renamed: an interrupted save never leaves a broken checkpoint."""
+    """Everything a run needs to go on where it stopped: weights, optimizer, random streams (rank
+    0's: resumed under torchrun, the other ranks draw fresh ones), and run (its identity, curves and
+    time so far). Written to a temporary name, then renamed: an interrupted save never leaves a
+    broken checkpoint."""
     rng = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
     torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
@@ -1431,10 +1495,10 @@ def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
 
 
 def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
-    """Resuming: check that ckpt_path holds this run (expected: its objective, seed, config, tokenizer and
-    settings), load the weights and the optimizer into model and optimizer, and return the checkpoint (its
-    iteration, curves and time so far) and data_rng to go on from. Rank 0 continues its random streams exactly
-    where they stopped; other ranks start fresh ones."""
+    """Resuming: check that ckpt_path holds this run (expected: its objective, seed, config,
+    tokenizer and settings), load the weights and the optimizer into model and optimizer, and return
+    the checkpoint (its iteration, curves and time so far) and data_rng to go on from. Rank 0
+    continues its random streams exactly where they stopped; other ranks start fresh ones."""
     if not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
                          "or point --out_dir at the run.")
@@ -1467,7 +1531,8 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
 
 
 def wrap_model(model, use_compile, ddp, device):
-    """torch.compile and DistributedDataParallel as asked; the objectives call the wrapper once per micro-batch."""
+    """torch.compile and DistributedDataParallel as asked; the objectives call the wrapper once per
+    micro-batch."""
     config = model.config
     if use_compile:
         model = torch.compile(model)
@@ -1479,8 +1544,9 @@ def wrap_model(model, use_compile, ddp, device):
 
 
 def forward_backward(model, objective, stream, data_rng, window, args, device, autocast, scaler, ddp):
-    """Gradients of one optimizer step, accumulated over gradient_accumulation_steps micro-batches of windows from
-    stream; returns the micro-batches' losses, still on the device (reading them would sync it)."""
+    """Gradients of one optimizer step, accumulated over gradient_accumulation_steps micro-batches
+    of windows from stream; returns the micro-batches' losses, still on the device (reading them
+    would sync it)."""
     losses = []
     x = get_batch(stream, data_rng, args.batch_size, window, device)
     for micro in range(args.gradient_accumulation_steps):
@@ -1511,8 +1577,9 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curve_iters, evaluate):
-    """Pretrain one model with one objective. At every iteration in curve_iters (the last is max_iters), rank 0
-    records evaluate(model, iteration): the run's metrics there. Returns (model, stats, those points)."""
+    """Pretrain one model with one objective. At every iteration in curve_iters (the last is
+    max_iters), rank 0 records evaluate(model, iteration): the run's metrics there. Returns (model,
+    stats, those points)."""
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
     master = rank == 0
     objective = OBJECTIVES[objective_name]
@@ -1596,8 +1663,9 @@ def unigram_entropy(stream):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Real text: a .txt file, a .jsonl file or a folder of them, tokenized with tiktoken and cached beside the source.
-# The same Corpus arrays as the built-in corpus, so every objective and evaluation runs on your data unchanged.
+# Real text: a .txt file, a .jsonl file or a folder of them, tokenized with tiktoken and cached
+# beside the source. The same Corpus arrays as the built-in corpus, so every objective and
+# evaluation runs on your data unchanged.
 
 
 def load_encoding(name):
@@ -1618,7 +1686,8 @@ def load_encoding(name):
 
 
 def source_files(path):
-    """The files behind --data: the file itself, or every .txt/.jsonl file below a folder, sorted."""
+    """The files behind --data: the file itself, or every .txt/.jsonl file below a folder,
+    sorted."""
     if not os.path.exists(path):
         raise UsageError(f"--data {path}: no such file or folder. "
                          "Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
@@ -1681,7 +1750,8 @@ CACHE_VERSION = 2  # bump when the cache's layout or the split rule changes
 
 
 def source_fingerprint(path):
-    """sha256 over the source files' names and bytes (and the cache version): any edit rebuilds the cache."""
+    """sha256 over the source files' names and bytes (and the cache version): any edit rebuilds the
+    cache."""
     h = hashlib.sha256(f"lookaround-cache-v{CACHE_VERSION}".encode())
     for f in source_files(path):
         h.update(os.path.relpath(f, path if os.path.isdir(path) else os.path.dirname(path) or ".").encode() + b"\0")
@@ -1703,8 +1773,8 @@ def read_token_cache(cache, fingerprint):
 
 
 def write_token_cache(cache, meta, arrays):
-    """Each file under a temporary name (unique per process, for torchrun), then renamed; meta.json last,
-    so a cache with a meta file is always whole."""
+    """Each file under a temporary name (unique per process, for torchrun), then renamed; meta.json
+    last, so a cache with a meta file is always whole."""
     tmp = f".tmp{os.getpid()}"
     try:
         for name, arr in zip(("train", "val", "held"), arrays):
@@ -1718,7 +1788,8 @@ def write_token_cache(cache, meta, arrays):
 
 
 def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
-    """Tokenize (or load the cached tokens of) a text corpus; split documents train/val/held-out by seed."""
+    """Tokenize (or load the cached tokens of) a text corpus; split documents train/val/held-out by
+    seed."""
     cache = f"{os.path.normpath(path)}.{encoding}.seed{seed}"
     fingerprint = source_fingerprint(path)
     enc = load_encoding(encoding)
@@ -1795,8 +1866,9 @@ def load_corpus(args, seed):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Benchmark: is this file's readable code also fast? Training steps on random token ids, timed side by side with
-# nanoGPT's model.py (--bench_nanogpt), the reference this project's style follows. Compare commits with worktrees.
+# Benchmark: is this file's readable code also fast? Training steps on random token ids, timed side
+# by side with nanoGPT's model.py (--bench_nanogpt), the reference this project's style follows.
+# Compare commits with worktrees.
 
 
 def nanogpt_model(args):
@@ -1814,8 +1886,9 @@ def nanogpt_model(args):
 
 
 def bench(args, device):
-    """Time training steps (after warm-up) of one objective; with --bench_nanogpt, also nanoGPT's GPT at the same
-    size, in one run, alternating single steps so that both see the same machine conditions."""
+    """Time training steps (after warm-up) of one objective; with --bench_nanogpt, also nanoGPT's
+    GPT at the same size, in one run, alternating single steps so that both see the same machine
+    conditions."""
     autocast, _ = autocast_context(device)
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
@@ -1880,8 +1953,8 @@ def bench(args, device):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Flags and main: one run = train + evaluate + results.json; --objective all and --seeds repeat it, and several
-# runs end in the summary and the claims' verdicts (summary.json).
+# Flags and main: one run = train + evaluate + results.json; --objective all and --seeds repeat it,
+# and several runs end in the summary and the claims' verdicts (summary.json).
 
 
 def make_parser():
@@ -1997,7 +2070,8 @@ def parse_args(argv=None):
 
 
 def config_from_args(args, objective, vocab_size):
-    """The model for one run. Only ar_diverse trains the extra future-offset heads, so only it builds them."""
+    """The model for one run. Only ar_diverse trains the extra future-offset heads, so only it
+    builds them."""
     return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                      n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
                      varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1,
@@ -2080,8 +2154,8 @@ def resolve_device(name):
 
 
 def default_curve_iters(max_iters):
-    """Where a run's metrics are evaluated unless --curve_iters says: 250, 500, 1000, every multiple of 1000, and
-    always max_iters, the end."""
+    """Where a run's metrics are evaluated unless --curve_iters says: 250, 500, 1000, every multiple
+    of 1000, and always max_iters, the end."""
     return sorted({n for n in [250, 500, *range(1000, max_iters + 1, 1000)] if n < max_iters} | {max_iters})
 
 
@@ -2090,22 +2164,24 @@ def curve_iters(args):
         default_curve_iters(args.max_iters)
 
 
-# The flags that do not change what a study's run computes (a run's objective and seed are its identity, checked
-# apart); every other flag is a setting that a study's runs must share, --device and --compile too (a run on
-# another device, or compiled, differs in its last bits).
+# The flags that do not change what a study's run computes (a run's objective and seed are its
+# identity, checked apart); every other flag is a setting that a study's runs must share, --device
+# and --compile too (a run on another device, or compiled, differs in its last bits).
 SETTINGS_ASIDE = ["out_dir", "objective", "seed", "seeds", "resume", "plot", "log_interval", "sample", "temperature",
                   "top_k", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", "theory_worlds",
                   "theory_vocab", "theory_len", "theory_classes", "theory_alpha"]
 
 
 def run_settings(args):
-    """The settings results.json and ckpt.pt record; the curve points as the run takes them, unset or not."""
+    """The settings results.json and ckpt.pt record; the curve points as the run takes them, unset
+    or not."""
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in SETTINGS_ASIDE}
     return dict(settings, curve_iters=curve_iters(args))
 
 
 def as_flag(name, value):
-    """A setting as one would type it: --eval_gen / --no-eval_gen, --finetune_labels 32,128, --learning_rate unset."""
+    """A setting as one would type it: --eval_gen / --no-eval_gen, --finetune_labels 32,128,
+    --learning_rate unset."""
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
     if isinstance(value, list):
@@ -2119,16 +2195,18 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    """Write to a temporary name, then rename: a killed run never leaves half a file for a study to read back."""
+    """Write to a temporary name, then rename: a killed run never leaves half a file for a study to
+    read back."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
 def evaluate(model, corpus, objective, seed, args, device, final):
-    """A run's metrics at one point of its training, as results.json stores them (the final point with the
-    untrained baselines, computed once per run). Points before the end fine-tune at one n only: the primary
-    rows' n if it is among --finetune_labels, else the first. Evaluating never moves training's random streams."""
+    """A run's metrics at one point of its training, as results.json stores them (the final point
+    with the untrained baselines, computed once per run). Points before the end fine-tune at one n
+    only: the primary rows' n if it is among --finetune_labels, else the first. Evaluating never
+    moves training's random streams."""
     label_counts = args.finetune_labels if final else \
         [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS] or args.finetune_labels[:1]
     point = {"cluster": None, "finetune": None, "gen": None}
@@ -2156,7 +2234,8 @@ def without_baselines(x):
 
 
 def run(args, objective, seed, corpus, out_dir, device, ddp, resume=False):
-    """One run: train, with the metrics at every curve point; print the report; write results.json."""
+    """One run: train, with the metrics at every curve point; print the report; write
+    results.json."""
     last = max(curve_iters(args))
 
     def evaluate_at(model, iter_num):
@@ -2224,7 +2303,8 @@ def print_report(results, corpus, args):
 
 
 def print_samples(model, objective, corpus, args, seed):
-    """--sample: continuations of held-out prefixes a quarter of a block long, by the model's own way to generate."""
+    """--sample: continuations of held-out prefixes a quarter of a block long, by the model's own
+    way to generate."""
     causal = CAUSAL[objective]
     seqs = gen_windows(corpus, args.block_size, args.sample)
     generator = torch.Generator().manual_seed(seed)
@@ -2237,13 +2317,15 @@ def print_samples(model, objective, corpus, args, seed):
         print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
 
 
-# Studies: several objectives and seeds from one command, each run in its own folder; a rerun of the command finds
-# the finished runs (compared by settings, not assumed) and resumes a cut-off one from its checkpoint.
+# Studies: several objectives and seeds from one command, each run in its own folder; a rerun of the
+# command finds the finished runs (compared by settings, not assumed) and resumes a cut-off one from
+# its checkpoint.
 
 
 def run_state(run_dir, args, objective, seed):
-    """What a study finds in one run's folder: "done" (results.json of this objective and seed, made with this
-    command's settings), "resume" (such a ckpt.pt) or "new". Anything else there: an error that names the flags."""
+    """What a study finds in one run's folder: "done" (results.json of this objective and seed, made
+    with this command's settings), "resume" (such a ckpt.pt) or "new". Anything else there: an error
+    that names the flags."""
     settings = run_settings(args)
     for name in ("results.json", "ckpt.pt"):
         path = os.path.join(run_dir, name)
@@ -2267,9 +2349,10 @@ def run_state(run_dir, args, objective, seed):
 
 
 def run_study(args, device, ddp):
-    """Every run of the command (objectives x seeds) and, for several, summary.json and summary.png. A study is
-    resumable: a run whose results.json holds the same settings is read back, not rerun, and an interrupted run
-    goes on from its checkpoint. Every run's folder is checked before anything trains."""
+    """Every run of the command (objectives x seeds) and, for several, summary.json and summary.png.
+    A study is resumable: a run whose results.json holds the same settings is read back, not rerun,
+    and an interrupted run goes on from its checkpoint. Every run's folder is checked before
+    anything trains."""
     master = not ddp or ddp["rank"] == 0
     objectives = OBJECTIVE_NAMES if args.objective == "all" else [args.objective]
     study = len(objectives) > 1 or len(args.seeds) > 1
@@ -2315,7 +2398,8 @@ def setup_ddp(device_name):
     use_cuda = device_name in ("cuda", "auto") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    # rank 0 evaluates at every curve point while the others wait in the next step's all-reduce: allow for it
+    # rank 0 evaluates at every curve point while the others wait in the next step's all-reduce:
+    # allow for it
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return {"rank": rank, "world": world, "device": torch.device("cuda", local_rank) if use_cuda else None}
 
