@@ -34,7 +34,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -48,10 +48,30 @@ class UsageError(Exception):
     traceback."""
 
 
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Every file the program writes is written here: to a temporary name beside path, renamed onto
+    path only once whole, so a killed run never leaves half a file for a study to read back."""
+    tmp = f"{path}.tmp{os.getpid()}"  # unique per process: torchrun's processes may share a folder
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
+
+
 # -----------------------------------------------------------------------------------------------------
-# Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode.
-# causal=True lets position t attend to positions <= t ("look ahead"), causal=False to all ("look
-# around").
+# Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode:
+# "causal" lets position t attend to positions <= t ("look ahead"), "bidirectional" to all ("look
+# around"). A boolean mask (B, 1, T, T) is also accepted (True: may attend), for objectives that
+# need another pattern, such as a prefix LM.
 #
 # Position information is a choice (--pos_emb). A causal mask tells a model where it is for free
 # (position t sees t + 1 tokens); a bidirectional model with a learned position table must first
@@ -70,13 +90,11 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    mask_ratio: float = 0.15  # mlm: fraction of positions hidden
-    varlen_min: float = 0.05  # mlm_varlen: the per-sequence mask ratio is drawn from [min, max]
-    varlen_max: float = 0.95
-    n_future: int = 4  # ar_diverse: how many future tokens each position learns to predict
-    pos_emb: str = "rope"  # "learned": a position table added to the input (nanoGPT); "rope": rotary, on q and k
-    varlen_weight: str = "token"  # mlm_varlen's loss: "token" (every hidden token counts once) or "sequence"
-    varlen_corruption: str = "mask"  # mlm_varlen's hidden positions: "mask" ([MASK] only) or "bert" (mlm's 80/10/10)
+    pos_emb: str = "rope"  # "learned": a position table added to the input (nanoGPT); "rope": rotary
+    n_future: int = 1  # output heads for future offsets 1..n_future (ar_diverse's record asks for more)
+
+
+ATTENTIONS = ("causal", "bidirectional")  # the attention modes an objective's record can name
 
 
 def rotate(x, cos, sin):
@@ -97,14 +115,17 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, causal, rope):
+    def forward(self, x, attention, rope):
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        heads = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = heads
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        # no mask tensor in either mode (causal attention is is_causal=True), so the fused (flash)
-        # kernels apply
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        # no mask tensor in the two named modes ("causal" is is_causal=True), so the fused (flash)
+        # kernels apply; a mask tensor is passed as it is
+        mask, causal = (None, attention == "causal") if isinstance(attention, str) else (attention, False)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -128,8 +149,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, causal, rope):
-        x = x + self.attn(self.ln_1(x), causal, rope)
+    def forward(self, x, attention, rope):
+        x = x + self.attn(self.ln_1(x), attention, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -183,9 +204,11 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def features(self, idx, causal=True):
+    def features(self, idx, attention="causal"):
         """Final hidden states (B, T, n_embd): what the evaluations pool and the output layer
-        reads."""
+        reads. attention: one of ATTENTIONS, or a boolean mask (B, 1, T, T)."""
+        if isinstance(attention, str) and attention not in ATTENTIONS:
+            raise ValueError(f"attention {attention!r}: the model knows {ATTENTIONS} or a mask tensor")
         T = idx.size(1)
         x, rope = self.wte(idx), None
         if self.wpe is not None:
@@ -194,17 +217,17 @@ class GPT(nn.Module):
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, causal, rope)
+            x = block(x, attention, rope)
         return self.ln_f(x)
 
-    def forward(self, idx, causal=True, rows=None, future_offsets=1):
+    def forward(self, idx, attention="causal", rows=None, future_offsets=1):
         """Logits over the vocabulary (the [MASK] id is never predicted), from one pass in one
         attention mode. rows: which positions reach the output layer. None: all of them, (B, T, V).
         Otherwise a 1-D tensor of indices into the B*T positions flattened (flat_rows makes one),
         (R, V): the output layer is the largest matmul, so objectives that score few positions pay
         only for those. future_offsets=k (ar_diverse): every state read out through the heads of
         offsets 1..k, (..., k, V)."""
-        x = self.features(idx, causal)
+        x = self.features(idx, attention)
         if rows is not None:
             x = x.flatten(0, 1).index_select(0, rows)  # index_select: cheaper than gather
         if future_offsets > 1:
@@ -227,25 +250,19 @@ def initial_model(config, seed, device):
 
 # -----------------------------------------------------------------------------------------------------
 # The four objectives: the paper compares these losses on one network, so each is one small
-# function, loss = objective(model, idx), answering three questions: which attention mode, which
-# positions are hidden, which tokens are targets. The causal pair read windows of block_size + 1
-# tokens (as nanoGPT's x and y), so every one of the model's block_size positions has a target and
-# is trained; the masked pair read windows of block_size tokens.
-
-
-OBJECTIVE_NAMES = ["ar", "ar_diverse", "mlm", "mlm_varlen"]
-CAUSAL = {"ar": True, "ar_diverse": True, "mlm": False, "mlm_varlen": False}  # attention mode per objective
+# function, loss = objective(model, idx, **its settings), answering three questions: which attention
+# mode, which positions are hidden, which tokens are targets. After them, one record per objective
+# (Objective) says everything else the file needs to know about it.
 
 
 def ar(model, idx):
     """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality hides the
-    future); the target of position t is always the next token x[t+1]: one fixed relative
-    position."""
-    logits = model(idx[:, :-1], causal=True)
+    future); the target of position t is always the next token x[t+1]: one fixed relative position."""
+    logits = model(idx[:, :-1], attention="causal")
     return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
 
-def ar_diverse(model, idx):
+def ar_diverse(model, idx, n_future):
     """Diversity-enhanced AR, the paper's fix for AR's clustering: the targets of position t are
     x[t+d] for every offset d = 1..n_future, not only x[t+1], so targets sit at varied positions and
     connect more samples, as masked targets do. Causal attention; nothing hidden. Every offset is
@@ -253,11 +270,11 @@ def ar_diverse(model, idx):
     offset's mean cross-entropy (the objective --theory optimises). A choice the paper leaves open:
     each offset reads the states through a light head of its own (FutureHeads). Offset 1 is the
     ordinary next-token head that generation uses."""
-    k = model.config.n_future
-    T = idx.size(1) - 1
-    logits = model(idx[:, :-1], causal=True, future_offsets=k)  # (B, T, k, V)
+    k, T = n_future, idx.size(1) - 1
+    logits = model(idx[:, :-1], attention="causal", future_offsets=k)  # (B, T, k, V)
     # targets[b, t, d - 1] = idx[b, t + d], and -1 (not scored) where t + d lies past the window
-    ahead = torch.arange(T, device=idx.device)[:, None] + torch.arange(1, k + 1, device=idx.device)  # t + d, (T, k)
+    offsets = torch.arange(1, k + 1, device=idx.device)
+    ahead = torch.arange(T, device=idx.device)[:, None] + offsets  # t + d, (T, k)
     targets = idx[:, ahead.clamp(max=T)].masked_fill(ahead > T, -1)  # past the window: not scored
     nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none")
     scored = (targets >= 0).float()
@@ -266,16 +283,15 @@ def ar_diverse(model, idx):
 
 def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
     """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide
-    the first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and
-    their targets (the original tokens; -1 for slots past n_hidden[b], which are not scored).
-    n_slots is fixed, so shapes never depend on the data (torch.compile needs no recompiles or graph
-    breaks)."""
+    the first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and their
+    targets (the original tokens; -1 for slots past n_hidden[b], which are not scored). n_slots is
+    fixed, so shapes never depend on the data (torch.compile needs no recompiles or graph breaks)."""
     B, T = idx.shape
     positions = torch.rand(B, T, device=idx.device).argsort(dim=1)[:, :n_slots]
     hidden = torch.arange(n_slots, device=idx.device) < n_hidden[:, None]
     originals = idx.gather(1, positions)
     replacement = torch.full_like(originals, vocab_size)  # [MASK]
-    if bert_corruption:  # BERT: of the hidden positions, 80% -> [MASK], 10% -> a random token, 10% unchanged
+    if bert_corruption:  # BERT: of the hidden positions, 80% -> [MASK], 10% random, 10% unchanged
         r = torch.rand(originals.shape, device=idx.device)
         random_or_kept = torch.where(r < 0.9, torch.randint_like(originals, vocab_size), originals)
         replacement = torch.where(r < 0.8, replacement, random_or_kept)
@@ -283,85 +299,188 @@ def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
     return inputs, positions, originals.masked_fill(~hidden, -1)
 
 
-def mlm(model, idx):
+def hidden_counts(ratios, T):
+    """The masked objectives' one counting rule, shared by training, the readouts and the theory:
+    round(ratio * T) hidden positions per row, at least one hidden and (where T > 1) one visible."""
+    return (ratios * T).round().long().clamp(1, max(1, T - 1))
+
+
+def mlm_hidden(B, T, mask_ratio):
+    """mlm's draw: the same count in every row (15% of 64 positions: 10). float64, so that the count
+    is Python's round(mask_ratio * T) exactly."""
+    return hidden_counts(torch.full((B,), mask_ratio, dtype=torch.float64), T)
+
+
+def mlm(model, idx, mask_ratio):
     """Masked SSL ("look around"), as BERT: bidirectional attention; a fixed share (mask_ratio, 15%)
     of positions is hidden (BERT's corruption: 80% shown as [MASK], 10% as a random token, 10%
     unchanged); the targets are the hidden tokens, wherever they sit. The visible length is always
     about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
     B, T = idx.shape
-    n = max(1, round(model.config.mask_ratio * T))
-    inputs, positions, targets = hide_tokens(idx, torch.full((B,), n, device=idx.device), n, model.config.vocab_size,
-                                             bert_corruption=True)
-    logits = model(inputs, causal=False, rows=flat_rows(positions, T))  # only hidden positions reach the output
+    n_hidden = mlm_hidden(B, T, mask_ratio)
+    inputs, positions, targets = hide_tokens(idx, n_hidden.to(idx.device), int(n_hidden[0]),
+                                             model.config.vocab_size, bert_corruption=True)
+    rows = flat_rows(positions, T)  # only the hidden positions reach the output layer
+    logits = model(inputs, attention="bidirectional", rows=rows)
     return F.cross_entropy(logits, targets.flatten())
 
 
-def varlen_mask_ratios(strata, u, c):
+def varlen_mask_ratios(strata, u, varlen_min, varlen_max):
     """mlm_varlen's mask ratios, stratified: [varlen_min, varlen_max] is cut into B equal strata,
     row b draws stratum strata[b] (a random permutation) and every row sits at the same relative
     place u ~ U(0, 1) in its stratum. Each row's ratio is still U[varlen_min, varlen_max] (the
     objective is unchanged in expectation), but the batch's total hidden count is nearly constant,
     so the gradient's variance falls. MDLM's low-discrepancy sampler of the masking level (Sahoo et
     al., 2024) is the precedent."""
-    return c.varlen_min + (c.varlen_max - c.varlen_min) * (strata + u) / len(strata)
+    return varlen_min + (varlen_max - varlen_min) * (strata + u) / len(strata)
 
 
-def hidden_counts(ratios, T):
-    """round(ratio * T) hidden positions per row, with at least one hidden and (where T > 1) one
-    visible."""
-    return (ratios * T).round().long().clamp(1, max(1, T - 1))
+def varlen_hidden(B, T, varlen_min, varlen_max, device=None):
+    """mlm_varlen's draw, shared by training and its readout: one stratified mask ratio per row,
+    rounded to a count of hidden positions."""
+    strata, u = torch.randperm(B, device=device), torch.rand((), device=device)
+    return hidden_counts(varlen_mask_ratios(strata, u, varlen_min, varlen_max), T)
 
 
-def mlm_varlen(model, idx, weight=None):
+def mlm_varlen(model, idx, varlen_min, varlen_max, varlen_weight, varlen_corruption):
     """Variable-length masked SSL, the paper's fix for masked generation: the mask ratio is drawn
     per sequence from U[varlen_min, varlen_max], so the number of visible tokens varies the way
     test-time prefixes do. Bidirectional attention; hidden positions become [MASK] (with
     varlen_corruption "bert", mlm's 80/10/10: then the two masked objectives differ only in how many
     they hide); the targets are the hidden tokens. Only the hidden positions, packed across the
     batch, reach the output layer (about half of them, where a fixed width per sequence would pay
-    for varlen_max). weight (default: the config's varlen_weight) averages the hidden tokens.
-    "token": each counts once, BERT's mean (a sequence that hides 95% weighs 19 times one that hides
-    5%). "sequence": the mean over sequences of each one's own mean, so every visible length counts
-    alike; up to a constant, the 1/t weighting of masked diffusion LMs (MDLM, Sahoo et al., 2024;
-    LLaDA, Nie et al., 2025). The paper states none; "token" is the plain masked loss."""
+    for varlen_max).
+    varlen_weight averages the hidden tokens. "token": each counts once, BERT's mean (a sequence
+    that hides 95% weighs 19 times one that hides 5%). "sequence": the mean over sequences of each
+    one's own mean, so every visible length counts alike; up to a constant, the 1/t weighting of
+    masked diffusion LMs (MDLM, Sahoo et al., 2024; LLaDA, Nie et al., 2025). The paper states none;
+    "token" is the plain masked loss."""
     B, T = idx.shape
-    c = model.config
-    # The draw: one mask ratio per sequence (stratified across the batch), rounded to a count of
-    # hidden positions
-    strata, u = torch.randperm(B, device=idx.device), torch.rand((), device=idx.device)
-    n_hidden = hidden_counts(varlen_mask_ratios(strata, u, c), T)
-    # The shapes: the most each stratum can hide (u -> 1), whatever is drawn, so torch.compile never
-    # recompiles
-    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T)
+    n_hidden = varlen_hidden(B, T, varlen_min, varlen_max, idx.device)
+    # The shapes: the most each stratum can hide (u -> 1), whatever is drawn: no recompiles
+    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), varlen_min, varlen_max), T)
     n_slots, n_read = int(most.max()), int(most.sum())
-    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, c.vocab_size,
-                                             bert_corruption=c.varlen_corruption == "bert")
+    inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, model.config.vocab_size,
+                                             bert_corruption=varlen_corruption == "bert")
     # The packing: the batch's hidden slots first (sequences in order), then unscored slots up to
     # n_read in all
     packed = (targets < 0).flatten().int().argsort(stable=True)[:n_read]
-    logits = model(inputs, causal=False, rows=flat_rows(positions, T)[packed])
+    logits = model(inputs, attention="bidirectional", rows=flat_rows(positions, T)[packed])
     # The loss: cross-entropy at the hidden positions (0 at the unscored fillers), averaged as
-    # weight says
+    # varlen_weight says
     nll = F.cross_entropy(logits, targets.flatten()[packed], ignore_index=-1, reduction="none")
     hidden = (targets >= 0).float()
-    if (weight or c.varlen_weight) == "token":
+    if varlen_weight == "token":
         weights = hidden / hidden.sum()
     else:
         weights = hidden / (B * hidden.sum(1, keepdim=True))
     return (nll * weights.flatten()[packed]).sum()
 
 
-OBJECTIVES = {"ar": ar, "ar_diverse": ar_diverse, "mlm": mlm, "mlm_varlen": mlm_varlen}
-# Peak learning rate per objective, by one rule for all four: the lowest mean final val loss among
-# 1e-3, 2e-3 and 4e-3 on tuning seeds (101, 102) that no verdict study uses. --learning_rate
-# overrides it.
-LEARNING_RATES = {"ar": 1e-3, "ar_diverse": 1e-3, "mlm": 1e-3, "mlm_varlen": 2e-3}
+# The record: everything the rest of the file asks about an objective (training, every evaluation,
+# the theory, the flags, the reports), so that nothing else looks at an objective's name. A fifth
+# objective is one function and one record in OBJECTIVES.
 
 
-def window_length(objective, block_size):
-    """Tokens per training window: one more than the context for the causal objectives, whose inputs
-    are window[:-1] and whose last target is window[-1]; exactly the context for the masked ones."""
-    return block_size + 1 if CAUSAL[objective] else block_size
+@dataclass(frozen=True)
+class Setting:
+    default: object  # its type is the flag's type
+    help: str
+    choices: tuple = None
+
+
+@dataclass
+class Objective:
+    name: str
+    loss: callable  # loss(model, idx, **values): the objective itself
+    attention: str  # the network's mode in training and in every evaluation: one of ATTENTIONS
+    learning_rate: float  # peak AdamW learning rate, by the fair race's rule (see OBJECTIVES)
+    # training windows hold block_size + window_extra tokens (1: inputs idx[:-1], last target idx[-1])
+    window_extra: int = 0
+    # how it hides, (B, T, values) -> hidden count per row: its "trained" readout hides so, and the
+    # evaluations read its predictions in place, at [MASK]. None: it hides nothing, and the state at
+    # t predicts x[t+1] (the trained positions are all but the last)
+    hiding: callable = None
+    settings: dict = field(default_factory=dict)  # its own hyperparameters, name -> Setting: flags
+    network: callable = None  # values -> GPTConfig fields the network needs for it (its heads)
+    val_values: dict = field(default_factory=dict)  # values the val loss overrides
+    patterns: callable = None  # (L, values) -> the theory's training patterns; None: not covered
+    problems: callable = None  # (values, args) -> what is wrong with its settings' values
+    baseline: str = None  # its untrained network's row; None: "random init (as <name>)"
+    values: dict = None  # its settings' values in this run (with_values); None: the defaults
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"objective {self.name}: attention {self.attention!r} is not one of "
+                             f"{ATTENTIONS}")
+        if self.values is None:
+            self.values = {name: s.default for name, s in self.settings.items()}
+        if self.baseline is None:
+            self.baseline = f"random init (as {self.name})"
+
+
+def with_values(objective, args):
+    """The record as one run uses it: its settings' values from the flags."""
+    return replace(objective, values={k: getattr(args, k) for k in objective.settings})
+
+
+def ar_diverse_problems(v, args):
+    in_theory = args.theory and args.theory_len >= 2
+    top = args.theory_len - 1 if in_theory else args.block_size - 1
+    if 2 <= v["n_future"] <= top:
+        return []
+    if in_theory and v["n_future"] >= 2:
+        return [f"--n_future {v['n_future']}: with --theory, ar_diverse's offsets must fit in the "
+                f"sequence (at most --theory_len - 1 = {top})."]
+    return [f"--n_future {v['n_future']} must be at least 2 (at 1, ar_diverse is ar) and below "
+            f"--block_size {args.block_size}."]
+
+
+def mlm_problems(v, args):
+    ok = 0 < v["mask_ratio"] < 1
+    return [] if ok else [f"--mask_ratio {v['mask_ratio']} must lie strictly between 0 and 1."]
+
+
+def varlen_problems(v, args):
+    problems = []
+    if not 0 < v["varlen_min"] <= v["varlen_max"] < 1:
+        problems.append(f"--varlen_min {v['varlen_min']} / --varlen_max {v['varlen_max']}: "
+                        "need 0 < varlen_min <= varlen_max < 1.")
+    if args.theory and v["varlen_weight"] != "token":
+        problems.append("--theory weights mlm_varlen's hidden tokens alike (--varlen_weight token); "
+                        "it does not model --varlen_weight sequence.")
+    return problems
+
+
+# Peak learning rates by one rule for all four: the lowest mean final val loss among 1e-3, 2e-3 and
+# 4e-3 on tuning seeds (101, 102) that no verdict study uses. --learning_rate overrides them. The
+# theory's patterns (ar_patterns and the rest) are defined in the theory section.
+OBJECTIVES = {o.name: o for o in [
+    Objective("ar", ar, attention="causal", learning_rate=1e-3, window_extra=1,
+              patterns=lambda L, v: ar_patterns(L), baseline="random init (causal)"),
+    Objective("ar_diverse", ar_diverse, attention="causal", learning_rate=1e-3, window_extra=1,
+              settings={"n_future": Setting(4, "future tokens predicted per position")},
+              network=lambda v: {"n_future": v["n_future"]},
+              patterns=lambda L, v: ar_diverse_patterns(L, v["n_future"]),
+              problems=ar_diverse_problems, baseline="random init (causal)"),
+    Objective("mlm", mlm, attention="bidirectional", learning_rate=1e-3,
+              hiding=lambda B, T, v: mlm_hidden(B, T, v["mask_ratio"]),
+              settings={"mask_ratio": Setting(0.15, "fraction of positions hidden")},
+              patterns=lambda L, v: masked_patterns(L, {int(mlm_hidden(1, L, v["mask_ratio"])): 1.0}),
+              problems=mlm_problems),
+    Objective("mlm_varlen", mlm_varlen, attention="bidirectional", learning_rate=2e-3,
+              hiding=lambda B, T, v: varlen_hidden(B, T, v["varlen_min"], v["varlen_max"]),
+              settings={
+                  "varlen_min": Setting(0.05, "lowest per-sequence mask ratio"),
+                  "varlen_max": Setting(0.95, "highest per-sequence mask ratio"),
+                  "varlen_weight": Setting("token", "the loss: mean over every hidden token of the "
+                                           "batch, or every sequence weighted equally", ("token", "sequence")),
+                  "varlen_corruption": Setting("mask", "hidden positions: all [MASK], or BERT's "
+                                               "80/10/10 as mlm's (the paper states neither)", ("mask", "bert"))},
+              val_values={"varlen_weight": "token"},  # val losses compare alike under either weighting
+              patterns=lambda L, v: masked_patterns(L, varlen_count_probs(L, v["varlen_min"], v["varlen_max"])),
+              problems=varlen_problems),
+]}
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -543,15 +662,14 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
     so a run is repeatable and an untrained model read out with the same seed sees the same
     hidings."""
     model.eval()
-    causal = CAUSAL[objective]
     features = {name: [None] * len(docs) for name in READOUTS}
-    with torch.random.fork_rng(devices=[]):  # the hidings are drawn on the CPU; training's streams are untouched
+    with torch.random.fork_rng(devices=[]):  # hidings drawn on the CPU; training's streams untouched
         torch.manual_seed(seed)
         for chunk in length_batches(docs, batch_size):
             x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
-            h = model.features(x.to(device), causal).float()
+            h = model.features(x.to(device), objective.attention).float()
             pooled = {"clean": h.mean(dim=1)}
-            if causal:  # every position but the last predicts a target
+            if objective.hiding is None:  # every position but the last predicts a target
                 pooled["trained"] = h[:, :max(1, x.size(1) - 1)].mean(dim=1)
             else:
                 hidings = [hidden_state_mean(model, x, objective, device) for _ in range(views)]
@@ -582,35 +700,34 @@ def per_position_features(model, docs, objective, device, batch_size=256):
     everything else visible (a one-token hiding); a document of T tokens costs T passes
     (batched)."""
     model.eval()
-    causal, C = CAUSAL[objective], model.config.n_embd
+    in_place, C = objective.hiding is not None, model.config.n_embd
     features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
-    for chunk in length_batches(docs, batch_size if causal else max(1, batch_size // model.config.block_size)):
+    docs_per_batch = max(1, batch_size // model.config.block_size) if in_place else batch_size
+    for chunk in length_batches(docs, docs_per_batch):
         x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
         B, T = x.shape
-        if causal:
-            states = model.features(x.to(device), causal=True)[:, :T - 1]
+        if not in_place:
+            states = model.features(x.to(device), objective.attention)[:, :T - 1]
         else:  # copy j of document i (row i * T + j) hides position j
             rows, hide = torch.arange(B * T), torch.arange(T).repeat(B)
             copies = x.repeat_interleave(T, dim=0)
             copies[rows, hide] = model.config.vocab_size
-            states = model.features(copies.to(device), causal=False)[rows.to(device), hide.to(device)].view(B, T, C)
+            h = model.features(copies.to(device), objective.attention)
+            states = h[rows.to(device), hide.to(device)].view(B, T, C)
         features[chunk, :states.size(1) * C] = states.flatten(1).float().cpu().numpy()
     return features
 
 
 def hidden_state_mean(model, x, objective, device):
-    """One random hiding of each row of x, drawn as the masked objective draws it (mlm: a fixed
-    count; mlm_varlen: stratified ratios across the rows, as across a training batch), every hidden
+    """One random hiding of each row of x, drawn by the objective's own hiding (mlm: a fixed count;
+    mlm_varlen: stratified ratios across the rows, as across a training batch), every hidden
     position shown as [MASK] (no BERT corruption: a readout, not a training step); returns the mean
     of the final states at the hidden positions, (B, n_embd)."""
     B, T = x.shape
-    c = model.config
-    if objective == "mlm":
-        n_hidden = torch.full((B,), max(1, round(c.mask_ratio * T)))
-    else:  # the same draw as training's, across the rows of x instead of a batch
-        n_hidden = hidden_counts(varlen_mask_ratios(torch.randperm(B), torch.rand(()), c), T)
-    inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), c.vocab_size, bert_corruption=False)
-    h = model.features(inputs.to(device), causal=False).float()
+    n_hidden = objective.hiding(B, T, objective.values)
+    vocab_size = model.config.vocab_size
+    inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), vocab_size, bert_corruption=False)
+    h = model.features(inputs.to(device), objective.attention).float()
     hidden = (targets >= 0).to(device)[..., None]
     at_hidden = h.gather(1, positions.to(device)[..., None].expand(-1, -1, h.size(-1)))
     return (at_hidden * hidden).sum(dim=1) / hidden.sum(dim=1)
@@ -708,7 +825,7 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device):
     states over the clean document (no [MASK]; the objective's own attention mode), on n labelled
     training documents; return the predicted label of every held-out document. Held-out labels are
     never read here."""
-    recipe, causal = FINETUNE_RECIPE, CAUSAL[objective]
+    recipe = FINETUNE_RECIPE
     rng = np.random.default_rng([seed, n, draw])
     picks = balanced_draw(corpus.train_labels, n, rng)
     docs, labels = [corpus.train_docs[i] for i in picks], torch.as_tensor(corpus.train_labels[picks])
@@ -719,7 +836,7 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device):
 
         def predict(batch_docs):
             x = torch.tensor(np.stack(batch_docs), dtype=torch.long, device=device)
-            return head(net.features(x, causal).mean(dim=1))
+            return head(net.features(x, objective.attention).mean(dim=1))
         optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=recipe["learning_rate"],
                                       weight_decay=recipe["weight_decay"])
         for _ in range(recipe["epochs"]):
@@ -773,21 +890,22 @@ def scored_positions(block_size):
 
 
 @torch.no_grad()
-def next_token_nll(model, seqs, positions, causal, batch_size=256):
+def next_token_nll(model, seqs, positions, objective, batch_size=256):
     """-log p(x[p] | x[<p]) for each sequence and each position p in positions: (N, len(positions)).
-    Causal models read it off one teacher-forced pass (logits at p-1). Masked models must generate
-    the way they can: the block holds the true tokens before p and [MASK] at p and every later
-    position, and the prediction is read at p. One forward pass per (sequence, position): batched
-    here."""
+    Next-token models (an objective that hides nothing) read it off one teacher-forced pass (logits
+    at p-1). Masked models must generate the way they can: the block holds the true tokens before p
+    and [MASK] at p and every later position, and the prediction is read at p. One forward pass per
+    (sequence, position): batched here."""
     model.eval()
     N, T = seqs.shape
     device = next(model.parameters()).device
     pos = torch.tensor(positions, device=device)
-    if causal:
+    if objective.hiding is None:
         out = []
         for s in range(0, N, batch_size):
             x = seqs[s:s + batch_size].to(device)
-            logits = model(x, causal=True, rows=flat_rows((pos - 1).expand(len(x), -1), T)).float()
+            rows = flat_rows((pos - 1).expand(len(x), -1), T)
+            logits = model(x, objective.attention, rows=rows).float()
             logits = logits.view(len(x), len(pos), -1).transpose(1, 2)  # (B, V, positions)
             out.append(F.cross_entropy(logits, x[:, pos], reduction="none"))
         return torch.cat(out).cpu()
@@ -800,12 +918,12 @@ def next_token_nll(model, seqs, positions, causal, batch_size=256):
         p = flat_pos[s:s + batch_size].to(device)
         targets = x.gather(1, p[:, None]).squeeze(1)
         x = x.masked_fill(torch.arange(T, device=device)[None, :] >= p[:, None], model.config.vocab_size)
-        logits = model(x, causal=False, rows=flat_rows(p[:, None], T)).float()
+        logits = model(x, objective.attention, rows=flat_rows(p[:, None], T)).float()
         nll[s:s + batch_size] = F.cross_entropy(logits, targets, reduction="none").cpu()
     return nll.view(N, P)
 
 
-def evaluate_generation(model, corpus, causal, n_seqs):
+def evaluate_generation(model, corpus, objective, n_seqs):
     """Perplexity of the next token after prefixes of every length, on n_seqs held-out windows:
     overall ("ppl") and by prefix fraction of the block ("ppl_by_prefix", the paper's short-prefix
     question)."""
@@ -813,7 +931,7 @@ def evaluate_generation(model, corpus, causal, n_seqs):
     T = model.config.block_size
     seqs = gen_windows(corpus, T, n_seqs)
     by_fraction = scored_positions(T)
-    nll = next_token_nll(model, seqs, [p for ps in by_fraction.values() for p in ps], causal)
+    nll = next_token_nll(model, seqs, [p for ps in by_fraction.values() for p in ps], objective)
     ppl_by_prefix, col = {}, 0
     for frac, ps in by_fraction.items():
         ppl_by_prefix[str(frac)] = float(torch.exp(nll[:, col:col + len(ps)].mean()))
@@ -822,19 +940,19 @@ def evaluate_generation(model, corpus, causal, n_seqs):
 
 
 @torch.no_grad()
-def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=None):
+def sample(model, prefix, n_new, objective, temperature=1.0, top_k=None, generator=None):
     """Continue a prefix one token at a time. One loop serves both kinds of model: the block holds
-    the tokens so far and [MASK] after them; a causal model predicts position p from position p-1
-    (and never sees the masks), a masked model predicts it in place, from everything visible around
-    it."""
+    the tokens so far and [MASK] after them; a next-token model predicts position p from position
+    p-1 (causal, it never sees the masks), a masked model predicts it in place, from everything
+    visible around it."""
     model.eval()
     T, device = model.config.block_size, next(model.parameters()).device
     x = torch.full((1, T), model.config.vocab_size, dtype=torch.long, device=device)
     x[0, :len(prefix)] = torch.as_tensor(prefix, device=device)
     end = min(T, len(prefix) + n_new)
     for p in range(len(prefix), end):
-        read_at = torch.tensor([p - 1 if causal else p], device=device)  # the one row of x
-        logits = model(x, causal=causal, rows=read_at)[0].float() / temperature
+        read_at = torch.tensor([p if objective.hiding else p - 1], device=device)  # the one row of x
+        logits = model(x, objective.attention, rows=read_at)[0].float() / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -848,12 +966,6 @@ def sample(model, prefix, n_new, causal, temperature=1.0, top_k=None, generator=
 
 def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
-
-
-def baseline_name(objective):
-    """The untrained model's row: read out as a causal objective (ar and ar_diverse read alike) or
-    as a masked one."""
-    return "random init (causal)" if CAUSAL[objective] else f"random init (as {objective})"
 
 
 GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
@@ -880,7 +992,7 @@ def summarize(all_results):
         if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
             untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
                                        f and f["baselines"]["random_init"])
-            rows.setdefault(baseline_name(obj), {}).setdefault(r["seed"], untrained)
+            rows.setdefault(OBJECTIVES[obj].baseline, {}).setdefault(r["seed"], untrained)
         if c:
             tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
             rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
@@ -896,7 +1008,7 @@ def summarize(all_results):
                 table[name][col] = {"mean": float(np.mean(vals)), "n": len(vals),
                                     "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
-    order = [n for n in OBJECTIVE_NAMES if n in table] + sorted(n for n in table if n not in OBJECTIVE_NAMES)
+    order = [n for n in OBJECTIVES if n in table] + sorted(n for n in table if n not in OBJECTIVES)
 
     def cell(name, col, digits, width):
         v = table[name].get(col)
@@ -1076,7 +1188,7 @@ def plot_summary(all_results, path):
     panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"]))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for ax, (title, source, value) in zip(axes.flat, panels):
-        for objective in OBJECTIVE_NAMES:
+        for objective in OBJECTIVES:
             curves = [{p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
                       for r in all_results if r["objective"] == objective]
             iters = sorted(i for i in set.intersection(*map(set, curves)) if all(c[i] is not None for c in curves)) \
@@ -1093,7 +1205,7 @@ def plot_summary(all_results, path):
         ax.grid(alpha=0.3)
         ax.set_visible(bool(ax.lines))  # a metric the runs did not evaluate: no empty panel
     handles = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0]))
-    fig.legend(*handles, loc="lower center", ncol=len(OBJECTIVE_NAMES))
+    fig.legend(*handles, loc="lower center", ncol=len(OBJECTIVES))
     seeds = sorted({r["seed"] for r in all_results})
     fig.suptitle(f"mean over {len(seeds)} seed(s) and 95% t-band; {all_results[0]['data']} corpus", fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -1145,26 +1257,37 @@ def varlen_count_probs(L, lo, hi):
     return {m: p for m, p in probs.items() if p > 0}
 
 
-def training_patterns(objective, L, c):
-    """An objective, in the theory: the (visible mask, target position, weight) pairs its loss is
-    made of, weighted as its sampling weights them (the weights sum to 1). c holds mask_ratio,
-    varlen_min, varlen_max and n_future (the flags, or a GPTConfig). Causal contexts are prefixes;
-    masked contexts show [MASK] at every position that is not visible. BERT's 10% random / 10% kept
-    replacements are left out: every hidden position shows [MASK]."""
+def ar_patterns(L):
+    """ar in the theory: x[<t] -> x[t], every position alike. Each objective is a list of (visible
+    mask, target position, weight) pairs its loss is made of, weighted as its sampling weights them
+    (the weights sum to 1); its record's patterns field builds it."""
+    return [(prefix_mask(t), t, 1 / (L - 1)) for t in range(1, L)]
+
+
+def ar_diverse_patterns(L, n_future):
+    """x[<=t] -> x[t+d]: the mean over offsets of each offset's mean over positions."""
+    offsets = [d for d in range(1, n_future + 1) if d <= L - 1]
+    return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d))) for d in offsets for t in range(L - d)]
+
+
+def masked_patterns(L, counts):
+    """A masked objective hiding m positions with probability counts[m] (the objective's own count
+    rule: mlm's fixed count, mlm_varlen's varlen_count_probs): every hidden set of m positions
+    alike, each hidden token a target and every hidden token weighing alike (mlm_varlen's default
+    --varlen_weight token). Masked contexts show [MASK] at every position that is not visible;
+    BERT's 10% random / 10% kept replacements are left out: every hidden position shows [MASK]."""
     full = prefix_mask(L)
-    if objective == "ar":  # x[<t] -> x[t]
-        return [(prefix_mask(t), t, 1 / (L - 1)) for t in range(1, L)]
-    if objective == "ar_diverse":  # x[<=t] -> x[t+d]: the mean over offsets of each offset's mean over positions
-        offsets = [d for d in range(1, c.n_future + 1) if d <= L - 1]
-        return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d))) for d in offsets for t in range(L - d)]
-    if objective == "mlm":  # every hidden set of m positions; each hidden token a target
-        counts = {min(max(1, round(c.mask_ratio * L)), L - 1): 1.0}
-    else:  # mlm_varlen: the hidden count as the objective draws it; every hidden token weighs alike (the default
-        # --varlen_weight token; the theory does not model "sequence")
-        counts = varlen_count_probs(L, c.varlen_min, c.varlen_max)
     mean_hidden = sum(m * p for m, p in counts.items())
     return [(full & ~sum(1 << j for j in hidden), j, p / math.comb(L, m) / mean_hidden)
             for m, p in counts.items() for hidden in itertools.combinations(range(L), m) for j in hidden]
+
+
+def training_patterns(objective, L):
+    """An objective in the theory, as its record says (with its settings' values)."""
+    if objective.patterns is None:
+        raise UsageError(f"--theory: the objective {objective.name} has no training patterns (its "
+                         "record's patterns is None); give it some, or leave it out of OBJECTIVES.")
+    return objective.patterns(L, objective.values)
 
 
 def draw_world(seed, K, V, alpha):
@@ -1294,47 +1417,49 @@ def causal_bayes_accuracy(tokens, p_xc, V):
     return float(joint.max(1).sum())
 
 
-def theory_world(seed, args):
+def theory_world(seed, args, objectives):
     """Every measurement on one world: the Bayes accuracy (from the whole sequence, and from x[<L-1]
     alone) and, per objective, both probes, the graph's components and sigma_{K+1}, and which
     generation contexts it trained on, with their perplexity. sigma_{K+1} is the (K+1)-th largest
     singular value of the normalised graph (see graph_spectrum) of K classes: 1 where the graph
     falls apart into more than K pieces, smaller the better the samples are connected beyond K
-    clusters, the quantity the paper's bound on downstream error rests on."""
+    clusters, the quantity the paper's bound on downstream error rests on. objectives: the
+    records, with their settings' values."""
     K, L = args.theory_classes, args.theory_len
     tokens, p_xc = enumerate_world(*draw_world(seed, K, args.theory_vocab, args.theory_alpha), L)
     p_x = p_xc.sum(1)
     bayes = float(p_xc.max(1).sum())
     bayes_causal = causal_bayes_accuracy(tokens, p_xc, args.theory_vocab)
     ppl = {l: next_token_perplexity(tokens, p_x, l, args.theory_vocab) for l in range(1, L)}
-    objectives = {}
-    for name in OBJECTIVE_NAMES:
-        patterns = training_patterns(name, L, args)
+    out = {}
+    for objective in objectives:
+        patterns = training_patterns(objective, L)
         pooled, per_position, A = exact_optimum(tokens, p_x, patterns, args.theory_vocab)
         sv = graph_spectrum(A)
         coverage = covered_prefixes(patterns, L)
         acc, acc_pp = exact_probe_accuracy(pooled, p_xc), exact_probe_accuracy(per_position, p_xc)
-        objectives[name] = {
+        out[objective.name] = {
             "probe_acc": acc, "probe_rel": acc / bayes,
             "probe_acc_per_position": acc_pp, "probe_rel_per_position": acc_pp / bayes,
             "components": int((sv > 1 - 1e-8).sum()), "sigma_k1": float(sv[K]) if len(sv) > K else 0.0,
             "coverage": coverage, "gen_ppl": {l: ppl[int(l)] if covered else None for l, covered in coverage.items()}}
-        if CAUSAL[name]:
-            objectives[name].update(probe_rel_causal=acc / bayes_causal,
-                                    probe_rel_per_position_causal=acc_pp / bayes_causal)
-    return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal, "objectives": objectives}
+        if objective.attention == "causal":
+            out[objective.name].update(probe_rel_causal=acc / bayes_causal,
+                                       probe_rel_per_position_causal=acc_pp / bayes_causal)
+    return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal, "objectives": out}
 
 
 def theory(args):
     """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all
     succeed)."""
     V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
+    objectives = [with_values(o, args) for o in OBJECTIVES.values()]
     print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
           f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
     worlds = []
     for i, world_seed in enumerate(np.random.default_rng(seed).integers(2 ** 31, size=n)):
         t0 = time.time()
-        worlds.append(theory_world(world_seed, args))
+        worlds.append(theory_world(world_seed, args, objectives))
         print(f"world {i + 1}/{n} (seed {world_seed}): bayes {worlds[-1]['bayes_acc']:.3f}, {time.time() - t0:.1f} s")
 
     def values(name, key):
@@ -1349,20 +1474,20 @@ def theory(args):
     print(f"\nthe exact optimum of each objective, mean ± std over {n} worlds "
           f"(Bayes accuracy {mean_std(np.array([w['bayes_acc'] for w in worlds]))})")
     print(f"{'':<12}{'probe/Bayes pooled':>20}{'probe/Bayes per-pos':>21}{'components':>14}{'sigma_K+1':>17}")
-    for name in OBJECTIVE_NAMES:
+    for name in OBJECTIVES:
         pooled, per_position = mean_std(values(name, "probe_rel")), mean_std(values(name, "probe_rel_per_position"))
         print(f"{name:<12}{pooled:>20}{per_position:>21}"
               f"{mean_std(values(name, 'components'), 1):>14}{mean_std(values(name, 'sigma_k1')):>17}")
     bayes_causal = np.array([w["bayes_acc_causal"] for w in worlds])
     print(f"the causal objectives against their own ceiling, the Bayes accuracy from x[<L-1] "
           f"({mean_std(bayes_causal)}):")
-    for name in (o for o in OBJECTIVE_NAMES if CAUSAL[o]):
+    for name in (o.name for o in objectives if o.attention == "causal"):
         print(f"{name:<12}{mean_std(values(name, 'probe_rel_causal')):>20}"
               f"{mean_std(values(name, 'probe_rel_per_position_causal')):>21}")
     print("\ngeneration after a prefix of l tokens (then [MASK]s): where the objective trained on that context, the\n"
           "exact perplexity of its optimum on the next token (mean over worlds)")
     print(f"{'':<12}" + "".join(f"{f'l={l}':>15}" for l in range(1, L)))
-    for name in OBJECTIVE_NAMES:  # coverage depends on the patterns only: the same in every world
+    for name in OBJECTIVES:  # coverage depends on the patterns only: the same in every world
         cells = [f"{np.mean([w['objectives'][name]['gen_ppl'][str(l)] for w in worlds]):.3f}"
                  if worlds[0]["objectives"][name]["coverage"][str(l)] else "never trained" for l in range(1, L)]
         print(f"{name:<12}" + "".join(f"{c:>15}" for c in cells))
@@ -1383,13 +1508,11 @@ def theory(args):
           "    token, a masked one can. A win that survives this is connectivity; one that vanishes was sight of\n"
           "    the last token.)")
     print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']}")
-    settings = {k: getattr(args, k) for k in ("theory_worlds", "theory_vocab", "theory_len", "theory_classes",
-                                              "theory_alpha", "mask_ratio", "varlen_min", "varlen_max", "n_future")}
+    settings = {k: getattr(args, k) for k in THEORY_FLAGS}
+    settings.update((k, v) for o in objectives for k, v in o.values.items())  # the objectives' own
     os.makedirs(args.out_dir, exist_ok=True)
-    path, tmp = os.path.join(args.out_dir, "theory.json"), os.path.join(args.out_dir, f"theory.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({"settings": {**settings, "seed": seed}, "worlds": worlds, "tally": tally}, f, indent=2)
-    os.replace(tmp, path)
+    write_json(os.path.join(args.out_dir, "theory.json"), {"settings": {**settings, "seed": seed},
+                                                           "worlds": worlds, "tally": tally})
     return tally
 
 
@@ -1457,16 +1580,15 @@ def learning_rate(it, args, peak_lr):
 
 
 @torch.no_grad()
-def estimate_val_loss(model, objective_name, corpus, args, device, seed):
+def estimate_val_loss(model, objective, corpus, args, device, seed):
     """Mean objective loss on fixed val batches with fixed masks (a forked RNG), so successive
-    estimates are comparable and evaluating never disturbs the training run's random stream.
-    mlm_varlen's is always the token mean, whatever its training weighting, so that runs under
-    either weighting compare like with like."""
+    estimates are comparable and evaluating never disturbs the training run's random stream. The
+    record's val_values override its settings here (mlm_varlen's val loss is always the token mean,
+    whatever its training weighting, so that runs under either weighting compare like with like)."""
     model.eval()
     rng = np.random.default_rng(seed)
-    window = window_length(objective_name, args.block_size)
-    loss_fn = functools.partial(mlm_varlen, weight="token") if objective_name == "mlm_varlen" \
-        else OBJECTIVES[objective_name]
+    window = args.block_size + objective.window_extra
+    loss_fn = functools.partial(objective.loss, **{**objective.values, **objective.val_values})
     with own_rng(device):
         torch.manual_seed(seed)
         losses = [loss_fn(model, get_batch(corpus.val, rng, args.batch_size, window, device)).item()
@@ -1485,13 +1607,12 @@ def plateau_exit_iter(curve, entropy, margin=0.25):
 def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
     """Everything a run needs to go on where it stopped: weights, optimizer, random streams (rank
     0's: resumed under torchrun, the other ranks draw fresh ones), and run (its identity, curves and
-    time so far). Written to a temporary name, then renamed: an interrupted save never leaves a
-    broken checkpoint."""
+    time so far). Written atomically: an interrupted save never leaves a broken checkpoint."""
     rng = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-    torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
-                    scaler=scaler.state_dict() if scaler else None), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_write(path, "wb") as f:
+        torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
+                        scaler=scaler.state_dict() if scaler else None), f)
 
 
 def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
@@ -1543,7 +1664,7 @@ def wrap_model(model, use_compile, ddp, device):
     return model
 
 
-def forward_backward(model, objective, stream, data_rng, window, args, device, autocast, scaler, ddp):
+def forward_backward(model, loss_fn, stream, data_rng, window, args, device, autocast, scaler, ddp):
     """Gradients of one optimizer step, accumulated over gradient_accumulation_steps micro-batches
     of windows from stream; returns the micro-batches' losses, still on the device (reading them
     would sync it)."""
@@ -1554,7 +1675,7 @@ def forward_backward(model, objective, stream, data_rng, window, args, device, a
         sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
         with sync:
             with autocast:
-                loss = objective(model, x) / args.gradient_accumulation_steps
+                loss = loss_fn(model, x) / args.gradient_accumulation_steps
             if not last_micro:  # fetch the next micro-batch while the device works on this one
                 x = get_batch(stream, data_rng, args.batch_size, window, device)
             (scaler.scale(loss) if scaler else loss).backward()
@@ -1576,16 +1697,16 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     optimizer.zero_grad(set_to_none=True)
 
 
-def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curve_iters, evaluate):
-    """Pretrain one model with one objective. At every iteration in curve_iters (the last is
-    max_iters), rank 0 records evaluate(model, iteration): the run's metrics there. Returns (model,
-    stats, those points)."""
+def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_iters, evaluate):
+    """Pretrain one model with one objective (its record, with its settings' values). At every
+    iteration in curve_iters (the last is max_iters), rank 0 records evaluate(model, iteration): the
+    run's metrics there. Returns (model, stats, those points)."""
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
     master = rank == 0
-    objective = OBJECTIVES[objective_name]
-    window = window_length(objective_name, args.block_size)
-    peak_lr = args.learning_rate or LEARNING_RATES[objective_name]
-    config = config_from_args(args, objective_name, corpus.vocab_size)
+    loss_fn = functools.partial(objective.loss, **objective.values)
+    window = args.block_size + objective.window_extra
+    peak_lr = args.learning_rate or objective.learning_rate
+    config = config_from_args(args, objective, corpus.vocab_size)
     model = initial_model(config, seed, device)  # the same initial weights on every rank...
     optimizer = make_optimizer(model, args, device, peak_lr)
     autocast, scaler = autocast_context(device)
@@ -1596,7 +1717,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curv
     iter_num, curve, points = 0, [], []  # curve: the val loss at every evaluation; points: evaluate() at curve_iters
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
-    identity = {"objective": objective_name, "config": asdict(config), "seed": seed, "tokenizer": tokenizer,
+    identity = {"objective": objective.name, "config": asdict(config), "seed": seed, "tokenizer": tokenizer,
                 "settings": run_settings(args)}
     elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0  # wall time, and the tokens and seconds speed is timed on
     if resume:
@@ -1606,7 +1727,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curv
     raw_model, model = model, wrap_model(model, args.compile, ddp, device)
     tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
     if master:
-        print(f"{objective_name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
+        print(f"{objective.name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
               f"{tokens_per_iter} tokens/iter on {device}{f' x {world} processes' if world > 1 else ''}")
     val_loss, t_start, t_last, losses_since_log, start_iter = float("nan"), time.time(), time.time(), [], iter_num
     while True:
@@ -1615,7 +1736,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curv
             group["lr"] = lr
         if master and (iter_num % args.eval_interval == 0 or iter_num in curve_iters):
             t_eval = time.time()
-            val_loss = estimate_val_loss(raw_model, objective_name, corpus, args, device, seed)
+            val_loss = estimate_val_loss(raw_model, objective, corpus, args, device, seed)
             print(f"iter {iter_num}: val loss {val_loss:.4f}")
             if not curve or curve[-1]["iter"] != iter_num:  # a resumed run re-evaluates where it stopped
                 curve.append({"iter": iter_num, "val_loss": val_loss})
@@ -1629,7 +1750,7 @@ def train(args, corpus, objective_name, seed, out_dir, device, ddp, resume, curv
             t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
         if iter_num >= args.max_iters:
             break
-        losses_since_log += forward_backward(model, objective, corpus.train, data_rng, window, args, device, autocast,
+        losses_since_log += forward_backward(model, loss_fn, corpus.train, data_rng, window, args, device, autocast,
                                              scaler, ddp)
         optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
         iter_num += 1
@@ -1773,16 +1894,13 @@ def read_token_cache(cache, fingerprint):
 
 
 def write_token_cache(cache, meta, arrays):
-    """Each file under a temporary name (unique per process, for torchrun), then renamed; meta.json
-    last, so a cache with a meta file is always whole."""
-    tmp = f".tmp{os.getpid()}"
+    """Each file written atomically, meta.json last, so a cache with a meta file is always whole."""
     try:
         for name, arr in zip(("train", "val", "held"), arrays):
-            arr.tofile(f"{cache}.{name}.bin{tmp}")
-            os.replace(f"{cache}.{name}.bin{tmp}", f"{cache}.{name}.bin")
-        with open(f"{cache}.meta.json{tmp}", "w") as f:
+            with atomic_write(f"{cache}.{name}.bin", "wb") as f:
+                arr.tofile(f)
+        with atomic_write(cache + ".meta.json") as f:
             json.dump(meta, f)
-        os.replace(f"{cache}.meta.json{tmp}", cache + ".meta.json")
     except OSError as e:
         print(f"note: cannot write the token cache {cache}.* ({e.strerror}); tokenizing again next run.")
 
@@ -1893,8 +2011,9 @@ def bench(args, device):
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # nanoGPT's inputs and next-token targets
-    window = data[:, :window_length(args.objective, args.block_size)]  # what our objective trains on
-    peak_lr = args.learning_rate or LEARNING_RATES[args.objective]
+    objective = with_values(OBJECTIVES[args.objective], args)
+    window = data[:, :args.block_size + objective.window_extra]  # what our objective trains on
+    peak_lr = args.learning_rate or objective.learning_rate
 
     def make_step(model, loss_fn):
         model = model.to(device)
@@ -1912,8 +2031,8 @@ def bench(args, device):
         return step
 
     torch.manual_seed(args.seed)
-    ours = GPT(config_from_args(args, args.objective, args.vocab_size))
-    runs = {"lookaround": make_step(ours, lambda m: OBJECTIVES[args.objective](m, window))}
+    ours = GPT(config_from_args(args, objective, args.vocab_size))
+    runs = {"lookaround": make_step(ours, lambda m: objective.loss(m, window, **objective.values))}
     if args.bench_nanogpt:
         runs["nanogpt"] = make_step(nanogpt_model(args), lambda m: m(x, y)[1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -1947,8 +2066,7 @@ def bench(args, device):
         print(f"  {'nanoGPT':<10} {ms['nanogpt']:8.1f} ms/iter {report['nanogpt_tokens_per_s']:10,.0f} tokens/s"
               f"  (lookaround / nanoGPT = {report['speed_ratio']:.2f}x)")
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(args.out_dir, "bench.json"), report)
     return report
 
 
@@ -1957,14 +2075,23 @@ def bench(args, device):
 # and several runs end in the summary and the claims' verdicts (summary.json).
 
 
+THEORY_FLAGS = {  # --theory's own flags: name -> (default, help)
+    "theory_worlds": (20, "independent random worlds, drawn from --seed"),
+    "theory_vocab": (4, "tokens per world"),
+    "theory_len": (6, "tokens per sequence; every sequence is enumerated"),
+    "theory_classes": (3, "classes, each a Markov chain, equally likely"),
+    "theory_alpha": (0.5, "Dirichlet concentration of the transition rows"),
+}
+
+
 def make_parser():
     d = GPTConfig()
     p = argparse.ArgumentParser(
         description="Autoregressive vs masked pretraining (Zhang et al., ICML 2024) in one file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--objective", default="ar", choices=OBJECTIVE_NAMES + ["all"],
-      help="pretraining objective; 'all' runs the four in turn")
+    a("--objective", default="ar", choices=[*OBJECTIVES, "all"],
+      help=f"pretraining objective; 'all' runs the {len(OBJECTIVES)} in turn")
     a("--data", default="synthetic",
       help="'synthetic' (built in) or a path to a .txt file, a .jsonl file or a folder of them")
     a("--encoding", default="gpt2", help="tiktoken encoding for text data")
@@ -1976,29 +2103,21 @@ def make_parser():
     a("--n_embd", type=int, default=d.n_embd, help="width of the residual stream")
     a("--block_size", type=int, default=d.block_size, help="context length in tokens")
     a("--dropout", type=float, default=d.dropout, help="dropout probability")
-    # objectives
-    a("--mask_ratio", type=float, default=d.mask_ratio, help="mlm: fraction of positions hidden")
-    a("--varlen_min", type=float, default=d.varlen_min, help="mlm_varlen: lowest per-sequence mask ratio")
-    a("--varlen_max", type=float, default=d.varlen_max, help="mlm_varlen: highest per-sequence mask ratio")
-    a("--n_future", type=int, default=d.n_future, help="ar_diverse: future tokens predicted per position")
     a("--pos_emb", default=d.pos_emb, choices=["learned", "rope"],
       help="position information: a learned table added to the input (nanoGPT) or rotary embeddings on q and k")
-    a("--varlen_weight", default=d.varlen_weight, choices=["token", "sequence"],
-      help="mlm_varlen's loss: mean over every hidden token of the batch, or every sequence weighted equally")
-    a("--varlen_corruption", default=d.varlen_corruption, choices=["mask", "bert"],
-      help="mlm_varlen's hidden positions: all [MASK], or BERT's 80/10/10 as mlm's (the paper states neither)")
-    # theory: the four objectives' optima computed exactly on small enumerable worlds, no training
+    # each objective's own settings, one flag each, from its record
+    own = {key: (o.name, s) for o in OBJECTIVES.values() for key, s in o.settings.items()}
+    for key, (name, s) in own.items():
+        a(f"--{key}", type=type(s.default), default=s.default, choices=s.choices, help=f"{name}: {s.help}")
+    # theory: the objectives' optima computed exactly on small enumerable worlds, no training
     a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
-    a("--theory_worlds", type=int, default=20, help="--theory: independent random worlds, drawn from --seed")
-    a("--theory_vocab", type=int, default=4, help="--theory: tokens per world")
-    a("--theory_len", type=int, default=6, help="--theory: tokens per sequence; every sequence is enumerated")
-    a("--theory_classes", type=int, default=3, help="--theory: classes, each a Markov chain, equally likely")
-    a("--theory_alpha", type=float, default=0.5, help="--theory: Dirichlet concentration of the transition rows")
+    for key, (default, text) in THEORY_FLAGS.items():
+        a(f"--{key}", type=type(default), default=default, help=f"--theory: {text}")
     # optimisation (nanoGPT's names)
     a("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--learning_rate", type=float, default=None,
-      help="peak learning rate (AdamW); unset means the objective's own, from LEARNING_RATES")
+      help="peak learning rate (AdamW); unset means the objective's own, from its record in OBJECTIVES")
     a("--max_iters", type=int, default=1000, help="optimizer steps")
     a("--lr_decay_iters", type=int, default=None,
       help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
@@ -2070,13 +2189,11 @@ def parse_args(argv=None):
 
 
 def config_from_args(args, objective, vocab_size):
-    """The model for one run. Only ar_diverse trains the extra future-offset heads, so only it
-    builds them."""
+    """The network for one run: the architecture flags, and what the objective's record says its
+    network needs (ar_diverse: its future-offset heads, which only it trains)."""
+    network = objective.network(objective.values) if objective.network else {}
     return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                     n_embd=args.n_embd, dropout=args.dropout, mask_ratio=args.mask_ratio, varlen_min=args.varlen_min,
-                     varlen_max=args.varlen_max, n_future=args.n_future if objective == "ar_diverse" else 1,
-                     pos_emb=args.pos_emb, varlen_weight=args.varlen_weight,
-                     varlen_corruption=args.varlen_corruption)
+                     n_embd=args.n_embd, dropout=args.dropout, pos_emb=args.pos_emb, **network)
 
 
 def check_args(args):
@@ -2084,19 +2201,14 @@ def check_args(args):
     if args.n_embd % args.n_head:
         problems.append(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; "
                         "pick sizes where it is (e.g. --n_embd 128 --n_head 4).")
-    if not 0 < args.mask_ratio < 1:
-        problems.append(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1.")
-    if not 0 < args.varlen_min <= args.varlen_max < 1:
-        problems.append(f"--varlen_min {args.varlen_min} / --varlen_max {args.varlen_max}: "
-                        "need 0 < varlen_min <= varlen_max < 1.")
+    for objective in OBJECTIVES.values():  # every objective's own settings, as its record checks them
+        if objective.problems:
+            problems += objective.problems(with_values(objective, args).values, args)
     if args.pos_emb == "rope" and args.n_embd % args.n_head == 0 and (args.n_embd // args.n_head) % 2:
         problems.append(f"--pos_emb rope rotates pairs of channels: the head size --n_embd / --n_head "
                         f"({args.n_embd // args.n_head}) must be even.")
     if args.learning_rate is not None and not args.learning_rate > 0:
         problems.append(f"--learning_rate {args.learning_rate} must be positive (or unset: each objective's own).")
-    if args.n_future < 2 or args.n_future >= args.block_size:
-        problems.append(f"--n_future {args.n_future} must be at least 2 (at 1, ar_diverse is ar) and below "
-                        f"--block_size {args.block_size}.")
     for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
                  "eval_iters", "log_interval", "bench_iters", "readout_views", "finetune_draws"]:
         if getattr(args, name) < 1:
@@ -2126,9 +2238,10 @@ def check_args(args):
         elif V ** L > 2 ** 16 or L > 12:  # the probes fit V^L * K rows; mlm_varlen has L * 2^(L-1) patterns
             problems.append(f"--theory_vocab {V} --theory_len {L} is too large to enumerate: --theory allows at most "
                             f"2^16 = 65,536 sequences (V^L, here {V ** L:,}) and --theory_len 12.")
-        elif args.n_future > L - 1:
-            problems.append(f"--n_future {args.n_future}: with --theory, ar_diverse's offsets must fit in the sequence "
-                            f"(at most --theory_len - 1 = {L - 1}).")
+        for objective in OBJECTIVES.values():
+            if objective.patterns is None:
+                problems.append(f"--theory: the objective {objective.name} has no training patterns (its record's "
+                                "patterns is None); give it some, or leave it out of OBJECTIVES.")
     if args.curve_iters and max(args.curve_iters) > args.max_iters:
         problems.append(f"--curve_iters {','.join(map(str, args.curve_iters))} lies past --max_iters {args.max_iters}; "
                         "every curve point must be at most --max_iters.")
@@ -2168,8 +2281,7 @@ def curve_iters(args):
 # identity, checked apart); every other flag is a setting that a study's runs must share, --device
 # and --compile too (a run on another device, or compiled, differs in its last bits).
 SETTINGS_ASIDE = ["out_dir", "objective", "seed", "seeds", "resume", "plot", "log_interval", "sample", "temperature",
-                  "top_k", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", "theory_worlds",
-                  "theory_vocab", "theory_len", "theory_classes", "theory_alpha"]
+                  "top_k", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", *THEORY_FLAGS]
 
 
 def run_settings(args):
@@ -2194,14 +2306,6 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json(path, obj):
-    """Write to a temporary name, then rename: a killed run never leaves half a file for a study to
-    read back."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def evaluate(model, corpus, objective, seed, args, device, final):
     """A run's metrics at one point of its training, as results.json stores them (the final point
     with the untrained baselines, computed once per run). Points before the end fine-tune at one n
@@ -2217,7 +2321,7 @@ def evaluate(model, corpus, objective, seed, args, device, final):
             point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, label_counts,
                                                   args.finetune_draws, final)
         if args.eval_gen:
-            point["gen"] = evaluate_generation(model, corpus, CAUSAL[objective], args.gen_seqs)
+            point["gen"] = evaluate_generation(model, corpus, objective, args.gen_seqs)
     model.train()
     if not final:
         c, f, g = point["cluster"], point["finetune"], point["gen"]
@@ -2233,10 +2337,10 @@ def without_baselines(x):
     return {k: without_baselines(v) for k, v in x.items() if k != "baselines"} if isinstance(x, dict) else x
 
 
-def run(args, objective, seed, corpus, out_dir, device, ddp, resume=False):
-    """One run: train, with the metrics at every curve point; print the report; write
-    results.json."""
-    last = max(curve_iters(args))
+def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
+    """One run of the objective called name: train, with the metrics at every curve point; print the
+    report; write results.json."""
+    last, objective = max(curve_iters(args)), with_values(OBJECTIVES[name], args)
 
     def evaluate_at(model, iter_num):
         return evaluate(model, corpus, objective, seed, args, device, final=iter_num == last)
@@ -2246,7 +2350,7 @@ def run(args, objective, seed, corpus, out_dir, device, ddp, resume=False):
         return None
     final = points[-1]
     train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
-    results = {"objective": objective, "seed": seed, "data": args.data, "settings": run_settings(args),
+    results = {"objective": name, "seed": seed, "data": args.data, "settings": run_settings(args),
                "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"], "gen": final["gen"],
                "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
     os.makedirs(out_dir, exist_ok=True)
@@ -2260,7 +2364,7 @@ def run(args, objective, seed, corpus, out_dir, device, ddp, resume=False):
 def print_report(results, corpus, args):
     """The run's report: training, then each evaluation beside its baselines."""
     objective, seed, train_stats = results["objective"], results["seed"], results["train"]
-    causal = CAUSAL[objective]
+    record = OBJECTIVES[objective]
     H = unigram_entropy(corpus.train)
     print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in "
           f"{train_stats['seconds']:.1f} s, {train_stats['tokens_per_s']:,.0f} tokens/s; "
@@ -2272,10 +2376,11 @@ def print_report(results, corpus, args):
           + "; val loss by iter: " + ", ".join(f"{p['iter']}: {p['val_loss']:.2f}" for p in train_stats["curve"]))
     if results["cluster"]:
         c = results["cluster"]
+        trained = f"{args.readout_views} hidings" if record.hiding else "positions that predict"
         print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
-              f"(trained readout: {'positions that predict' if causal else f'{args.readout_views} hidings'}):")
+              f"(trained readout: {trained}):")
         untrained = {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS + ["per_position"]}
-        rows = [(objective, c["readouts"]), (baseline_name(objective), untrained),
+        rows = [(objective, c["readouts"]), (record.baseline, untrained),
                 ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS})]
         print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in READOUTS) + "per-position")
         print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in READOUTS)
@@ -2291,7 +2396,7 @@ def print_report(results, corpus, args):
         print(f"fine-tuning the network and a linear head on n labelled training documents ({args.finetune_draws} "
               f"draws; held-out accuracy, mean ± std; {f['seconds']:.1f} s):")
         print(" " * 30 + "".join(f"{f'n={n}':>14}" for n in args.finetune_labels))
-        for name, r in ((objective, f), (baseline_name(objective), f["baselines"]["random_init"])):
+        for name, r in ((objective, f), (record.baseline, f["baselines"]["random_init"])):
             print(f"  {name:<28}" + "".join(f"{r[str(n)]['acc']:>8.3f} ±{r[str(n)]['acc_std']:.3f}"
                                             for n in args.finetune_labels))
     if results["gen"]:
@@ -2305,14 +2410,13 @@ def print_report(results, corpus, args):
 def print_samples(model, objective, corpus, args, seed):
     """--sample: continuations of held-out prefixes a quarter of a block long, by the model's own
     way to generate."""
-    causal = CAUSAL[objective]
     seqs = gen_windows(corpus, args.block_size, args.sample)
     generator = torch.Generator().manual_seed(seed)
     prefix_len = args.block_size // 4
-    print(f"samples ({'sampled left to right' if causal else 'unmasked left to right'}, "
+    print(f"samples ({'unmasked' if objective.hiding else 'sampled'} left to right, "
           f"temperature {args.temperature}, top-k {args.top_k}):")
     for seq in seqs:
-        out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, causal, args.temperature,
+        out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, objective, args.temperature,
                      args.top_k, generator)
         print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
 
@@ -2354,7 +2458,7 @@ def run_study(args, device, ddp):
     and an interrupted run goes on from its checkpoint. Every run's folder is checked before
     anything trains."""
     master = not ddp or ddp["rank"] == 0
-    objectives = OBJECTIVE_NAMES if args.objective == "all" else [args.objective]
+    objectives = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     study = len(objectives) > 1 or len(args.seeds) > 1
     plan = {}
     for seed, objective in itertools.product(args.seeds, objectives):

@@ -3,8 +3,8 @@
 Real-text tests read LOOKAROUND_AG_NEWS (path to the AG News test.csv) and TIKTOKEN_CACHE_DIR (or network)
 and skip with a reason where those are absent."""
 
-import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -38,15 +38,35 @@ def random_ids(B=4, T=32, V=97, seed=0):
     return torch.randint(V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+def record(name, **values):
+    """An objective's record with some of its settings' values overridden (the rest: defaults)."""
+    o = L.OBJECTIVES[name]
+    return dataclasses.replace(o, values={**o.values, **values})
+
+
+def objective_loss(name, model, idx, **values):
+    """An objective's loss, with its default settings but those given."""
+    o = record(name, **values)
+    return o.loss(model, idx, **o.values)
+
+
+def window(name, T=32):
+    """The training window of an objective at block_size T."""
+    return T + L.OBJECTIVES[name].window_extra
+
+
+VARLEN = L.OBJECTIVES["mlm_varlen"].values  # mlm_varlen's default settings
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model and objectives
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+@pytest.mark.parametrize("name", list(L.OBJECTIVES))
 def test_loss_at_init_is_close_to_ln_vocab(name, pos_emb):
     torch.manual_seed(1)
-    loss = L.OBJECTIVES[name](tiny_model(pos_emb=pos_emb), random_ids(B=16, T=L.window_length(name, 32))).item()
+    loss = objective_loss(name, tiny_model(pos_emb=pos_emb), random_ids(B=16, T=window(name))).item()
     assert abs(loss - math.log(97)) < 0.15, loss
 
 
@@ -55,7 +75,7 @@ def test_forward_shapes_and_mask_row():
     idx = random_ids()
     assert model(idx).shape == (4, 32, 97)  # the [MASK] id is never predicted
     assert model.wte.weight.shape[0] == 98
-    assert model(idx, causal=False, rows=torch.zeros(5, dtype=torch.long)).shape == (5, 97)
+    assert model(idx, attention="bidirectional", rows=torch.zeros(5, dtype=torch.long)).shape == (5, 97)
     assert model(idx, future_offsets=3).shape == (4, 32, 3, 97)  # ar_diverse: every position, offsets 1..3
     # rows index the flattened B*T positions: flat_rows turns per-row positions into them
     positions = torch.tensor([[0, 5], [1, 2], [31, 0], [7, 7]])
@@ -76,11 +96,12 @@ def test_causal_attention_does_not_leak_the_future(future_offsets, pos_emb):
     changed = idx.clone()
     changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 97
     rows = L.flat_rows(torch.arange(t + 1).expand(2, -1), 32)
-    a = model(idx, causal=True, rows=rows, future_offsets=future_offsets)
-    b = model(changed, causal=True, rows=rows, future_offsets=future_offsets)
+    a = model(idx, attention="causal", rows=rows, future_offsets=future_offsets)
+    b = model(changed, attention="causal", rows=rows, future_offsets=future_offsets)
     assert torch.allclose(a, b, atol=1e-6)
     # and the test can fail: bidirectional attention does see the change
-    assert not torch.allclose(model(idx, causal=False)[:, :t + 1], model(changed, causal=False)[:, :t + 1], atol=1e-4)
+    seen = [model(x, attention="bidirectional")[:, :t + 1] for x in (idx, changed)]
+    assert not torch.allclose(*seen, atol=1e-4)
 
 
 def capture_hiding(monkeypatch):
@@ -101,10 +122,10 @@ def test_mlm_varlen_packed_targets_never_reach_the_input(monkeypatch):
     rows_seen = []
     model = tiny_model()
     real_forward = model.forward
-    model.forward = lambda idx, causal, rows: rows_seen.append(rows) or real_forward(idx, causal, rows)
+    model.forward = lambda idx, attention, rows: rows_seen.append(rows) or real_forward(idx, attention, rows)
     torch.manual_seed(0)
     idx = random_ids(B=64)
-    L.mlm_varlen(model, idx)
+    objective_loss("mlm_varlen", model, idx)
     (call,), (rows,) = calls, rows_seen
     inputs, positions, targets = call["out"]
     B, T = idx.shape
@@ -127,7 +148,7 @@ def test_mlm_varlen_bert_corruption_hides_as_mlm_does(monkeypatch):
     torch.manual_seed(0)
     idx = random_ids(B=64)
     for corruption in ("mask", "bert"):
-        L.mlm_varlen(tiny_model(varlen_corruption=corruption), idx)
+        objective_loss("mlm_varlen", tiny_model(), idx, varlen_corruption=corruption)
     shown = {}
     for corruption, call in zip(("mask", "bert"), calls):
         inputs, positions, targets = call["out"]
@@ -141,18 +162,18 @@ def test_mlm_varlen_bert_corruption_hides_as_mlm_does(monkeypatch):
 
 def test_varlen_ratios_are_uniform_per_row_and_stratified_per_batch():
     from scipy.stats import kstest
-    c = L.GPTConfig()
+    lo, hi = VARLEN["varlen_min"], VARLEN["varlen_max"]
     torch.manual_seed(0)
     B = 8
-    draws = torch.stack([L.varlen_mask_ratios(torch.randperm(B), torch.rand(()), c) for _ in range(2000)])
-    uniform = (c.varlen_min, c.varlen_max - c.varlen_min)
+    draws = torch.stack([L.varlen_mask_ratios(torch.randperm(B), torch.rand(()), lo, hi) for _ in range(2000)])
+    uniform = (lo, hi - lo)
     for row in (0, B - 1):  # each row on its own is U[varlen_min, varlen_max]
         assert kstest(draws[:, row].numpy(), "uniform", args=uniform).pvalue > 0.01
     # each batch has one ratio in each of the B strata
-    strata = ((draws - c.varlen_min) / (c.varlen_max - c.varlen_min) * B).floor().long()
+    strata = ((draws - lo) / (hi - lo) * B).floor().long()
     assert (strata.sort(1).values == torch.arange(B)).all()
     # and the test can fail: without the permutation, row 0 always sits in the lowest stratum
-    unshuffled = torch.stack([L.varlen_mask_ratios(torch.arange(B), torch.rand(()), c) for _ in range(2000)])
+    unshuffled = torch.stack([L.varlen_mask_ratios(torch.arange(B), torch.rand(()), lo, hi) for _ in range(2000)])
     assert kstest(unshuffled[:, 0].numpy(), "uniform", args=uniform).pvalue < 1e-6
 
 
@@ -163,15 +184,15 @@ def test_mlm_varlen_batch_total_stays_within_its_bound(monkeypatch):
     torch.manual_seed(1)
     with torch.no_grad():
         for _ in range(300):
-            L.mlm_varlen(model, idx)
-    c, (B, T) = model.config, idx.shape
-    lowest = L.hidden_counts(L.varlen_mask_ratios(torch.arange(B), torch.zeros(()), c), T).sum().item()
-    highest = L.hidden_counts(L.varlen_mask_ratios(torch.arange(B), torch.ones(()), c), T).sum().item()
+            objective_loss("mlm_varlen", model, idx)
+    (lo, hi), (B, T) = (VARLEN["varlen_min"], VARLEN["varlen_max"]), idx.shape
+    lowest = L.hidden_counts(L.varlen_mask_ratios(torch.arange(B), torch.zeros(()), lo, hi), T).sum().item()
+    highest = L.hidden_counts(L.varlen_mask_ratios(torch.arange(B), torch.ones(()), lo, hi), T).sum().item()
     totals = torch.tensor([call["n_hidden"].sum().item() for call in calls])
     assert lowest <= totals.min() and totals.max() <= highest
-    assert highest - lowest <= (c.varlen_max - c.varlen_min) * T + B  # a band of one row's range, not B rows'
+    assert highest - lowest <= (hi - lo) * T + B  # a band of one row's range, not B rows'
     # i.i.d. ratios would spread the total about sqrt(B) times wider than this stratified band allows
-    iid = L.hidden_counts(torch.empty(300, B).uniform_(c.varlen_min, c.varlen_max), T).sum(1)
+    iid = L.hidden_counts(torch.empty(300, B).uniform_(lo, hi), T).sum(1)
     assert iid.max() - iid.min() > 2 * (highest - lowest)
 
 
@@ -195,13 +216,14 @@ def test_fast_masked_loss_equals_full_logits_reference(name, monkeypatch):
     calls = capture_hiding(monkeypatch)
     model = tiny_model()
     idx = random_ids(B=8)
-    fast = L.OBJECTIVES[name](model, idx)
+    fast = objective_loss(name, model, idx)
     # reference: the same corruption, logits at every position, the mean loss over the hidden positions
     (call,) = calls
     inputs, positions, targets = call["out"]
     full_targets = torch.full_like(idx, -1).scatter(1, positions, targets)
     assert (full_targets >= 0).sum(1).tolist() == call["n_hidden"].tolist()
-    reference = F.cross_entropy(model(inputs, causal=False).flatten(0, 1), full_targets.flatten(), ignore_index=-1)
+    logits = model(inputs, attention="bidirectional")
+    reference = F.cross_entropy(logits.flatten(0, 1), full_targets.flatten(), ignore_index=-1)
     assert torch.allclose(fast, reference, atol=1e-5), (fast, reference)
 
 
@@ -210,10 +232,10 @@ def test_ar_diverse_batched_heads_equal_a_per_offset_per_position_reference():
     with torch.no_grad():
         model.future_heads.weight.normal_(std=0.1)
     idx = random_ids(B=4, T=33)  # a causal window: block_size + 1 tokens
-    fast = L.ar_diverse(model, idx)
-    assert torch.equal(fast, L.ar_diverse(model, idx))  # no random split left: the same batch, the same loss
+    fast = L.ar_diverse(model, idx, n_future=3)
+    assert torch.equal(fast, L.ar_diverse(model, idx, n_future=3))  # no random split: same batch, same loss
     # reference: a plain loop over offsets and positions, as a reader would write it
-    h = model.features(idx[:, :-1], causal=True)
+    h = model.features(idx[:, :-1], attention="causal")
     W = model.wte.weight[:97]
     per_offset = []
     for d in range(1, 4):
@@ -228,7 +250,7 @@ def test_ar_diverse_batched_heads_equal_a_per_offset_per_position_reference():
     assert torch.allclose(fast, torch.stack(per_offset).mean(), atol=1e-5), (fast, per_offset)
     assert not torch.allclose(fast, per_offset[0], atol=1e-3)  # and the next-token loss alone would differ
     # the heads, at the level of the logits: offset d reads h + h @ future_heads[d - 2] (offset 1: h itself)
-    logits = model(idx[:, :-1], causal=True, future_offsets=3)
+    logits = model(idx[:, :-1], attention="causal", future_offsets=3)
     assert torch.allclose(logits[:, :, 0], h @ W.T, atol=1e-5)
     for d in (2, 3):
         assert torch.allclose(logits[:, :, d - 1], (h + h @ model.future_heads.weight[d - 2]) @ W.T, atol=1e-5)
@@ -236,14 +258,14 @@ def test_ar_diverse_batched_heads_equal_a_per_offset_per_position_reference():
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+@pytest.mark.parametrize("name", list(L.OBJECTIVES))
 def test_forward_compiles_without_graph_breaks(name, pos_emb):
     # torch.compile compiles GPT.forward; each objective calls it with fixed-shape positions
     model = tiny_model(pos_emb=pos_emb)
     calls = []
     real_forward = model.forward
     model.forward = lambda *a, **k: calls.append((a, k)) or real_forward(*a, **k)
-    L.OBJECTIVES[name](model, random_ids(T=L.window_length(name, 32)))
+    objective_loss(name, model, random_ids(T=window(name)))
     (args, kwargs), = calls
     explanation = torch._dynamo.explain(real_forward)(*args, **kwargs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -265,7 +287,7 @@ def test_compiled_mlm_varlen_training_never_recompiles(tmp_path, monkeypatch):
     counters.clear()
     model = torch.compile(tiny_model())
     for n_rows in (100, 90):
-        model(random_ids(B=8), causal=False, rows=torch.arange(n_rows))
+        model(random_ids(B=8), attention="bidirectional", rows=torch.arange(n_rows))
     assert counters["frames"]["total"] == 2
 
 
@@ -278,18 +300,18 @@ def test_plateau_exit_is_the_first_evaluation_a_quarter_nat_below_the_unigram_en
     assert L.plateau_exit_iter(curve, 3.2) is None and L.plateau_exit_iter([], 4.2) is None
 
 
-@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+@pytest.mark.parametrize("name", list(L.OBJECTIVES))
 def test_every_position_the_readouts_read_is_trained(name):
     # the clean readout averages every position of a block: each must be a position some target trains. A causal
     # window of block_size + 1 tokens gives the last position a target too (with block_size tokens it had none)
     corpus = L.make_synthetic(n_train_docs=50, n_val_docs=2, n_eval_docs=4, block_size=32)
     model = tiny_model(vocab_size=corpus.vocab_size, pos_emb="learned")  # a position table: one row per position
-    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, L.window_length(name, 32), torch.device("cpu"))
-    L.OBJECTIVES[name](model, idx).backward()
+    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, window(name), torch.device("cpu"))
+    objective_loss(name, model, idx).backward()
     assert (model.wpe.weight.grad.abs().sum(1) > 0).all()
-    if L.CAUSAL[name]:
+    if L.OBJECTIVES[name].window_extra:
         model.zero_grad()
-        L.OBJECTIVES[name](model, idx[:, :-1]).backward()  # and the test can fail: one token shorter
+        objective_loss(name, model, idx[:, :-1]).backward()  # and the test can fail: one token shorter
         assert (model.wpe.weight.grad[-1] == 0).all()
 
 
@@ -319,33 +341,33 @@ def test_masked_outputs_never_depend_on_the_hidden_tokens(name, pos_emb, monkeyp
     model.forward = lambda *a, **k: outputs.append(real_forward(*a, **k)) or outputs[-1]
     idx = random_ids(B=16)
     torch.manual_seed(3)
-    model.config.mask_ratio = 0.3
-    L.OBJECTIVES[name](model, idx)
+    settings = {"mask_ratio": 0.3} if name == "mlm" else {}
+    objective_loss(name, model, idx, **settings)
     inputs, positions, targets = calls[0]["out"]
     hidden = torch.zeros_like(idx, dtype=torch.bool).scatter(1, positions, targets >= 0)
     if name == "mlm":  # BERT keeps 10% of hidden tokens as they are: leave those out of this test
         hidden &= inputs != idx
     changed = torch.where(hidden, (idx + 1) % 97, idx)
     torch.manual_seed(3)  # the same hiding: the draw never looks at the token values
-    L.OBJECTIVES[name](model, changed)
+    objective_loss(name, model, changed, **settings)
     assert calls[1]["out"][1].equal(positions)
     assert torch.equal(outputs[0], outputs[1])
     # and the test can fail: a change at a visible position does reach the outputs
     torch.manual_seed(3)
-    L.OBJECTIVES[name](model, torch.where(~hidden, (idx + 1) % 97, idx))
+    objective_loss(name, model, torch.where(~hidden, (idx + 1) % 97, idx), **settings)
     assert not torch.allclose(outputs[0], outputs[2])
 
 
 @pytest.mark.parametrize("weight", ["token", "sequence"])
 def test_mlm_varlen_weighting_equals_a_per_sequence_loop_reference(weight, monkeypatch):
     calls = capture_hiding(monkeypatch)
-    model = tiny_model(varlen_weight=weight)
+    model = tiny_model()
     idx = random_ids(B=8)
     torch.manual_seed(2)
-    fast = L.mlm_varlen(model, idx)
+    fast = objective_loss("mlm_varlen", model, idx, varlen_weight=weight)
     (call,) = calls
     inputs, positions, targets = call["out"]
-    logits = model(inputs, causal=False)
+    logits = model(inputs, attention="bidirectional")
     per_sequence, per_token = [], []
     for b in range(8):  # a plain loop: each sequence's hidden positions, one at a time
         losses = [F.cross_entropy(logits[b, p], idx[b, p]) for p, t in zip(positions[b], targets[b]) if t >= 0]
@@ -355,8 +377,10 @@ def test_mlm_varlen_weighting_equals_a_per_sequence_loop_reference(weight, monke
     by_sequence, by_token = torch.stack(per_sequence).mean(), torch.stack(per_token).mean()
     assert torch.allclose(fast, by_sequence if weight == "sequence" else by_token, atol=1e-5)
     assert not torch.allclose(by_sequence, by_token, atol=1e-3)  # the two weightings really differ here
-    torch.manual_seed(2)  # the explicit weight (the val loss's "token") overrides the config
-    assert torch.allclose(L.mlm_varlen(model, idx, weight="token"), by_token, atol=1e-5)
+    torch.manual_seed(2)  # the val loss overrides the weighting with "token", as the record says
+    val = record("mlm_varlen", varlen_weight=weight)
+    val_loss = val.loss(model, idx, **{**val.values, **val.val_values})
+    assert torch.allclose(val_loss, by_token, atol=1e-5)
 
 
 def test_ar_loss_is_next_token_cross_entropy():
@@ -367,20 +391,19 @@ def test_ar_loss_is_next_token_cross_entropy():
     assert torch.allclose(L.ar(model, idx), reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", L.OBJECTIVE_NAMES)
+@pytest.mark.parametrize("name", list(L.OBJECTIVES))
 def test_each_objective_loss_falls_on_a_fixed_batch(name):
     corpus = L.make_synthetic(n_train_docs=50, n_val_docs=2, n_eval_docs=4, block_size=32)
-    torch.manual_seed(0)
-    model = L.GPT(L.GPTConfig(vocab_size=corpus.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64))
-    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, L.window_length(name, 32), torch.device("cpu"))
+    model = tiny_model(vocab_size=corpus.vocab_size)
+    idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, window(name), torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss = L.OBJECTIVES[name](model, idx)
+        value = objective_loss(name, model, idx)
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.75, losses  # nats
 
 
@@ -437,12 +460,12 @@ def test_embeddings_ignore_nothing_and_pad_nothing():
     model = tiny_model()
     docs = [np.arange(10), np.arange(20), np.arange(5, 15)]
     for objective in ("ar", "mlm"):
-        feats = L.embed_documents(model, docs, objective, torch.device("cpu"))
-        alone = model.features(torch.arange(20)[None], causal=L.CAUSAL[objective])[0].detach()
+        feats = L.embed_documents(model, docs, L.OBJECTIVES[objective], torch.device("cpu"))
+        alone = model.features(torch.arange(20)[None], L.OBJECTIVES[objective].attention)[0].detach()
         assert np.allclose(feats["clean"][1], alone.mean(0).numpy(), atol=1e-5)  # embedded exactly as on its own
     # the causal trained readout: the positions that predict a next token, i.e. all but the last
-    alone = model.features(torch.arange(20)[None], causal=True)[0].detach()
-    trained = L.embed_documents(model, docs, "ar", torch.device("cpu"))["trained"][1]
+    alone = model.features(torch.arange(20)[None], attention="causal")[0].detach()
+    trained = L.embed_documents(model, docs, L.OBJECTIVES["ar"], torch.device("cpu"))["trained"][1]
     assert np.allclose(trained, alone[:19].mean(0).numpy(), atol=1e-5)
     assert not np.allclose(trained, alone.mean(0).numpy())
 
@@ -452,8 +475,8 @@ def noisy_where_visible(model):
     own, so the readout's random hidings stay the same)."""
     real, noise = model.features, torch.Generator().manual_seed(123)
 
-    def features(idx, causal=True):
-        h = real(idx, causal)
+    def features(idx, attention="causal"):
+        h = real(idx, attention)
         visible = (idx != model.config.vocab_size)[..., None]
         return torch.where(visible, 100 * torch.randn(h.shape, generator=noise), h)
     return features
@@ -463,11 +486,11 @@ def noisy_where_visible(model):
 def test_masked_trained_readout_reads_only_hidden_positions(objective, monkeypatch):
     model = tiny_model()
     docs = [np.arange(i, i + 24) % 97 for i in range(12)] + [np.arange(10)]
-    before = L.embed_documents(model, docs, objective, torch.device("cpu"), views=4, seed=3)
-    again = L.embed_documents(model, docs, objective, torch.device("cpu"), views=4, seed=3)
+    before = L.embed_documents(model, docs, L.OBJECTIVES[objective], torch.device("cpu"), views=4, seed=3)
+    again = L.embed_documents(model, docs, L.OBJECTIVES[objective], torch.device("cpu"), views=4, seed=3)
     assert np.array_equal(before["trained"], again["trained"])  # the hidings come from the seed: repeatable
     monkeypatch.setattr(model, "features", noisy_where_visible(model))
-    after = L.embed_documents(model, docs, objective, torch.device("cpu"), views=4, seed=3)
+    after = L.embed_documents(model, docs, L.OBJECTIVES[objective], torch.device("cpu"), views=4, seed=3)
     assert np.allclose(before["trained"], after["trained"], atol=1e-5)
     assert not np.allclose(before["clean"], after["clean"])  # and the test can fail: the clean readout does change
 
@@ -478,7 +501,7 @@ def test_masked_trained_readout_hides_as_the_objective_does(objective, monkeypat
     model = tiny_model()
     T = 32
     docs = [np.arange(i, i + T) % 97 for i in range(64)]
-    L.embed_documents(model, docs, objective, torch.device("cpu"), views=8)
+    L.embed_documents(model, docs, L.OBJECTIVES[objective], torch.device("cpu"), views=8)
     assert len(calls) == 8  # one hiding per view of the batch of 64 documents
     counts = torch.cat([call["n_hidden"] for call in calls]).float()
     hidden_shown = torch.cat([(call["out"][0] == 97).sum(1) for call in calls]).float()
@@ -489,21 +512,21 @@ def test_masked_trained_readout_hides_as_the_objective_does(objective, monkeypat
         assert counts.min() <= 3 and counts.max() >= 29 and abs(counts.mean() - 0.5 * T) < 1.5
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_batched_generation_scoring_equals_one_position_at_a_time(causal):
+@pytest.mark.parametrize("name", ["ar", "mlm"])
+def test_batched_generation_scoring_equals_one_position_at_a_time(name):
     model = tiny_model().eval()
     seqs = random_ids(B=3)
     positions = [p for ps in L.scored_positions(32).values() for p in ps]
-    fast = L.next_token_nll(model, seqs, positions, causal, batch_size=7)
+    fast = L.next_token_nll(model, seqs, positions, L.OBJECTIVES[name], batch_size=7)
     V = 97
     for n in range(3):
         for j, p in enumerate(positions):
-            if causal:  # only the true prefix, nothing after it
-                logits = model(seqs[n:n + 1, :p], causal=True)[0, -1]
+            if name == "ar":  # only the true prefix, nothing after it
+                logits = model(seqs[n:n + 1, :p], attention="causal")[0, -1]
             else:  # the true prefix, then [MASK] at p and everything after it
                 x = seqs[n:n + 1].clone()
                 x[0, p:] = V
-                logits = model(x, causal=False)[0, p]
+                logits = model(x, attention="bidirectional")[0, p]
             ref = -F.log_softmax(logits, -1)[seqs[n, p]]
             assert abs(fast[n, j].item() - ref.item()) < 1e-4
 
@@ -608,14 +631,18 @@ def small_net(V=20, seed=0):
     return L.GPT(L.GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=2, n_embd=32))
 
 
+OBJ = L.OBJECTIVES
+
+
 @pytest.mark.parametrize("objective", ["ar", "mlm"])
 def test_finetuning_learns_what_can_be_learned_and_nothing_else(objective):
     cpu = torch.device("cpu")
     separable = labelled_corpus("separable")
-    acc = (L.finetune_predictions(small_net(), objective, separable, 32, 0, 1, cpu) == separable.eval_labels).mean()
+    predictions = L.finetune_predictions(small_net(), OBJ[objective], separable, 32, 0, 1, cpu)
+    acc = (predictions == separable.eval_labels).mean()
     assert acc > 0.95, acc
     noise = labelled_corpus("noise", n_eval=400)
-    acc = (L.finetune_predictions(small_net(), objective, noise, 32, 0, 1, cpu) == noise.eval_labels).mean()
+    acc = (L.finetune_predictions(small_net(), OBJ[objective], noise, 32, 0, 1, cpu) == noise.eval_labels).mean()
     assert abs(acc - 0.25) < 0.1, acc  # chance for 4 classes
 
 
@@ -624,12 +651,12 @@ def test_finetuning_never_reads_held_out_labels_and_is_reproducible():
     corpus = labelled_corpus("noise", n_train=200)
     net = small_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    first = L.finetune_predictions(net, "mlm", corpus, 16, 0, 1, cpu)
+    first = L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 0, 1, cpu)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # a copy is fine-tuned
-    assert np.array_equal(first, L.finetune_predictions(net, "mlm", corpus, 16, 0, 1, cpu))  # reproducible
+    assert np.array_equal(first, L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 0, 1, cpu))  # reproducible
     corpus.eval_labels = (corpus.eval_labels + 1) % 4  # poisoned held-out labels
-    assert np.array_equal(first, L.finetune_predictions(net, "mlm", corpus, 16, 0, 1, cpu))
-    assert not np.array_equal(first, L.finetune_predictions(net, "mlm", corpus, 16, 1, 1, cpu))  # another draw
+    assert np.array_equal(first, L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 0, 1, cpu))
+    assert not np.array_equal(first, L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 1, 1, cpu))  # another draw
     picks = L.balanced_draw(corpus.train_labels, 16, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 16 and np.bincount(corpus.train_labels[picks]).tolist() == [4, 4, 4, 4]
     few = np.array([0] * 3 + [1] * 40)  # a class with too few documents: take them all, fill from the others
@@ -643,7 +670,7 @@ def test_finetuning_baseline_starts_from_the_runs_initial_weights(monkeypatch):
     trained = small_net(seed=5)
     with torch.no_grad():
         trained.wte.weight.add_(1.0)  # as if trained
-    out = L.evaluate_finetune(trained, corpus, "ar", 7, torch.device("cpu"), [8, 16], 2)
+    out = L.evaluate_finetune(trained, corpus, OBJ["ar"], 7, torch.device("cpu"), [8, 16], 2)
     assert set(out) == {"8", "16", "baselines", "seconds"} and set(out["baselines"]["random_init"]) == {"8", "16"}
     assert len(seen) == 8 and all(torch.equal(s["wte.weight"], trained.wte.weight) for s in seen[:4])
     torch.manual_seed(7)  # the run's seed: train() builds its initial model exactly so
@@ -656,8 +683,8 @@ def test_per_position_readout_reads_each_position_with_it_alone_hidden(monkeypat
     docs = [random_ids(B=1, T=32, seed=i)[0].numpy() for i in range(3)] + [random_ids(B=1, T=20, seed=9)[0].numpy()]
     inputs = []
     real = model.features
-    monkeypatch.setattr(model, "features", lambda x, causal: inputs.append(x) or real(x, causal))
-    f = L.per_position_features(model, docs, "mlm", torch.device("cpu"))
+    monkeypatch.setattr(model, "features", lambda x, attention: inputs.append(x) or real(x, attention))
+    f = L.per_position_features(model, docs, OBJ["mlm"], torch.device("cpu"))
     assert f.shape == (4, 32 * 64)
     for x in inputs:  # every pass hides exactly one position, [MASK], and copy j hides position j
         assert ((x == 97).sum(1) == 1).all()
@@ -666,17 +693,17 @@ def test_per_position_readout_reads_each_position_with_it_alone_hidden(monkeypat
     with torch.no_grad():  # the state read for position 5 of document 0: that position's, in the copy hiding it
         x = torch.as_tensor(docs[0]).clone()
         x[5] = 97
-        assert np.allclose(f[0, 5 * 64:6 * 64], real(x[None], False)[0, 5].numpy(), atol=1e-5)
+        assert np.allclose(f[0, 5 * 64:6 * 64], real(x[None], "bidirectional")[0, 5].numpy(), atol=1e-5)
     assert (f[3, 20 * 64:] == 0).all() and (f[3, :20 * 64] != 0).any()  # a shorter document: zeros past its end
     # noise at position q: masked, every position's state changes but q's own (q is hidden there); causal, only
     # the states at q and after it change
     q, noisy = 7, [d.copy() for d in docs[:1]]
     noisy[0][q] = (noisy[0][q] + 1) % 97
     blocks = lambda a: a.reshape(32, 64)
-    g = L.per_position_features(model, noisy, "mlm", torch.device("cpu"))
+    g = L.per_position_features(model, noisy, OBJ["mlm"], torch.device("cpu"))
     changed = ~np.isclose(blocks(g[0]), blocks(f[0]), atol=1e-6).all(1)
     assert not changed[q] and changed[np.arange(32) != q].all()
-    fc, gc = (L.per_position_features(model, d, "ar", torch.device("cpu"))[0] for d in (docs[:1], noisy))
+    fc, gc = (L.per_position_features(model, d, OBJ["ar"], torch.device("cpu"))[0] for d in (docs[:1], noisy))
     changed = ~np.isclose(blocks(gc), blocks(fc), atol=1e-6).all(1)
     assert not changed[:q].any() and changed[q:31].all() and not changed[31]  # the last position is not read
 
@@ -686,10 +713,10 @@ def test_scored_positions_follow_the_prefix_fractions():
     assert sp[0.125] == list(range(8, 16)) and sp[0.75] == list(range(48, 56))
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_sample_keeps_the_prefix_and_fills_the_rest(causal):
+@pytest.mark.parametrize("name", ["ar", "mlm"])
+def test_sample_keeps_the_prefix_and_fills_the_rest(name):
     model = tiny_model()
-    out = L.sample(model, [1, 2, 3], 10, causal, top_k=5, generator=torch.Generator().manual_seed(0))
+    out = L.sample(model, [1, 2, 3], 10, L.OBJECTIVES[name], top_k=5, generator=torch.Generator().manual_seed(0))
     assert out[:3] == [1, 2, 3] and len(out) == 13 and all(0 <= t < 97 for t in out)
 
 
@@ -739,7 +766,7 @@ def test_default_style_run_trains_reports_and_writes_results(tmp_path, capsys):
     check_results_schema(r)
     assert r["cluster"] is not None and r["gen"] is not None and r["train"]["iters"] == 30
     assert [p["iter"] for p in r["train"]["curve"]] == [0, 15, 30]
-    assert r["train"]["learning_rate"] == L.LEARNING_RATES["mlm_varlen"]  # the objective's own peak...
+    assert r["train"]["learning_rate"] == L.OBJECTIVES["mlm_varlen"].learning_rate  # the objective's own peak...
     assert L.main(TINY + ["--objective", "mlm_varlen", "--max_iters", "2", "--eval_interval", "2", "--learning_rate",
                           "3e-4", "--no-eval_cluster", "--no-eval_gen", "--out_dir", str(out)]) == 0
     assert json.load(open(out / "results.json"))["train"]["learning_rate"] == 3e-4  # ...unless one is given
@@ -756,6 +783,79 @@ def test_default_run_learns_below_unigram_entropy(tmp_path):
     r = json.load(open(out / "results.json"))
     corpus = L.make_synthetic(seed=1)
     assert r["train"]["final_val_loss"] < L.unigram_entropy(corpus.train) - 0.5
+
+
+def prefix_lm(model, idx):
+    """A toy fifth objective, the README's worked example: a prefix LM. Bidirectional attention over a
+    random-length prefix, causal after it; next-token targets after the prefix (position t predicts x[t+1] for
+    t >= prefix - 1, whose context never holds x[t+1])."""
+    assert idx.size(1) == model.config.block_size + 1  # its record's window_extra reached the training loop
+    B, T = idx.size(0), idx.size(1) - 1
+    prefix = torch.randint(1, T, (B, 1, 1, 1))  # (B, 1, 1, 1): broadcasts over heads, queries and keys
+    query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    attention = (key <= query) | (key < prefix)  # (B, 1, T, T), True: may attend
+    logits = model(idx[:, :-1], attention=attention)
+    targets = idx[:, 1:].masked_fill(torch.arange(T) < prefix.view(B, 1) - 1, -1)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
+PREFIX_LM = L.Objective("prefix_lm", prefix_lm, attention="causal", learning_rate=7e-4, window_extra=1)
+
+
+def test_prefix_lm_attention_mask_keeps_the_future_out_after_the_prefix():
+    model = tiny_model().eval()
+    idx = random_ids(B=1, T=33)
+    torch.manual_seed(0)
+    prefix = int(torch.randint(1, 32, (1, 1, 1, 1)))  # the draw prefix_lm makes first under this seed
+    changed = idx.clone()
+    changed[0, prefix + 5:] = (changed[0, prefix + 5:] + 1) % 97
+    torch.manual_seed(0)
+    a = prefix_lm(model, idx)
+    torch.manual_seed(0)
+    b = prefix_lm(model, changed)
+    assert not torch.allclose(a, b)  # the loss sees the changed targets...
+    query, key = torch.arange(32)[:, None], torch.arange(32)[None, :]
+    mask = ((key <= query) | (key < prefix))[None, None]
+    h_a, h_b = (model.features(x[:, :-1], mask) for x in (idx, changed))
+    assert torch.allclose(h_a[:, :prefix + 5], h_b[:, :prefix + 5], atol=1e-6)  # ...no state before them does
+
+
+def test_a_fifth_objective_is_one_function_and_one_record(tmp_path, monkeypatch, capsys):
+    """The README's worked example: register a prefix LM, train it a few steps, run every evaluation on it. Each
+    evaluation must read the record: its attention ("causal" when evaluated: an empty prefix), its learning rate,
+    its window, its untrained baseline's name."""
+    monkeypatch.setitem(L.OBJECTIVES, "prefix_lm", PREFIX_LM)
+    modes = []
+    real = L.GPT.features
+    monkeypatch.setattr(L.GPT, "features", lambda self, idx, attention="causal": modes.append(
+        attention if isinstance(attention, str) else "mask") or real(self, idx, attention))
+    out = tmp_path / "run"
+    assert L.main(TINY + ["--objective", "prefix_lm", "--max_iters", "6", "--eval_interval", "3", "--sample", "1",
+                          "--out_dir", str(out)]) == 0
+    r = json.load(open(out / "results.json"))
+    check_results_schema(r)
+    assert r["objective"] == "prefix_lm" and r["train"]["learning_rate"] == 7e-4
+    assert r["cluster"] and r["finetune"] and r["gen"] and r["cluster"]["readouts"]["per_position"]["probe_acc"] > 0
+    text = capsys.readouterr().out
+    assert "random init (as prefix_lm)" in text and "positions that predict" in text and "sampled left" in text
+    assert set(modes) == {"mask", "causal"}  # training's mask; every evaluation in the record's mode
+    assert "prefix_lm" in L.make_parser().format_help()  # --objective's choices come from the registry
+    # --theory refuses it by name, with no patterns; covers it, given some
+    assert L.main(["--theory", "--theory_worlds", "1", "--out_dir", str(tmp_path / "t")]) == 2
+    assert "prefix_lm has no training patterns" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    covered = dataclasses.replace(PREFIX_LM, patterns=lambda length, values: L.ar_patterns(length))
+    monkeypatch.setitem(L.OBJECTIVES, "prefix_lm", covered)
+    assert L.main(["--theory", "--theory_worlds", "1", "--out_dir", str(tmp_path / "t")]) == 0
+    world = json.load(open(tmp_path / "t" / "theory.json"))["worlds"][0]["objectives"]
+    assert world["prefix_lm"]["probe_acc"] == world["ar"]["probe_acc"]  # ar's patterns, ar's exact optimum
+    assert "probe_rel_causal" in world["prefix_lm"]  # the causal ceiling, as its attention says
+
+
+def test_an_unknown_attention_mode_is_refused_by_the_record_and_the_model():
+    with pytest.raises(ValueError, match="prefix"):
+        L.Objective("bad", prefix_lm, attention="prefix", learning_rate=1e-3)
+    with pytest.raises(ValueError, match="bidirectonal"):
+        tiny_model().features(random_ids(), "bidirectonal")
 
 
 STUDY = TINY + ["--objective", "all", "--seeds", "1,2", "--max_iters", "60", "--eval_interval", "30",
@@ -781,12 +881,12 @@ def study(tmp_path_factory):
 
 def test_objective_all_with_seeds_runs_end_to_end(study):
     out, text, _ = study
-    for name in L.OBJECTIVE_NAMES:
+    for name in list(L.OBJECTIVES):
         for seed in (1, 2):
             check_results_schema(json.load(open(out / name / f"seed{seed}" / "results.json")))
     summary = json.load(open(out / "summary.json"))
     assert len(summary["runs"]) == 8
-    assert set(summary["table"]) == set(L.OBJECTIVE_NAMES) | {"random init (causal)", "random init (as mlm)",
+    assert set(summary["table"]) == set(L.OBJECTIVES) | {"random init (causal)", "random init (as mlm)",
                                                               "random init (as mlm_varlen)", "tf-idf + k-means"}
     assert summary["table"]["ar"]["trained_nmi"]["n"] == 2 and summary["table"]["mlm"]["clean_probe_acc"]["n"] == 2
     assert summary["table"]["ar"]["finetune@16"]["n"] == 2 and "per_position_probe_acc" in summary["table"]["mlm"]
@@ -1396,36 +1496,35 @@ def test_theory_enumeration_sums_to_one_and_p_star_matches_a_brute_force_count()
 
 
 def test_theory_patterns_are_weighted_like_the_objectives_sample():
-    c = L.GPTConfig()
-    for name in L.OBJECTIVE_NAMES:
-        assert sum(w for _, _, w in L.training_patterns(name, 6, c)) == pytest.approx(1.0), name
-    counts = L.varlen_count_probs(6, c.varlen_min, c.varlen_max)  # against the network's own draw
-    r = np.random.default_rng(0).uniform(c.varlen_min, c.varlen_max, 400_000)
+    for name in list(L.OBJECTIVES):
+        assert sum(w for _, _, w in L.training_patterns(L.OBJECTIVES[name], 6)) == pytest.approx(1.0), name
+    lo, hi = VARLEN["varlen_min"], VARLEN["varlen_max"]
+    counts = L.varlen_count_probs(6, lo, hi)  # against the network's own draw
+    r = np.random.default_rng(0).uniform(lo, hi, 400_000)
     drawn = np.bincount(L.hidden_counts(torch.from_numpy(r), 6).numpy(), minlength=6) / len(r)
     assert all(abs(counts.get(m, 0.0) - drawn[m]) < 0.005 for m in range(6)), (counts, drawn)
 
 
 def test_theory_components_fixed_position_targets_split_the_graph():
-    c = L.GPTConfig()  # L = 3: mlm hides m = max(1, round(0.15 * 3)) = 1 token
-    assert theory_components(L.training_patterns("ar", 3, c)) == 2  # one per target position, L - 1
-    assert theory_components(L.training_patterns("mlm", 3, c)) == 3  # one per hidden position, L
-    assert theory_components(L.training_patterns("ar_diverse", 3, L.GPTConfig(n_future=2))) == 1
-    assert theory_components(L.training_patterns("mlm_varlen", 3, c)) == 1
-    assert theory_components(L.training_patterns("mlm", 3, L.GPTConfig(mask_ratio=0.6))) == 1  # m = 2 joins it
+    # L = 3: mlm hides m = max(1, round(0.15 * 3)) = 1 token
+    assert theory_components(L.training_patterns(record("ar"), 3)) == 2  # one per target position, L - 1
+    assert theory_components(L.training_patterns(record("mlm"), 3)) == 3  # one per hidden position, L
+    assert theory_components(L.training_patterns(record("ar_diverse", n_future=2), 3)) == 1
+    assert theory_components(L.training_patterns(record("mlm_varlen"), 3)) == 1
+    assert theory_components(L.training_patterns(record("mlm", mask_ratio=0.6), 3)) == 1  # m = 2 joins it
 
 
 def test_theory_probes_stay_below_bayes_and_coverage_follows_the_visible_lengths():
     tokens, p_xc = hand_world()
     bayes = p_xc.max(1).sum()
-    c = L.GPTConfig()
-    for name in L.OBJECTIVE_NAMES:
-        pooled, per_position, _ = L.exact_optimum(tokens, p_xc.sum(1), L.training_patterns(name, 3, c), 2)
+    for name in list(L.OBJECTIVES):
+        pooled, per_position, _ = L.exact_optimum(tokens, p_xc.sum(1), L.training_patterns(record(name), 3), 2)
         for features in (pooled, per_position):
             assert L.exact_probe_accuracy(features, p_xc) <= bayes + 1e-12, name
-    assert L.covered_prefixes(L.training_patterns("ar", 3, c), 3) == {"1": True, "2": True}
-    assert L.covered_prefixes(L.training_patterns("mlm", 3, c), 3) == {"1": False, "2": True}  # only l = L - m
-    assert L.covered_prefixes(L.training_patterns("mlm", 3, L.GPTConfig(mask_ratio=0.6)), 3) == {"1": True, "2": False}
-    assert L.covered_prefixes(L.training_patterns("mlm_varlen", 3, c), 3) == {"1": True, "2": True}
+    assert L.covered_prefixes(L.training_patterns(record("ar"), 3), 3) == {"1": True, "2": True}
+    assert L.covered_prefixes(L.training_patterns(record("mlm"), 3), 3) == {"1": False, "2": True}  # only l = L - m
+    assert L.covered_prefixes(L.training_patterns(record("mlm", mask_ratio=0.6), 3), 3) == {"1": True, "2": False}
+    assert L.covered_prefixes(L.training_patterns(record("mlm_varlen"), 3), 3) == {"1": True, "2": True}
 
 
 def test_theory_writes_a_deterministic_theory_json(tmp_path, capsys):
@@ -1436,17 +1535,19 @@ def test_theory_writes_a_deterministic_theory_json(tmp_path, capsys):
     a, b, c = runs
     assert a == b and a["worlds"] != c["worlds"]
     assert set(a) == {"settings", "worlds", "tally"} and len(a["worlds"]) == 2
+    own = {k for o in L.OBJECTIVES.values() for k in o.settings}  # every objective's settings
     assert set(a["settings"]) == {"theory_worlds", "theory_vocab", "theory_len", "theory_classes", "theory_alpha",
-                                  "seed", "mask_ratio", "varlen_min", "varlen_max", "n_future"}
+                                  "seed"} | own and own >= {"mask_ratio", "varlen_min", "varlen_max", "n_future"}
     assert set(a["tally"]) == {"worlds", "mlm>ar", "ar_diverse>ar", "mlm>ar_per_position", "ar_diverse>ar_per_position",
                                "mlm>ar_per_position_matched", "mlm_varlen_covers_more"}
     world = a["worlds"][0]
     assert set(world) == {"seed", "bayes_acc", "bayes_acc_causal", "objectives"}
-    assert set(world["objectives"]) == set(L.OBJECTIVE_NAMES)
+    assert set(world["objectives"]) == set(L.OBJECTIVES)
     for w in a["worlds"] + c["worlds"]:  # the causal ceiling never exceeds the full one
         assert w["bayes_acc_causal"] <= w["bayes_acc"] + 1e-12
     for name, o in world["objectives"].items():
-        causal_keys = {"probe_rel_causal", "probe_rel_per_position_causal"} if L.CAUSAL[name] else set()
+        causal = L.OBJECTIVES[name].attention == "causal"
+        causal_keys = {"probe_rel_causal", "probe_rel_per_position_causal"} if causal else set()
         assert set(o) == {"probe_acc", "probe_rel", "probe_acc_per_position", "probe_rel_per_position", "components",
                           "sigma_k1", "coverage", "gen_ppl"} | causal_keys
         if causal_keys:
@@ -1454,7 +1555,7 @@ def test_theory_writes_a_deterministic_theory_json(tmp_path, capsys):
         assert list(o["coverage"]) == list(o["gen_ppl"]) == ["1", "2", "3", "4", "5"]
         assert all((o["gen_ppl"][l] is None) != covered for l, covered in o["coverage"].items())
         assert o["probe_acc"] <= world["bayes_acc"] + 1e-12 and o["probe_rel"] == o["probe_acc"] / world["bayes_acc"]
-    assert [w["objectives"][n]["components"] for w in a["worlds"] for n in L.OBJECTIVE_NAMES] == [5, 1, 6, 1] * 2
+    assert [w["objectives"][n]["components"] for w in a["worlds"] for n in list(L.OBJECTIVES)] == [5, 1, 6, 1] * 2
     out = capsys.readouterr().out
     assert "world 2/2" in out and "never trained" in out and "tally over 2 worlds" in out
 
