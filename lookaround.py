@@ -68,10 +68,10 @@ def write_json(path, obj):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Model: one GPT-2-style Transformer for every objective. The only switch is the attention mode:
-# "causal" lets position t attend to positions <= t ("look ahead"), "bidirectional" to all ("look
-# around"). A boolean mask (B, 1, T, T) is also accepted (True: may attend), for objectives that
-# need another pattern, such as a prefix LM.
+# Model: one GPT-2-style Transformer for every objective. Between objectives the only switch is the
+# attention mode (and ar_diverse's extra output heads): "causal" lets position t attend to positions
+# <= t ("look ahead"), "bidirectional" to all ("look around"). A loss may also pass a boolean mask
+# (B, 1, T, T) (True: may attend), for a pattern of its own such as a prefix LM's.
 #
 # Position information is a choice (--pos_emb). A causal mask tells a model where it is for free
 # (position t sees t + 1 tokens); a bidirectional model with a learned position table must first
@@ -348,8 +348,8 @@ def mlm_varlen(model, idx, varlen_min, varlen_max, varlen_weight, varlen_corrupt
     test-time prefixes do. Bidirectional attention; hidden positions become [MASK] (with
     varlen_corruption "bert", mlm's 80/10/10: then the two masked objectives differ only in how many
     they hide); the targets are the hidden tokens. Only the hidden positions, packed across the
-    batch, reach the output layer (about half of them, where a fixed width per sequence would pay
-    for varlen_max).
+    batch, reach the output layer (about half of the B*T positions, where a fixed width per
+    sequence would pay for varlen_max).
     varlen_weight averages the hidden tokens. "token": each counts once, BERT's mean (a sequence
     that hides 95% weighs 19 times one that hides 5%). "sequence": the mean over sequences of each
     one's own mean, so every visible length counts alike; up to a constant, the 1/t weighting of
@@ -379,37 +379,38 @@ def mlm_varlen(model, idx, varlen_min, varlen_max, varlen_weight, varlen_corrupt
 
 # The record: everything the rest of the file asks about an objective (training, every evaluation,
 # the theory, the flags, the reports), so that nothing else looks at an objective's name. A fifth
-# objective is one function and one record in OBJECTIVES.
-
-
-@dataclass(frozen=True)
-class Setting:
-    default: object  # its type is the flag's type
-    help: str
-    choices: tuple = None
+# objective is one function and one record in OBJECTIVES. Its first fields are what the paper's
+# objectives differ in: the attention mode, which positions are hidden, and so which tokens are
+# targets (an objective that hides nothing predicts the next token; one that hides, the hidden ones).
 
 
 @dataclass
 class Objective:
+    """One objective: its loss and what the rest of the file needs to know about it. The loss names
+    its own attention mode and draws its own hiding (the two fields below say the same for the
+    evaluations; a test checks that they agree)."""
     name: str
     loss: callable  # loss(model, idx, **values): the objective itself
-    attention: str  # the network's mode in training and in every evaluation: one of ATTENTIONS
-    learning_rate: float  # peak AdamW learning rate, by the fair race's rule (see OBJECTIVES)
-    # training windows hold block_size + window_extra tokens (1: inputs idx[:-1], last target idx[-1])
-    window_extra: int = 0
-    # how it hides, (B, T, values) -> hidden count per row: its "trained" readout hides so, and the
-    # evaluations read its predictions in place, at [MASK]. None: it hides nothing, and the state at
-    # t predicts x[t+1] (the trained positions are all but the last)
+    attention: str  # the network's mode in every evaluation (and in its loss): one of ATTENTIONS
+    learning_rate: float  # peak AdamW learning rate (how it was chosen: see OBJECTIVES)
+    # how it hides, (B, T, values) -> hidden count per row, the draw its loss makes: its "trained"
+    # readout hides so, and the evaluations read its predictions in place, at [MASK]. None: it hides
+    # nothing, and the state at t predicts x[t+1] (the trained positions are all but the last)
     hiding: callable = None
+    # training windows hold block_size + window_extra tokens (1: inputs idx[:-1], last target idx[-1],
+    # as nanoGPT's x and y, so every one of the block_size positions has a target and is trained)
+    window_extra: int = 0
     settings: dict = field(default_factory=dict)  # its own hyperparameters, name -> Setting: flags
     network: callable = None  # values -> GPTConfig fields the network needs for it (its heads)
     val_values: dict = field(default_factory=dict)  # values the val loss overrides
     patterns: callable = None  # (L, values) -> the theory's training patterns; None: not covered
     problems: callable = None  # (values, args) -> what is wrong with its settings' values
-    baseline: str = None  # its untrained network's row; None: "random init (as <name>)"
+    # its untrained network's row; None: "random init (as <name>)". Objectives whose untrained networks
+    # read out alike share one (ar and ar_diverse: FutureHeads start at zero), so a summary keeps one
+    baseline: str = None
     values: dict = None  # its settings' values in this run (with_values); None: the defaults
 
-    def __post_init__(self):
+    def __post_init__(self):  # an attention mode the evaluations cannot run is refused here
         if self.attention not in ATTENTIONS:
             raise ValueError(f"objective {self.name}: attention {self.attention!r} is not one of "
                              f"{ATTENTIONS}")
@@ -417,6 +418,15 @@ class Objective:
             self.values = {name: s.default for name, s in self.settings.items()}
         if self.baseline is None:
             self.baseline = f"random init (as {self.name})"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One of an objective's own hyperparameters: its flag --name takes values of the default's type
+    (a bool default becomes a --name / --no-name switch), among choices if given."""
+    default: object
+    help: str
+    choices: tuple = None
 
 
 def with_values(objective, args):
@@ -452,9 +462,10 @@ def varlen_problems(v, args):
     return problems
 
 
-# Peak learning rates by one rule for all four: the lowest mean final val loss among 1e-3, 2e-3 and
-# 4e-3 on tuning seeds (101, 102) that no verdict study uses. --learning_rate overrides them. The
-# theory's patterns (ar_patterns and the rest) are defined in the theory section.
+# Peak learning rates by one rule for all four (the README's fair race): the lowest mean final val
+# loss among 1e-3, 2e-3 and 4e-3 on tuning seeds (101, 102) that no verdict study uses.
+# --learning_rate overrides them. The theory's patterns (ar_patterns and the rest) are defined in the
+# theory section, which says what a pattern is.
 OBJECTIVES = {o.name: o for o in [
     Objective("ar", ar, attention="causal", learning_rate=1e-3, window_extra=1,
               patterns=lambda L, v: ar_patterns(L), baseline="random init (causal)"),
@@ -638,6 +649,8 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
 #
 # How a document becomes a vector is a choice that can flip the clustering comparison, so every run
 # reports three readouts side by side; the first two are each a mean of final hidden states:
+# Here a "causal" (next-token) model is one whose objective hides nothing (its record's hiding is
+# None), a "masked" one one that hides.
 # - "trained": the states at the positions the objective trains. A causal model's state at every
 #   position but the last predicts the next token, so: the mean over those. A masked model is
 #   trained only where it hides (its visible positions are never asked to predict anything), so:
@@ -1283,10 +1296,8 @@ def masked_patterns(L, counts):
 
 
 def training_patterns(objective, L):
-    """An objective in the theory, as its record says (with its settings' values)."""
-    if objective.patterns is None:
-        raise UsageError(f"--theory: the objective {objective.name} has no training patterns (its "
-                         "record's patterns is None); give it some, or leave it out of OBJECTIVES.")
+    """An objective in the theory, as its record says (with its settings' values). check_args has
+    refused --theory already where a record has no patterns."""
     return objective.patterns(L, objective.values)
 
 
@@ -1522,11 +1533,11 @@ def theory(args):
 # torch.compile and DDP where asked.
 
 
-def get_batch(stream, rng, batch_size, block_size, device):
-    """batch_size random windows of block_size tokens from a token stream, as a (B, T) int64
+def get_batch(stream, rng, batch_size, window, device):
+    """batch_size random windows of window tokens from a token stream, as a (B, window) int64
     tensor."""
-    starts = rng.integers(0, len(stream) - block_size, size=batch_size)
-    x = torch.from_numpy(np.stack([np.asarray(stream[s:s + block_size], dtype=np.int64) for s in starts]))
+    starts = rng.integers(0, len(stream) - window, size=batch_size)
+    x = torch.from_numpy(np.stack([np.asarray(stream[s:s + window], dtype=np.int64) for s in starts]))
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
@@ -1943,7 +1954,8 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
         return np.r_[0, ends[:-1] + 1], ends
     starts, ends = documents(held)
     for name, arr in (("train", train), ("val", val)):
-        if len(arr) <= block_size + 1:  # get_batch needs more tokens than a window; a causal one is block_size + 1
+        widest = block_size + max(o.window_extra for o in OBJECTIVES.values())  # the longest window
+        if len(arr) <= widest:  # get_batch needs more tokens than a window
             raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
                              "Add documents, or lower --block_size.")
     if not (starts + block_size <= len(held)).any():
@@ -2108,7 +2120,8 @@ def make_parser():
     # each objective's own settings, one flag each, from its record
     own = {key: (o.name, s) for o in OBJECTIVES.values() for key, s in o.settings.items()}
     for key, (name, s) in own.items():
-        a(f"--{key}", type=type(s.default), default=s.default, choices=s.choices, help=f"{name}: {s.help}")
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(s.default, bool) else {"type": type(s.default)}
+        a(f"--{key}", **kind, default=s.default, choices=s.choices, help=f"{name}: {s.help}")
     # theory: the objectives' optima computed exactly on small enumerable worlds, no training
     a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
     for key, (default, text) in THEORY_FLAGS.items():

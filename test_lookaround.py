@@ -851,6 +851,23 @@ def test_a_fifth_objective_is_one_function_and_one_record(tmp_path, monkeypatch,
     assert "probe_rel_causal" in world["prefix_lm"]  # the causal ceiling, as its attention says
 
 
+@pytest.mark.parametrize("name", list(L.OBJECTIVES))
+def test_each_record_says_what_its_loss_does(name, monkeypatch):
+    # the loss names its attention mode and draws its hiding; the record says the same for the evaluations
+    o, modes = L.OBJECTIVES[name], []
+    calls = capture_hiding(monkeypatch)
+    model = tiny_model()
+    real = model.features
+    monkeypatch.setattr(model, "features", lambda idx, attention: modes.append(attention) or real(idx, attention))
+    torch.manual_seed(5)
+    objective_loss(name, model, random_ids(B=16, T=window(name)))
+    assert modes == [o.attention]
+    assert (o.hiding is None) == (not calls) == (o.window_extra == 1)  # hides nothing: next-token targets
+    if calls:
+        torch.manual_seed(5)  # the same stream: the record's hiding draws the loss's counts
+        assert torch.equal(o.hiding(16, 32, o.values), calls[0]["n_hidden"])
+
+
 def test_an_unknown_attention_mode_is_refused_by_the_record_and_the_model():
     with pytest.raises(ValueError, match="prefix"):
         L.Objective("bad", prefix_lm, attention="prefix", learning_rate=1e-3)
