@@ -387,8 +387,8 @@ def mlm_varlen(model, idx, varlen_min, varlen_max, varlen_weight, varlen_corrupt
 @dataclass
 class Objective:
     """One objective: its loss and what the rest of the file needs to know about it. The loss names
-    its own attention mode and draws its own hiding (the two fields below say the same for the
-    evaluations; a test checks that they agree)."""
+    its own attention mode and draws its own hiding; the two fields below say the same for the
+    evaluations (for the four here, a test checks that they agree)."""
     name: str
     loss: callable  # loss(model, idx, **values): the objective itself
     attention: str  # the network's mode in every evaluation (and in its loss): one of ATTENTIONS

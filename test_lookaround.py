@@ -799,6 +799,7 @@ def prefix_lm(model, idx):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
+L_make_synthetic = L.make_synthetic
 PREFIX_LM = L.Objective("prefix_lm", prefix_lm, attention="causal", learning_rate=7e-4, window_extra=1)
 
 
@@ -825,13 +826,15 @@ def test_a_fifth_objective_is_one_function_and_one_record(tmp_path, monkeypatch,
     evaluation must read the record: its attention ("causal" when evaluated: an empty prefix), its learning rate,
     its window, its untrained baseline's name."""
     monkeypatch.setitem(L.OBJECTIVES, "prefix_lm", PREFIX_LM)
+    monkeypatch.setattr(L, "make_synthetic", lambda **kw: L_make_synthetic(**dict(kw, n_train_docs=400,
+                                                                                   n_eval_docs=80)))
     modes = []
     real = L.GPT.features
     monkeypatch.setattr(L.GPT, "features", lambda self, idx, attention="causal": modes.append(
         attention if isinstance(attention, str) else "mask") or real(self, idx, attention))
     out = tmp_path / "run"
     assert L.main(TINY + ["--objective", "prefix_lm", "--max_iters", "6", "--eval_interval", "3", "--sample", "1",
-                          "--out_dir", str(out)]) == 0
+                          "--finetune_labels", "8", "--out_dir", str(out)]) == 0
     r = json.load(open(out / "results.json"))
     check_results_schema(r)
     assert r["objective"] == "prefix_lm" and r["train"]["learning_rate"] == 7e-4
@@ -845,7 +848,8 @@ def test_a_fifth_objective_is_one_function_and_one_record(tmp_path, monkeypatch,
     assert "prefix_lm has no training patterns" in capsys.readouterr().err and not (tmp_path / "t").exists()
     covered = dataclasses.replace(PREFIX_LM, patterns=lambda length, values: L.ar_patterns(length))
     monkeypatch.setitem(L.OBJECTIVES, "prefix_lm", covered)
-    assert L.main(["--theory", "--theory_worlds", "1", "--out_dir", str(tmp_path / "t")]) == 0
+    assert L.main(["--theory", "--theory_worlds", "1", "--theory_len", "4", "--n_future", "2",
+                   "--out_dir", str(tmp_path / "t")]) == 0
     world = json.load(open(tmp_path / "t" / "theory.json"))["worlds"][0]["objectives"]
     assert world["prefix_lm"]["probe_acc"] == world["ar"]["probe_acc"]  # ar's patterns, ar's exact optimum
     assert "probe_rel_causal" in world["prefix_lm"]  # the causal ceiling, as its attention says
