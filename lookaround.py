@@ -2465,6 +2465,19 @@ def run_state(run_dir, args, objective, seed):
     return "new"
 
 
+def clock(seconds):
+    """Seconds as h:mm:ss."""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
+def study_progress(k, n, objective, seed, spent):
+    """The line a study prints before its k-th run of n to train: the time left, from the mean wall
+    time of the runs it trained so far (runs read back cost nothing and do not count)."""
+    left = f"about {clock(np.mean(spent) * (n - k + 1))[:-3]} (h:mm) left" if spent else "time left not known yet"
+    return f"run {k} of {n} ({objective}, seed {seed}), {left}"
+
+
 def run_study(args, device, ddp):
     """Every run of the command (objectives x seeds) and, for several, summary.json and summary.png.
     A study is resumable: a run whose results.json holds the same settings is read back, not rerun,
@@ -2478,7 +2491,10 @@ def run_study(args, device, ddp):
         run_dir = os.path.join(args.out_dir, *([objective] if len(objectives) > 1 else []),
                                *([f"seed{seed}"] if len(args.seeds) > 1 else []))
         plan[seed, objective] = run_dir, run_state(run_dir, args, objective, seed) if study else "new"
-    all_results = []
+    to_train = [key for key, (_, state) in plan.items() if state != "done"]
+    if study and master:
+        print(f"study: {len(plan)} runs, {len(plan) - len(to_train)} read back, {len(to_train)} to train")
+    all_results, spent, t_study = [], [], time.time()  # spent: wall seconds of each run trained here
     for seed in args.seeds:
         if any(plan[seed, o][1] != "done" for o in objectives):
             corpus = load_corpus(args, seed)  # identical data for every objective at this seed
@@ -2491,9 +2507,16 @@ def run_study(args, device, ddp):
                 if master:
                     print(f"{objective} seed {seed}: {run_dir}/results.json has these settings; not run again")
             else:
+                if study and master:
+                    print(study_progress(len(spent) + 1, len(to_train), objective, seed, spent))
+                t_run = time.time()
                 result = run(args, objective, seed, corpus, run_dir, device, ddp, resume=state == "resume")
+                spent.append(time.time() - t_run)
             if master:
                 all_results.append(result)
+    if study and master:
+        print(f"study: {len(spent)} run(s) trained in {clock(time.time() - t_study)} (h:mm:ss), "
+              f"{len(plan) - len(to_train)} read back")
     if ddp:  # rank 0 evaluated while the others waited here: leave the process group together
         dist.barrier()
     if len(all_results) > 1:

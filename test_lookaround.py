@@ -926,6 +926,16 @@ def test_objective_all_with_seeds_runs_end_to_end(study):
         assert c["verdict"] in ("reproduced", "contradicted", "inconclusive")
         assert (c["p_holm"] is not None) == c["primary"]
     assert "±" in text and "95% t-interval" in text and "trained readout" in text and "clean readout" in text
+    # where the study is: before each run, k of n and the time left; at the end, the total
+    assert "study: 8 runs, 0 read back, 8 to train" in text and "run 1 of 8 (ar, seed 1), time left not known" in text
+    assert "run 8 of 8 (mlm_varlen, seed 2), about 0:0" in text and "study: 8 run(s) trained in 0:" in text
+
+
+def test_study_progress_by_hand():
+    assert L.clock(3725) == "1:02:05" and L.clock(59.6) == "0:01:00"
+    # two runs took 600 s and 1,200 s: the third of five and the two after it, about 900 s each
+    assert L.study_progress(3, 5, "mlm", 2, [600, 1200]) == "run 3 of 5 (mlm, seed 2), about 0:45 (h:mm) left"
+    assert L.study_progress(1, 5, "ar", 1, []) == "run 1 of 5 (ar, seed 1), time left not known yet"
 
 
 def test_curve_points_are_the_requested_iterations_and_the_last_is_the_run_itself(study):
@@ -973,6 +983,7 @@ def test_rerunning_a_study_reads_its_runs_back(study, monkeypatch):
     assert time.time() - t0 < first_seconds / 3
     assert open(out / "summary.json").read() == before
     assert text.getvalue().count("has these settings; not run again") == 8
+    assert "study: 8 runs, 8 read back, 0 to train" in text.getvalue() and "run 1 of" not in text.getvalue()
 
 
 def test_a_study_refuses_a_changed_setting_and_names_the_flag(study, capsys):
