@@ -1543,13 +1543,24 @@ def get_batch(stream, rng, batch_size, window, device):
     return x.to(device)
 
 
-def peak_flops(device):
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12),
-                       ("3090", 71e12)):
-        if key in name:
-            return flops
-    return 312e12  # unknown card: compare with an A100's dense bf16 peak, as nanoGPT does
+# Dense bf16 peak FLOP/s by product, from the vendor's datasheets, matched as whole words of the name
+# torch reports (so an L40S never reads as an L4); first match wins. A card not here gets no MFU.
+PEAK_BF16_FLOPS = [(r"\bB200\b", 2250e12), (r"\bH200\b", 989e12), (r"\bH100\b.*\bNVL\b", 835e12),
+                   (r"\bH100\b.*\bPCIe\b", 756e12), (r"\bH100\b", 989e12), (r"\bA100\b", 312e12),
+                   (r"\bL40S\b", 362e12), (r"\bL4\b", 121e12), (r"\bRTX 4090\b", 165e12),
+                   (r"\bRTX 3090\b", 71e12)]
+
+
+def peak_flops(gpu_name):
+    """The card's dense bf16 peak (PEAK_BF16_FLOPS), or None for a card not in the table."""
+    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, gpu_name)), None)
+
+
+def mfu(model, tokens_per_s, device, world=1):
+    """Model FLOPs utilisation: achieved training FLOP/s over the cards' peak; None off CUDA or for
+    a card whose peak is not known."""
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return flops_per_token(model) * tokens_per_s / (world * peak) if peak else None
 
 
 def flops_per_token(model):
@@ -1619,11 +1630,27 @@ def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
     """Everything a run needs to go on where it stopped: weights, optimizer, random streams (rank
     0's: resumed under torchrun, the other ranks draw fresh ones), and run (its identity, curves and
     time so far). Written atomically: an interrupted save never leaves a broken checkpoint."""
-    rng = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+    rng = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),  # the run's own device only:
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # resumable elsewhere
     with atomic_write(path, "wb") as f:
         torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
                         scaler=scaler.state_dict() if scaler else None), f)
+
+
+def load_checkpoint(path, device):
+    """A checkpoint, or a clear error naming the file where it is truncated, damaged or not one of
+    this program's (atomic saves never leave half a file, but a copy or another program can)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated zip, garbage bytes, an unpicklable object: all the same to the user
+        problem = f"cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    else:
+        needed = {"objective", "seed", "config", "iter", "model", "optimizer", "rng", "settings"}
+        if isinstance(ckpt, dict) and needed <= set(ckpt):
+            return ckpt
+        problem = "is not a lookaround checkpoint"
+    raise UsageError(f"{path} {problem}. Move it away (or delete it) to train that run afresh, or put the "
+                     "run's own ckpt.pt back.")
 
 
 def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
@@ -1634,7 +1661,7 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
     if not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
                          "or point --out_dir at the run.")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, device)
     if any(ckpt[key] != expected[key] for key in ("objective", "config", "seed")):
         raise UsageError(f"{ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and "
                          f"config {ckpt['config']}; give the same --objective, --seed, data and model flags as "
@@ -1654,7 +1681,7 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
         data_rng.bit_generator.state = ckpt["rng"]["numpy"]
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
     else:
         data_rng = np.random.default_rng([seed, rank, iter_num])
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
@@ -1666,11 +1693,11 @@ def wrap_model(model, use_compile, ddp, device):
     """torch.compile and DistributedDataParallel as asked; the objectives call the wrapper once per
     micro-batch."""
     config = model.config
-    if use_compile:
-        model = torch.compile(model)
-    if ddp:
+    if use_compile:  # static shapes: every objective of a study compiles alike, never into a dynamic graph
+        model = torch.compile(model, dynamic=False)
+    if ddp:  # the only buffers are RoPE's constant angles: nothing to broadcast every forward
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         model.config = config  # so the objectives can read model.config through the wrapper
     return model
 
@@ -1774,10 +1801,9 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
                 timed_tokens, timed_seconds = timed_tokens + iters * tokens_per_iter, timed_seconds + dt
             if master:
                 tokens_per_s = iters * tokens_per_iter / dt
-                on_cuda = device.type == "cuda"
-                mfu = flops_per_token(raw_model) * tokens_per_s / (world * peak_flops(device)) if on_cuda else None
+                used = mfu(raw_model, tokens_per_s, device, world)
                 print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, "
-                      f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
+                      f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {100 * used:.1f}%" if used else ""))
             t_last, losses_since_log = time.time(), []
     seconds = elapsed + time.time() - t_start
     if not timed_seconds:  # too short a run to leave its first interval out: time all of it
@@ -2019,7 +2045,6 @@ def bench(args, device):
     """Time training steps (after warm-up) of one objective; with --bench_nanogpt, also nanoGPT's
     GPT at the same size, in one run, alternating single steps so that both see the same machine
     conditions."""
-    autocast, _ = autocast_context(device)
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # nanoGPT's inputs and next-token targets
@@ -2027,19 +2052,17 @@ def bench(args, device):
     window = data[:, :args.block_size + objective.window_extra]  # what our objective trains on
     peak_lr = args.learning_rate or objective.learning_rate
 
-    def make_step(model, loss_fn):
+    def make_step(model, loss_fn):  # as training steps: autocast, the fp16 GradScaler, clipping
         model = model.to(device)
         optimizer = make_optimizer(model, args, device, peak_lr)
-        compiled = torch.compile(model) if args.compile else model
+        autocast, scaler = autocast_context(device)
+        compiled = torch.compile(model, dynamic=False) if args.compile else model
 
         def step():
             with autocast:
                 loss = loss_fn(compiled)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler else loss).backward()
+            optimizer_step(model, optimizer, scaler, args.grad_clip)
         return step
 
     torch.manual_seed(args.seed)
@@ -2065,8 +2088,7 @@ def bench(args, device):
     report = {"objective": args.objective, "device": device_name, "n_params": ours.num_params(),
               "batch_size": args.batch_size, "block_size": args.block_size, "vocab_size": args.vocab_size,
               "ms_per_iter": ms["lookaround"], "tokens_per_s": 1000 * tokens / ms["lookaround"], "mfu": None}
-    if device.type == "cuda":
-        report["mfu"] = flops_per_token(ours) * report["tokens_per_s"] / peak_flops(device)
+    report["mfu"] = mfu(ours, report["tokens_per_s"], device)
     print(f"bench {args.objective} on {report['device']} ({torch.get_num_threads()} threads), "
           f"{report['n_params'] / 1e6:.2f}M params, batch {args.batch_size} x block {args.block_size}, "
           f"vocab {args.vocab_size}:")
@@ -2315,8 +2337,13 @@ def as_flag(name, value):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A run's results.json, or a clear error naming the file where it is damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}). Move it away (or delete it) to "
+                         "train that run again.") from None
 
 
 def evaluate(model, corpus, objective, seed, args, device, final):
@@ -2448,7 +2475,7 @@ def run_state(run_dir, args, objective, seed):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
             continue
-        found = read_json(path) if name == "results.json" else torch.load(path, "cpu", weights_only=False)
+        found = read_json(path) if name == "results.json" else load_checkpoint(path, torch.device("cpu"))
         if (found["objective"], found["seed"]) != (objective, seed):
             raise UsageError(f"{path} holds a {found['objective']} run with seed {found['seed']}, not {objective} with "
                              f"seed {seed}: give another --out_dir.")
