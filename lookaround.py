@@ -1576,11 +1576,26 @@ def flops_per_token(model):
 def autocast_context(device):
     """bf16 autocast on CUDA (fp16 where bf16 is unsupported) and a GradScaler, enabled only for
     fp16 (disabled, its calls pass through); plain fp32 and no scaler elsewhere."""
-    if device.type != "cuda":
+    dtype = autocast_dtype(device)
+    if dtype is None:
         return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def autocast_dtype(device):
+    """bf16 on a CUDA card that has it, fp16 on an older one; None (plain fp32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def runtime(device):
+    """What a run's numbers depend on beyond its flags: the device it resolved to, the autocast dtype,
+    torch's version and the GPU. Recorded in its settings, so a study never mixes runs made apart."""
+    dtype = autocast_dtype(device)
+    return {"device_type": device.type, "autocast_dtype": None if dtype is None else str(dtype),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def make_optimizer(model, args, device, peak_lr):
@@ -2220,6 +2235,7 @@ def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     if args.seeds is None:
         args.seeds = [args.seed]
+    args.runtime = None  # main() sets it once the device is resolved
     return args
 
 
@@ -2313,10 +2329,11 @@ def curve_iters(args):
 
 
 # The flags that do not change what a study's run computes (a run's objective and seed are its
-# identity, checked apart); every other flag is a setting that a study's runs must share, --device
-# and --compile too (a run on another device, or compiled, differs in its last bits).
+# identity, checked apart); every other flag is a setting that a study's runs must share, --compile
+# too (a compiled run differs in its last bits). --device as typed is set aside: the runtime, the
+# device it resolved to (with autocast, torch and GPU), is a setting instead.
 SETTINGS_ASIDE = ["out_dir", "objective", "seed", "seeds", "resume", "plot", "log_interval", "sample", "temperature",
-                  "top_k", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", *THEORY_FLAGS]
+                  "top_k", "device", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", *THEORY_FLAGS]
 
 
 def run_settings(args):
@@ -2328,7 +2345,9 @@ def run_settings(args):
 
 def as_flag(name, value):
     """A setting as one would type it: --eval_gen / --no-eval_gen, --finetune_labels 32,128,
-    --learning_rate unset."""
+    --learning_rate unset; the runtime as what it records."""
+    if name == "runtime":
+        return "a run on " + ", ".join(f"{k} {v}" for k, v in (value or {}).items() if v is not None)
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
     if isinstance(value, list):
@@ -2581,6 +2600,7 @@ def main(argv=None):
             return 0
         ddp = setup_ddp(args.device)
         device = ddp["device"] if ddp and ddp["device"] is not None else resolve_device(args.device)
+        args.runtime = runtime(device)
         if device.type == "cpu":  # one thread per core this process may use, shared among local processes
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             torch.set_num_threads(max(1, cores // (int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))

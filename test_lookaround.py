@@ -996,6 +996,23 @@ def test_a_study_refuses_a_changed_setting_and_names_the_flag(study, capsys):
     assert "--max_iters 60 there, --max_iters 80 here" in err and "--eval_gen there, --no-eval_gen here" in err
 
 
+def test_a_study_records_its_runtime_and_refuses_to_mix_runtimes(tmp_path, capsys):
+    quick = TINY + ["--seeds", "1,2", "--max_iters", "2", "--eval_interval", "2", "--no-eval_cluster",
+                    "--no-eval_finetune", "--no-eval_gen", "--out_dir", str(tmp_path / "s")]
+    assert L.main(quick + ["--device", "cpu"]) == 0
+    path = tmp_path / "s" / "seed1" / "results.json"
+    r = json.load(open(path))
+    assert r["settings"]["runtime"] == {"device_type": "cpu", "autocast_dtype": None, "torch": torch.__version__,
+                                        "gpu": None} and "device" not in r["settings"]
+    assert L.main(quick + ["--device", "auto"]) == 0  # the same resolved device, typed otherwise: read back
+    assert "not run again" in capsys.readouterr().out
+    r["settings"]["runtime"].update(device_type="cuda", autocast_dtype="torch.bfloat16", gpu="NVIDIA H100 PCIe")
+    json.dump(r, open(path, "w"))  # as if seed 1 had run on a GPU
+    assert L.main(quick) == 2
+    err = capsys.readouterr().err
+    assert "a run on device_type cuda" in err and "NVIDIA H100 PCIe there, a run on device_type cpu" in err
+
+
 def test_a_study_refuses_another_objectives_runs(tmp_path, capsys):
     quick = TINY + ["--seeds", "1,2", "--max_iters", "2", "--eval_interval", "2", "--no-eval_cluster",
                     "--no-eval_finetune", "--no-eval_gen", "--out_dir", str(tmp_path / "s")]
