@@ -12,7 +12,8 @@ two objectives: diversity-enhanced AR (predict several future tokens) and variab
 
 Read top to bottom: the model, then the four objectives, which differ in the attention mode, the
 positions hidden and the tokens that are targets (and, as each says, in small details: mlm's BERT
-corruption, ar_diverse's heads); then the built-in corpus, the evaluations, the exact theory, and
+corruption, ar_diverse's heads), each with its record in OBJECTIVES (a fifth objective is one
+function and one record); then the built-in corpus, the evaluations, the exact theory, and
 the machinery (training loop, real text, benchmark, flags and main).
 
     python lookaround.py                                    # built-in corpus, one objective; ~5 min on a laptop CPU
