@@ -2158,7 +2158,8 @@ def make_parser():
     # each objective's own settings, one flag each, from its record
     own = {key: (o.name, s) for o in OBJECTIVES.values() for key, s in o.settings.items()}
     for key, (name, s) in own.items():
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(s.default, bool) else {"type": type(s.default)}
+        switch = isinstance(s.default, bool)
+        kind = {"action": argparse.BooleanOptionalAction} if switch else {"type": type(s.default)}
         a(f"--{key}", **kind, default=s.default, choices=s.choices, help=f"{name}: {s.help}")
     # theory: the objectives' optima computed exactly on small enumerable worlds, no training
     a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
@@ -2521,7 +2522,9 @@ def clock(seconds):
 def study_progress(k, n, objective, seed, spent):
     """The line a study prints before its k-th run of n to train: the time left, from the mean wall
     time of the runs it trained so far (runs read back cost nothing and do not count)."""
-    left = f"about {clock(np.mean(spent) * (n - k + 1))[:-3]} (h:mm) left" if spent else "time left not known yet"
+    left = "time left not known yet"
+    if spent:  # this run and the ones after it, each as long as the mean so far
+        left = f"about {clock(np.mean(spent) * (n - k + 1))[:-3]} (h:mm) left"
     return f"run {k} of {n} ({objective}, seed {seed}), {left}"
 
 
