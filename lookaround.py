@@ -118,8 +118,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, attention, rope):
         B, T, C = x.shape
-        heads = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        q, k, v = heads
+        qkv = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         # no mask tensor in the two named modes ("causal" is is_causal=True), so the fused (flash)
@@ -318,8 +318,8 @@ def mlm(model, idx, mask_ratio):
     unchanged); the targets are the hidden tokens, wherever they sit. The visible length is always
     about (1 - mask_ratio) * T: the mismatch with variable-length prefixes the paper points at."""
     B, T = idx.shape
-    n_hidden = mlm_hidden(B, T, mask_ratio)
-    inputs, positions, targets = hide_tokens(idx, n_hidden.to(idx.device), int(n_hidden[0]),
+    n = int(mlm_hidden(1, T, mask_ratio))  # on the host: no copy to the device in a training step
+    inputs, positions, targets = hide_tokens(idx, torch.full((B,), n, device=idx.device), n,
                                              model.config.vocab_size, bert_corruption=True)
     rows = flat_rows(positions, T)  # only the hidden positions reach the output layer
     logits = model(inputs, attention="bidirectional", rows=rows)
@@ -1595,8 +1595,9 @@ def runtime(device):
     """What a run's numbers depend on beyond its flags: the device it resolved to, the autocast dtype,
     torch's version and the GPU. Recorded in its settings, so a study never mixes runs made apart."""
     dtype = autocast_dtype(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"device_type": device.type, "autocast_dtype": None if dtype is None else str(dtype),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+            "torch": torch.__version__, "gpu": gpu}
 
 
 def make_optimizer(model, args, device, peak_lr):
