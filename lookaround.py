@@ -99,12 +99,11 @@ ATTENTIONS = ("causal", "bidirectional")  # the attention modes an objective's r
 
 
 def rotate(x, cos, sin):
-    """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q or k (B, n_head, T,
-    head_size) by the angle position * 10000^(-2i/head_size); cos and sin, (T, head_size/2), are
-    GPT's rope_cos and rope_sin. A rotation by a at query and by b at key leaves their dot product a
-    function of a - b: relative offsets only."""
+    """RoPE (Su et al., 2021): rotate channel pairs (i, i + head_size/2) of q and k, x (B, T, 2,
+    n_head, head_size), by the angle position * 10000^(-2i/head_size); cos and sin, (T, 1, 1,
+    head_size/2), are GPT's rope_cos and rope_sin as GPT.features prepares them. A rotation by a at
+    query and by b at key leaves their dot product a function of a - b: relative offsets only."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -118,10 +117,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, attention, rope):
         B, T, C = x.shape
-        qkv = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.unbind(2)
+        if rope is not None:  # q and k rotated together: one rotation per layer
+            q, k = rotate(qkv[:, :, :2], *rope).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_size)
         # no mask tensor in the two named modes ("causal" is is_causal=True), so the fused (flash)
         # kernels apply; a mask tensor is passed as it is
         mask, causal = (None, attention == "causal") if isinstance(attention, str) else (attention, False)
@@ -214,8 +214,10 @@ class GPT(nn.Module):
         x, rope = self.wte(idx), None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
-        else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        else:  # cast to the dtype q and k will have (autocast's, if on) and shaped once per forward
+            on = torch.is_autocast_enabled(idx.device.type)
+            dtype = torch.get_autocast_dtype(idx.device.type) if on else x.dtype
+            rope = tuple(r[:T, None, None].to(dtype) for r in (self.rope_cos, self.rope_sin))
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, attention, rope)
@@ -705,29 +707,41 @@ def length_batches(docs, batch_size, rng=None):
     return batches if rng is None else [batches[i] for i in rng.permutation(len(batches))]
 
 
+READOUT_TOKENS_PER_PASS = 2 ** 14  # per_position: tokens in one forward pass (memory stays small at any T)
+PER_POSITION_MAX_FEATURES = 2 ** 17  # per_position: block_size * n_embd above this is not probed
+PER_POSITION_NOTE = (f"not probed: block_size * n_embd is over {PER_POSITION_MAX_FEATURES:,} features per "
+                     "document, too many for a linear probe on a few hundred documents")
+
+
 @torch.no_grad()
-def per_position_features(model, docs, objective, device, batch_size=256):
+def per_position_features(model, docs, objective, device):
     """The per_position readout, (N, block_size * n_embd): the final state at every position the
     objective trains, concatenated in order (zeros past the end of a shorter document), for a linear
-    probe. Causal: one pass, the states at the positions that predict a target (all but the last).
-    Masked: position p is read from a copy of the document with p alone hidden as [MASK] and
-    everything else visible (a one-token hiding); a document of T tokens costs T passes
-    (batched)."""
+    probe; None where that is over PER_POSITION_MAX_FEATURES. Causal: one pass, the states at the
+    positions that predict a target (all but the last). Masked: position p is read from a copy of
+    the document with p alone hidden as [MASK] and everything else visible (a one-token hiding); a
+    document of T tokens costs T rows, READOUT_TOKENS_PER_PASS tokens at a time."""
     model.eval()
-    in_place, C = objective.hiding is not None, model.config.n_embd
-    features = np.zeros((len(docs), model.config.block_size * C), dtype=np.float32)
-    docs_per_batch = max(1, batch_size // model.config.block_size) if in_place else batch_size
+    in_place, C, T_max = objective.hiding is not None, model.config.n_embd, model.config.block_size
+    if T_max * C > PER_POSITION_MAX_FEATURES:
+        return None
+    features = np.zeros((len(docs), T_max * C), dtype=np.float32)
+    rows_per_pass = max(1, READOUT_TOKENS_PER_PASS // T_max)
+    docs_per_batch = max(1, rows_per_pass // T_max) if in_place else rows_per_pass
     for chunk in length_batches(docs, docs_per_batch):
         x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
         B, T = x.shape
         if not in_place:
             states = model.features(x.to(device), objective.attention)[:, :T - 1]
         else:  # copy j of document i (row i * T + j) hides position j
-            rows, hide = torch.arange(B * T), torch.arange(T).repeat(B)
+            hide = torch.arange(T).repeat(B)
             copies = x.repeat_interleave(T, dim=0)
-            copies[rows, hide] = model.config.vocab_size
-            h = model.features(copies.to(device), objective.attention)
-            states = h[rows.to(device), hide.to(device)].view(B, T, C)
+            copies[torch.arange(B * T), hide] = model.config.vocab_size
+            states = torch.empty(B * T, C, device=device)
+            for s in range(0, B * T, rows_per_pass):
+                h = model.features(copies[s:s + rows_per_pass].to(device), objective.attention)
+                states[s:s + len(h)] = h[torch.arange(len(h), device=device), hide[s:s + len(h)].to(device)]
+            states = states.view(B, T, C)
         features[chunk, :states.size(1) * C] = states.flatten(1).float().cpu().numpy()
     return features
 
@@ -764,7 +778,8 @@ def cluster_scores(features, labels, seed):
     from sklearn.preprocessing import StandardScaler
     if not hasattr(features, "tocsr"):  # sparse TF-IDF rows are left as they are
         features = StandardScaler().fit_transform(features)
-    assignment = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(features)
+    with one_blas_thread():
+        assignment = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(features)
     return dict(nmi=float(normalized_mutual_info_score(labels, assignment)),
                 ari=float(adjusted_rand_score(labels, assignment)),
                 acc=float(cluster_accuracy(labels, assignment)))
@@ -784,30 +799,54 @@ def probe_accuracy(features, labels, seed, choose_c=False):
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     if choose_c:
         probe = GridSearchCV(probe, {"logisticregression__C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3)
-    return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
+    with one_blas_thread():
+        return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
 
-def evaluate_clustering(model, corpus, objective, seed, device, views, baselines=True):
+def one_blas_thread():
+    """A block in which numpy's BLAS runs on one thread. The probes' products are skinny (a few
+    hundred documents by thousands of features by a few classes), and there OpenBLAS's threads cost
+    far more than they share: the per-position probe took 23 s on two threads and 2.5 s on one (2-core
+    CPU). The fits are the same; only the order of float additions changes. threadpoolctl comes with
+    scikit-learn."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def compute_now(part, compute, hiding=False):
+    """The untrained baselines computed where they are asked for (no study folder to keep them in);
+    stored_untrained is the study's version."""
+    return compute()
+
+
+def evaluate_clustering(model, corpus, objective, seed, device, views, untrained=compute_now):
     """The model's three readouts: trained and clean scored by k-means and a linear probe,
-    per_position by a probe only. With baselines, each beside the same architecture untrained (read
-    out the same way) and TF-IDF + KMeans. The top level repeats the clean readout."""
+    per_position by a probe only. Unless untrained is None, each beside the same architecture
+    untrained (read out the same way; untrained(part, compute) computes it or reads it back) and
+    TF-IDF + KMeans. The top level repeats the clean readout."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     labels = corpus.eval_labels
 
-    def readouts(m):
+    def pooled(m):  # trained and clean
         features = embed_documents(m, corpus.eval_docs, objective, device, views, seed)
-        out = {name: dict(cluster_scores(features[name], labels, seed),
-                          probe_acc=probe_accuracy(features[name], labels, seed)) for name in READOUTS}
-        per_position = per_position_features(m, corpus.eval_docs, objective, device)
-        out["per_position"] = {"probe_acc": probe_accuracy(per_position, labels, seed, choose_c=True)}
-        return out
-    ours = readouts(model)
-    if baselines:
-        untrained = readouts(initial_model(model.config, seed, device))
+        return {name: dict(cluster_scores(features[name], labels, seed),
+                           probe_acc=probe_accuracy(features[name], labels, seed)) for name in READOUTS}
+
+    def per_position(m):
+        features = per_position_features(m, corpus.eval_docs, objective, device)
+        if features is None:
+            return {"probe_acc": None, "note": PER_POSITION_NOTE}
+        return {"probe_acc": probe_accuracy(features, labels, seed, choose_c=True)}
+    ours = dict(pooled(model), per_position=per_position(model))
+    if untrained is not None:
+        def net():
+            return initial_model(model.config, seed, device)
+        base = dict(untrained("pooled", lambda: pooled(net()), hiding=True),
+                    per_position=untrained("per_position", lambda: per_position(net())))
         tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
         for name in READOUTS:
-            ours[name]["baselines"] = {"random_init": untrained[name], "tfidf": tfidf}
-        ours["per_position"]["baselines"] = {"random_init": untrained["per_position"]}
+            ours[name]["baselines"] = {"random_init": base[name], "tfidf": tfidf}
+        ours["per_position"]["baselines"] = {"random_init": base["per_position"]}
     return dict(ours["clean"], readouts=ours)
 
 
@@ -867,10 +906,11 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device):
     return predictions
 
 
-def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws, baselines=True):
+def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws, untrained=compute_now):
     """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and
-    sample std over draws (each draw its own documents and head). With baselines, the untrained
-    network (the weights this run started from) is fine-tuned the same way beside it."""
+    sample std over draws (each draw its own documents and head). Unless untrained is None, the
+    untrained network (the weights this run started from) is fine-tuned the same way beside it
+    (untrained(part, compute) computes it or reads it back)."""
     t0 = time.time()
 
     def accuracies(net):
@@ -881,8 +921,9 @@ def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draw
             out[str(n)] = {"acc": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
         return out
     out = accuracies(model)
-    if baselines:
-        out["baselines"] = {"random_init": accuracies(initial_model(model.config, seed, device))}
+    if untrained is not None:
+        out["baselines"] = {"random_init": untrained("finetune", lambda: accuracies(
+            initial_model(model.config, seed, device)))}
     return dict(out, seconds=time.time() - t0)
 
 
@@ -2376,12 +2417,14 @@ def evaluate(model, corpus, objective, seed, args, device, final):
     label_counts = args.finetune_labels if final else \
         [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS] or args.finetune_labels[:1]
     point = {"cluster": None, "finetune": None, "gen": None}
+    untrained = stored_untrained(args, objective, seed, model.config) if final else None
     with own_rng(device):
         if args.eval_cluster and corpus.eval_labels is not None:
-            point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views, final)
+            point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views,
+                                                   untrained)
         if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
             point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, label_counts,
-                                                  args.finetune_draws, final)
+                                                  args.finetune_draws, untrained)
         if args.eval_gen:
             point["gen"] = evaluate_generation(model, corpus, objective, args.gen_seqs)
     model.train()
@@ -2392,6 +2435,31 @@ def evaluate(model, corpus, objective, seed, args, device, final):
             + [f"fine-tuned n={n} {f[str(n)]['acc']:.3f}" for n in label_counts if f]
             + ([f"ppl@1/8 {g['ppl_by_prefix']['0.125']:.2f}", f"ppl {g['ppl']:.2f}"] if g else [])))
     return point
+
+
+def stored_untrained(args, objective, seed, config):
+    """The untrained baselines of a study, each computed once and kept in --out_dir/untrained/, so
+    that the other runs and a resumed study read them back. The untrained network depends on the
+    seed and the trunk only: ar and ar_diverse share every baseline (ar_diverse's extra heads are
+    drawn from no random numbers, and no evaluation reads them), and mlm and mlm_varlen share all
+    but the pooled readouts, whose trained readout hides as the objective does (hiding=True). A
+    stored result is used only where its key (every setting of the command) matches."""
+    def untrained(part, compute, hiding=False):
+        key = {"part": part, "seed": seed, "settings": run_settings(args), "attention": objective.attention,
+               "in_place": objective.hiding is not None,
+               "hiding": objective.name if hiding and objective.hiding is not None else None,
+               "trunk": {k: v for k, v in asdict(config).items() if k != "n_future"}}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = os.path.join(args.out_dir, "untrained", f"{part}-{digest}.json")
+        if os.path.exists(path):
+            stored = read_json(path)
+            if stored.get("key") == key:
+                return stored["value"]
+        value = compute()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(path, {"key": key, "value": value})
+        return value
+    return untrained
 
 
 def without_baselines(x):
@@ -2451,6 +2519,8 @@ def print_report(results, corpus, args):
             print(f"  {name:<28}" + "  ".join("".join(f"{fmt(r[ro].get(k)):>7}" for k in CLUSTER_METRICS)
                                               for ro in READOUTS)
                   + f"{fmt(r.get('per_position', {}).get('probe_acc')):>9}")
+        if "note" in c["readouts"]["per_position"]:
+            print(f"  per-position: {c['readouts']['per_position']['note']}")
     elif args.eval_cluster:
         print(corpus.note or "clustering skipped.")
     if results["finetune"]:

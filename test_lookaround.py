@@ -331,6 +331,35 @@ def test_rope_attention_scores_depend_only_on_relative_offsets():
     assert torch.allclose(L.rotate(q, cos[11], sin[11]).norm(), q.norm())  # a rotation keeps lengths
 
 
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_rope_attention_equals_a_per_position_rotation_reference(attention):
+    """The layer's fast path (q and k rotated together, cos and sin cast once per forward) against
+    attention written out: each query and key rotated pair by pair at its own position's angle."""
+    model = tiny_model(pos_emb="rope")
+    attn, x = model.blocks[0].attn, torch.randn(3, 32, model.config.n_embd)
+    T, C, H = 32, model.config.n_embd, model.config.n_head
+    D = C // H
+    rope = tuple(r[:T, None, None] for r in (model.rope_cos, model.rope_sin))
+    fast = attn(x, attention, rope)
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(3, T, H, D) for t in (q, k, v))
+
+    def rotated(t):  # pair (i, i + D/2) at position p turned by p * 10000^(-2i/D)
+        out = t.clone()
+        for p in range(T):
+            for i in range(D // 2):
+                a = p * 10000.0 ** (-2 * i / D)
+                c, s = math.cos(a), math.sin(a)
+                out[:, p, :, i] = t[:, p, :, i] * c - t[:, p, :, i + D // 2] * s
+                out[:, p, :, i + D // 2] = t[:, p, :, i] * s + t[:, p, :, i + D // 2] * c
+        return out.transpose(1, 2)
+    scores = rotated(q) @ rotated(k).transpose(-1, -2) / math.sqrt(D)
+    if attention == "causal":
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(3, T, C)
+    assert torch.allclose(fast, attn.c_proj(y), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["mlm", "mlm_varlen"])
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 def test_masked_outputs_never_depend_on_the_hidden_tokens(name, pos_emb, monkeypatch):
@@ -932,6 +961,26 @@ def test_objective_all_with_seeds_runs_end_to_end(study):
     assert f"study: {n} runs, 0 read back, {n} to train" in text
     assert f"run 1 of {n} ({first}, seed 1), time left not known" in text
     assert f"run {n} of {n} ({last}, seed 2), about 0:0" in text and f"study: {n} run(s) trained in 0:" in text
+
+
+def test_a_study_computes_each_untrained_baseline_once_and_reads_it_back(study, monkeypatch):
+    out, _, _ = study
+    parts = sorted(f.name.split("-")[0] for f in (out / "untrained").iterdir())
+    # per seed: the pooled readouts once for ar and ar_diverse (one trunk, one readout) and once per masked
+    # objective (their trained readout hides as each does); per-position and fine-tuning once per attention mode
+    assert parts == ["finetune"] * 4 + ["per_position"] * 4 + ["pooled"] * 6
+    monkeypatch.setattr(L, "make_synthetic", small_synthetic)
+    args, cpu = L.parse_args(STUDY), torch.device("cpu")
+    corpus = L.load_corpus(args, 2)
+    for name in ("ar_diverse", "mlm_varlen"):  # each read back what ar's or mlm's run of seed 2 computed
+        r = json.load(open(out / name / "seed2" / "results.json"))
+        objective = L.with_values(OBJ[name], args)
+        net = L.initial_model(L.config_from_args(args, objective, corpus.vocab_size), 2, cpu)
+        fresh = L.evaluate_finetune(net, corpus, objective, 2, cpu, args.finetune_labels, 1, untrained=None)
+        assert {n: fresh[n] for n in ("8", "16")} == r["finetune"]["baselines"]["random_init"]
+        fresh = L.evaluate_clustering(net, corpus, objective, 2, cpu, args.readout_views, untrained=None)
+        for ro in ("trained", "clean", "per_position"):
+            assert fresh["readouts"][ro] == r["cluster"]["readouts"][ro]["baselines"]["random_init"]
 
 
 def test_study_progress_by_hand():
