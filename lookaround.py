@@ -1684,15 +1684,39 @@ def plateau_exit_iter(curve, entropy, margin=0.25):
     return next((point["iter"] for point in curve if point["val_loss"] <= entropy - margin), None)
 
 
-def save_checkpoint(path, model, optimizer, scaler, data_rng, device, **run):
-    """Everything a run needs to go on where it stopped: weights, optimizer, random streams (rank
-    0's: resumed under torchrun, the other ranks draw fresh ones), and run (its identity, curves and
-    time so far). Written atomically: an interrupted save never leaves a broken checkpoint."""
-    rng = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),  # the run's own device only:
-           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # resumable elsewhere
+def random_streams(data_rng, device, ddp):
+    """Every rank's random streams (batches: numpy; masks and dropout: torch, on the CPU and on the
+    run's own device only, so a checkpoint resumes on a machine with fewer GPUs), gathered for the
+    checkpoint: a list by rank. Under torchrun every rank must call it."""
+    mine = {"numpy": data_rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not ddp:
+        return [mine]
+    streams = [None] * ddp["world"]
+    dist.all_gather_object(streams, mine)
+    return streams
+
+
+def save_checkpoint(path, model, optimizer, scaler, streams, **run):
+    """Everything a run needs to go on where it stopped: weights, optimizer, every rank's random
+    streams, and run (its identity, curves and time so far). Written atomically: an interrupted save
+    never leaves a broken checkpoint."""
     with atomic_write(path, "wb") as f:
-        torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
+        torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=streams,
                         scaler=scaler.state_dict() if scaler else None), f)
+
+
+def stop_together(failure, ddp):
+    """After rank 0 evaluated and saved (the other ranks waited here, in this broadcast): go on
+    together, or, where rank 0 failed, stop every rank now instead of leaving them in the next
+    all-reduce until the process group's timeout."""
+    if ddp:
+        message = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and ddp["rank"] != 0:
+            raise UsageError(f"rank 0 stopped ({message[0]}); every rank stops with it")
+    if failure is not None:
+        raise failure
 
 
 def load_checkpoint(path, device):
@@ -1714,8 +1738,9 @@ def load_checkpoint(path, device):
 def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
     """Resuming: check that ckpt_path holds this run (expected: its objective, seed, config,
     tokenizer and settings), load the weights and the optimizer into model and optimizer, and return
-    the checkpoint (its iteration, curves and time so far) and data_rng to go on from. Rank 0
-    continues its random streams exactly where they stopped; other ranks start fresh ones."""
+    the checkpoint (its iteration, curves and time so far) and data_rng to go on from. Every rank
+    continues its random streams exactly where they stopped (a rank the checkpoint has no streams
+    for, under a larger torchrun than the one that saved it, starts fresh ones)."""
     if not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
                          "or point --out_dir at the run.")
@@ -1735,11 +1760,12 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     iter_num, seed = ckpt["iter"], expected["seed"]
-    if rank == 0:  # the checkpoint holds rank 0's random state
-        data_rng.bit_generator.state = ckpt["rng"]["numpy"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+    if rank < len(ckpt["rng"]):  # this rank's streams, as they were at the save
+        streams = ckpt["rng"][rank]
+        data_rng.bit_generator.state = streams["numpy"]
+        torch.set_rng_state(streams["torch"].cpu())
+        if streams["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(streams["cuda"].cpu(), device)
     else:
         data_rng = np.random.default_rng([seed, rank, iter_num])
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
@@ -1830,19 +1856,28 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
         lr = learning_rate(iter_num, args, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if master and (iter_num % args.eval_interval == 0 or iter_num in curve_iters):
-            t_eval = time.time()
-            val_loss = estimate_val_loss(raw_model, objective, corpus, args, device, seed)
-            print(f"iter {iter_num}: val loss {val_loss:.4f}")
-            if not curve or curve[-1]["iter"] != iter_num:  # a resumed run re-evaluates where it stopped
-                curve.append({"iter": iter_num, "val_loss": val_loss})
-            if iter_num in curve_iters and (not points or points[-1]["iter"] != iter_num):
-                points.append({"iter": iter_num, "val_loss": val_loss, **evaluate(raw_model, iter_num)})
-            if iter_num > start_iter or iter_num == args.max_iters:
-                os.makedirs(out_dir, exist_ok=True)
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, data_rng, device, iter=iter_num, curve=curve,
-                                points=points, timing=(elapsed + time.time() - t_start, timed_tokens, timed_seconds),
-                                **identity)
+        if iter_num % args.eval_interval == 0 or iter_num in curve_iters:  # rank 0 evaluates, all save
+            t_eval, failure = time.time(), None
+            try:
+                if master:
+                    val_loss = estimate_val_loss(raw_model, objective, corpus, args, device, seed)
+                    print(f"iter {iter_num}: val loss {val_loss:.4f}")
+                    if not curve or curve[-1]["iter"] != iter_num:  # a resumed run re-evaluates where it stopped
+                        curve.append({"iter": iter_num, "val_loss": val_loss})
+                    if iter_num in curve_iters and (not points or points[-1]["iter"] != iter_num):
+                        points.append({"iter": iter_num, "val_loss": val_loss, **evaluate(raw_model, iter_num)})
+            except Exception as e:  # told to the other ranks below, then raised
+                failure = e
+            streams = random_streams(data_rng, device, ddp)
+            if master and failure is None and (iter_num > start_iter or iter_num == args.max_iters):
+                try:
+                    os.makedirs(out_dir, exist_ok=True)
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, streams, iter=iter_num, curve=curve,
+                                    points=points, **identity,
+                                    timing=(elapsed + time.time() - t_start, timed_tokens, timed_seconds))
+                except Exception as e:
+                    failure = e
+            stop_together(failure, ddp)
             t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
         if iter_num >= args.max_iters:
             break
@@ -2443,10 +2478,14 @@ def stored_untrained(args, objective, seed, config):
     seed and the trunk only: ar and ar_diverse share every baseline (ar_diverse's extra heads are
     drawn from no random numbers, and no evaluation reads them), and mlm and mlm_varlen share all
     but the pooled readouts, whose trained readout hides as the objective does (hiding=True). A
-    stored result is used only where its key (every setting of the command) matches."""
+    stored result is used only where its key matches: every setting of the command, and this file's
+    own text (a fork that changes an evaluation recomputes them)."""
+    with open(__file__, "rb") as f:
+        code = hashlib.sha256(f.read()).hexdigest()[:16]
+
     def untrained(part, compute, hiding=False):
-        key = {"part": part, "seed": seed, "settings": run_settings(args), "attention": objective.attention,
-               "in_place": objective.hiding is not None,
+        key = {"part": part, "seed": seed, "settings": run_settings(args), "code": code,
+               "attention": objective.attention, "in_place": objective.hiding is not None,
                "hiding": objective.name if hiding and objective.hiding is not None else None,
                "trunk": {k: v for k, v in asdict(config).items() if k != "n_future"}}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -2476,18 +2515,26 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
         return evaluate(model, corpus, objective, seed, args, device, final=iter_num == last)
     model, train_stats, points = train(args, corpus, objective, seed, out_dir, device, ddp, resume or args.resume,
                                        curve_iters(args), evaluate_at)
-    if ddp and ddp["rank"] != 0:
-        return None
-    final = points[-1]
-    train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
-    results = {"objective": name, "seed": seed, "data": args.data, "settings": run_settings(args),
-               "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"], "gen": final["gen"],
-               "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "results.json"), results)
-    print_report(results, corpus, args)
-    if args.sample:
-        print_samples(model, objective, corpus, args, seed)
+
+    def finish():  # rank 0 only
+        final = points[-1]
+        train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
+        results = {"objective": name, "seed": seed, "data": args.data, "settings": run_settings(args),
+                   "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
+                   "gen": final["gen"], "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(os.path.join(out_dir, "results.json"), results)
+        print_report(results, corpus, args)
+        if args.sample:
+            print_samples(model, objective, corpus, args, seed)
+        return results
+    results, failure = None, None
+    if not ddp or ddp["rank"] == 0:
+        try:
+            results = finish()
+        except Exception as e:  # the other ranks wait in stop_together: stop them too
+            failure = e
+    stop_together(failure, ddp)
     return results
 
 
@@ -2659,8 +2706,7 @@ def setup_ddp(device_name):
     use_cuda = device_name in ("cuda", "auto") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    # rank 0 evaluates at every curve point while the others wait in the next step's all-reduce:
-    # allow for it
+    # rank 0 evaluates at every curve point while the others wait (in stop_together): allow for it
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return {"rank": rank, "world": world, "device": torch.device("cuda", local_rank) if use_cuda else None}
 

@@ -737,6 +737,24 @@ def test_per_position_readout_reads_each_position_with_it_alone_hidden(monkeypat
     assert not changed[:q].any() and changed[q:31].all() and not changed[31]  # the last position is not read
 
 
+@pytest.mark.parametrize("name", ["ar", "mlm"])
+def test_per_position_readout_is_capped_in_tokens_per_pass_and_skipped_when_too_wide(name, monkeypatch):
+    model = tiny_model().eval()
+    docs = [random_ids(B=1, T=32, seed=i)[0].numpy() for i in range(5)]
+    whole = L.per_position_features(model, docs, OBJ[name], torch.device("cpu"))
+    monkeypatch.setattr(L, "READOUT_TOKENS_PER_PASS", 96)  # three rows of 32 tokens a pass
+    sizes, real = [], model.features
+    monkeypatch.setattr(model, "features", lambda x, attention: sizes.append(x.numel()) or real(x, attention))
+    capped = L.per_position_features(model, docs, OBJ[name], torch.device("cpu"))
+    assert max(sizes) <= 96 and sum(sizes) == 32 * len(docs) * (32 if name == "mlm" else 1)
+    assert np.allclose(capped, whole, atol=1e-5)
+    monkeypatch.setattr(L, "PER_POSITION_MAX_FEATURES", 32 * 64 - 1)  # one feature too many: not probed
+    assert L.per_position_features(model, docs, OBJ[name], torch.device("cpu")) is None
+    corpus = labelled_corpus("separable", T=32, V=97)
+    c = L.evaluate_clustering(model, corpus, OBJ[name], 0, torch.device("cpu"), 1, untrained=None)
+    assert c["readouts"]["per_position"] == {"probe_acc": None, "note": L.PER_POSITION_NOTE}
+
+
 def test_scored_positions_follow_the_prefix_fractions():
     sp = L.scored_positions(64)
     assert sp[0.125] == list(range(8, 16)) and sp[0.75] == list(range(48, 56))
@@ -1212,6 +1230,53 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "x 2 processes" in p.stdout
     r = json.load(open(out / "results.json"))
     assert r["train"]["iters"] == 6 and math.isfinite(r["train"]["final_val_loss"])
+
+
+def test_torchrun_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
+    """Two Gloo processes training mlm (each rank its own batches and masks) are killed with SIGKILL
+    after a checkpoint and resumed: every rank's random streams come back from the checkpoint, so
+    the weights at the end are those of the same run never interrupted."""
+    import signal
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                os.path.join(HERE, "lookaround.py"), *TINY, "--device", "cpu", "--objective", "mlm",
+                "--max_iters", "300", "--eval_interval", "10", "--no-eval_cluster", "--no-eval_finetune",
+                "--no-eval_gen", "--out_dir", str(out), *extra]
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    ckpt = tmp_path / "cut" / "ckpt.pt"
+    with open(tmp_path / "cut.log", "w") as log:
+        p = subprocess.Popen(command(tmp_path / "cut"), stdout=log, stderr=log, cwd=HERE, start_new_session=True)
+        stopped_at = None
+        while p.poll() is None and stopped_at is None:
+            time.sleep(0.02)
+            if ckpt.exists() and torch.load(ckpt, weights_only=False)["iter"] >= 20:
+                os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+                stopped_at = torch.load(ckpt, weights_only=False)["iter"]
+        p.wait(timeout=60)
+    assert stopped_at is not None and stopped_at < 300, "the run ended before it could be killed"
+    assert not (tmp_path / "cut" / "results.json").exists() and len(torch.load(ckpt, weights_only=False)["rng"]) == 2
+    resumed = subprocess.run(command(tmp_path / "cut", "--resume"), capture_output=True, text=True, timeout=300,
+                             cwd=HERE)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed {ckpt} at iter {stopped_at}" in resumed.stdout
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(ckpt, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_error_on_rank_0_stops_every_rank_at_once(tmp_path):
+    """Rank 0 fails in its evaluation (here: results.json's place is taken by a folder): both
+    processes stop within seconds, with the error, instead of rank 1 waiting out the timeout."""
+    out = tmp_path / "ddp"
+    os.makedirs(out / "results.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "lookaround.py"), *TINY, "--device", "cpu", "--max_iters", "4", "--eval_interval",
+           "2", "--no-eval_cluster", "--no-eval_finetune", "--no-eval_gen", "--out_dir", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert p.returncode != 0
+    assert "rank 0 stopped" in p.stderr and "every rank stops with it" in p.stderr
 
 
 def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
