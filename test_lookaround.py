@@ -1232,6 +1232,22 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert r["train"]["iters"] == 6 and math.isfinite(r["train"]["final_val_loss"])
 
 
+def descendants(pid):
+    """Every process below pid (Linux's /proc): torchrun starts its workers in process groups of their own."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))  # its parent's pid
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found, todo = found + below, todo + below
+    return found
+
+
 def test_torchrun_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
     """Two Gloo processes training mlm (each rank its own batches and masks) are killed with SIGKILL
     after a checkpoint and resumed: every rank's random streams come back from the checkpoint, so
@@ -1252,7 +1268,8 @@ def test_torchrun_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_pat
         while p.poll() is None and stopped_at is None:
             time.sleep(0.02)
             if ckpt.exists() and torch.load(ckpt, weights_only=False)["iter"] >= 20:
-                os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+                for pid in [p.pid, *descendants(p.pid)]:  # torchrun and both workers (their own groups), mid-run
+                    os.kill(pid, signal.SIGKILL)
                 stopped_at = torch.load(ckpt, weights_only=False)["iter"]
         p.wait(timeout=60)
     assert stopped_at is not None and stopped_at < 300, "the run ended before it could be killed"
