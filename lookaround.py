@@ -761,6 +761,16 @@ def hidden_state_mean(model, x, objective, device):
     return (at_hidden * hidden).sum(dim=1) / hidden.sum(dim=1)
 
 
+def one_blas_thread():
+    """A block in which numpy's BLAS runs on one thread. The probes' products are skinny (a few
+    hundred documents by thousands of features by a few classes), and there OpenBLAS's threads cost
+    far more than they share: the per-position probe took 23 s on two threads and 2.5 s on one (2-core
+    CPU). The fits are the same; only the order of float additions changes. threadpoolctl comes with
+    scikit-learn."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def cluster_accuracy(labels, assignment):
     """Accuracy under the best one-to-one matching of clusters to labels (Hungarian algorithm)."""
     from scipy.optimize import linear_sum_assignment
@@ -802,15 +812,6 @@ def probe_accuracy(features, labels, seed, choose_c=False):
     with one_blas_thread():
         return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
-
-def one_blas_thread():
-    """A block in which numpy's BLAS runs on one thread. The probes' products are skinny (a few
-    hundred documents by thousands of features by a few classes), and there OpenBLAS's threads cost
-    far more than they share: the per-position probe took 23 s on two threads and 2.5 s on one (2-core
-    CPU). The fits are the same; only the order of float additions changes. threadpoolctl comes with
-    scikit-learn."""
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def compute_now(part, compute, hiding=False):
@@ -2685,7 +2686,7 @@ def run_study(args, device, ddp):
     if study and master:
         print(f"study: {len(spent)} run(s) trained in {clock(time.time() - t_study)} (h:mm:ss), "
               f"{len(plan) - len(to_train)} read back")
-    if ddp:  # rank 0 evaluated while the others waited here: leave the process group together
+    if ddp:  # leave the process group together: a Gloo process whose peer has already gone aborts at exit
         dist.barrier()
     if len(all_results) > 1:
         table, claims, by_iter = summarize(all_results), claims_table(all_results), claims_by_iter(all_results)
