@@ -523,6 +523,7 @@ class Corpus:
     encoding: str = None  # text corpora: tiktoken encoding name
     vocab_ids: np.ndarray = None  # text corpora: model id -> tiktoken id (vocabulary compaction)
     note: str = ""  # said when the corpus loads and in each run's report (e.g. why clustering is skipped)
+    language: object = None  # synthetic corpus: its Language, whose exact probabilities judge the models
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
@@ -559,40 +560,56 @@ SYN_TOPIC_WORDS = {
     "music": "guitar concert melody band chorus album drummer violin rhythm ballad".split(),
     "health": "clinic vaccine patient therapy virus fever surgeon diet symptom recovery".split(),
 }
-SYN_TEMPLATES = [  # sentence shapes; each topic prefers some of them
-    "D A N V D N .",
+SYN_TEMPLATES = [  # sentence shapes; each topic prefers some of them. "." ends every one and only there,
+    "D A N V D N .",  # so a token sequence splits into sentences in one way only (language_states)
     "D N V D A N P D N .",
     "P D N , D N V D N .",
     "D N and D N V D N .",
     "D A N V P D N .",
 ]
+SYN_OWN_WORD, SYN_ANY_WORD = 0.12, 0.04  # a noun slot: P(a word of the document's topic), P(of a random topic)
+SYN_PREFERRED_VERB = 0.8  # a verb slot: P(one of the subject's two preferred verbs)
+SYN_VERB_OBJECT = 0.7  # a noun slot after the verb: P(one of the verb's three objects)
+
+
+@dataclass
+class Language:
+    """The built-in language's parameters, drawn once per corpus seed: what make_synthetic samples
+    documents from and what the exact probabilities below (language_states) are computed from."""
+    topics: list  # topic names; documents are labelled by topic index, i % len(topics): a uniform prior
+    itos: list
+    style: list  # per topic: verbs (subject noun -> its 2 preferred verbs), objects (verb -> its 3
+    # objects) and templates (one weight per SYN_TEMPLATES entry, not normalised)
+    tables: dict = field(default=None, repr=False, compare=False)  # language_tables' cache
+
+
+def synthetic_language(rng, n_topics):
+    """Draw the language's structure per topic with rng (random.Random): each subject noun prefers
+    two verbs, each verb prefers three objects, and the topic weights the templates its own way."""
+    if not 2 <= n_topics <= len(SYN_TOPIC_WORDS):
+        raise UsageError(f"the synthetic corpus has between 2 and {len(SYN_TOPIC_WORDS)} topics, not {n_topics}.")
+    topics = list(SYN_TOPIC_WORDS)[:n_topics]
+    itos = ["<eos>", ".", ",", "and"] + SYN_DETS + SYN_PREPS + SYN_NOUNS + SYN_VERBS + SYN_ADJS
+    itos += [w for t in topics for w in SYN_TOPIC_WORDS[t] if w not in itos]
+    style = [dict(verbs={n: rng.sample(SYN_VERBS, 2) for n in SYN_NOUNS},
+                  objects={v: rng.sample(SYN_NOUNS, 3) for v in SYN_VERBS},
+                  templates=[rng.random() ** 2 for _ in SYN_TEMPLATES]) for _ in topics]
+    return Language(topics, itos, style)
 
 
 def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_size=64, n_topics=4, seed=1):
     """A deterministic labelled corpus in a toy language (see the comment above). Returns a
     Corpus."""
-    if not 2 <= n_topics <= len(SYN_TOPIC_WORDS):
-        raise UsageError(f"the synthetic corpus has between 2 and {len(SYN_TOPIC_WORDS)} topics, not {n_topics}.")
     rng = random.Random(seed)
-    topics = list(SYN_TOPIC_WORDS)[:n_topics]
-    itos = ["<eos>", ".", ",", "and"] + SYN_DETS + SYN_PREPS + SYN_NOUNS + SYN_VERBS + SYN_ADJS
-    itos += [w for t in topics for w in SYN_TOPIC_WORDS[t] if w not in itos]
+    language = synthetic_language(rng, n_topics)
+    topics, itos, style = language.topics, language.itos, language.style
     stoi = {w: i for i, w in enumerate(itos)}
-    # Structure per topic: each subject noun prefers two verbs, each verb prefers three objects,
-    # and the topic weights the sentence templates its own way.
-    style = []
-    for _ in topics:
-        style.append(dict(
-            verbs={n: rng.sample(SYN_VERBS, 2) for n in SYN_NOUNS},
-            objects={v: rng.sample(SYN_NOUNS, 3) for v in SYN_VERBS},
-            templates=[rng.random() ** 2 for _ in SYN_TEMPLATES],
-        ))
 
-    def noun(k):  # mostly shared nouns; sometimes the topic's own word, rarely another topic's
+    def noun(k):  # mostly shared nouns; sometimes the topic's own word, rarely any topic's
         r = rng.random()
-        if r < 0.12:
+        if r < SYN_OWN_WORD:
             return rng.choice(SYN_TOPIC_WORDS[topics[k]])
-        if r < 0.16:
+        if r < SYN_OWN_WORD + SYN_ANY_WORD:
             return rng.choice(SYN_TOPIC_WORDS[topics[rng.randrange(n_topics)]])
         return rng.choice(SYN_NOUNS)
 
@@ -607,15 +624,15 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
             elif slot == "A":
                 words.append(rng.choice(SYN_ADJS))
             elif slot == "V":
-                preferred = subject in s["verbs"] and rng.random() < 0.8
+                preferred = subject in s["verbs"] and rng.random() < SYN_PREFERRED_VERB
                 verb = rng.choice(s["verbs"][subject]) if preferred else rng.choice(SYN_VERBS)
                 words.append(verb)
             elif slot == "N":
-                if verb is not None and rng.random() < 0.7:  # the verb picks its object
+                if verb is not None and rng.random() < SYN_VERB_OBJECT:  # the verb picks its object
                     w = rng.choice(s["objects"][verb])
                 else:
                     w = noun(k)
-                subject = w if verb is None else subject
+                subject = w if verb is None else subject  # the subject: the last noun before the verb
                 words.append(w)
             else:
                 words.append(slot)
@@ -641,7 +658,120 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
         held=stream(held_docs), held_starts=np.cumsum([0] + [len(d) + 1 for d in held_docs[:-1]]),
         eval_docs=eval_docs, eval_texts=[" ".join(itos[t] for t in d) for d in eval_docs],
         eval_labels=np.array(labels[n_train_docs + n_val_docs:]), label_names=topics,
-        train_docs=train_docs, train_labels=np.array(labels[:n_train_docs]))
+        train_docs=train_docs, train_labels=np.array(labels[:n_train_docs]), language=language)
+
+
+# The language's exact probabilities. make_synthetic is a known generative process, so the best
+# possible next-token predictor, the best possible topic classifier, and an exact judge of any
+# model's samples are computable: every model is measured against the language itself, not only
+# against another model. A document is sentences drawn independently given its topic until it
+# holds at least a block, so a prefix of up to a block is complete sentences and a partial last one;
+# "." ends every template and appears nowhere else, so that split is unique, and within a sentence
+# the template is the only hidden choice (at most five candidates, carried as states).
+
+
+def language_tables(language):
+    """P(word | slot, topic, the sentence so far) as vectors over the vocabulary: the probabilities
+    make_synthetic samples with (its SYN_* constants and the language's style), cached."""
+    if language.tables is not None:
+        return language.tables
+    stoi = {w: i for i, w in enumerate(language.itos)}
+    V, K = len(language.itos), len(language.topics)
+
+    def uniform(words):
+        vec = np.zeros(V)
+        np.add.at(vec, [stoi[w] for w in words], 1.0 / len(words))
+        return vec
+    fixed = {"D": uniform(SYN_DETS), "P": uniform(SYN_PREPS), "A": uniform(SYN_ADJS)}
+    fixed.update({w: uniform([w]) for w in (".", ",", "and")})
+    any_topic = sum(uniform(SYN_TOPIC_WORDS[t]) for t in language.topics) / K
+    noun, verb, objects = [], [], []
+    for k, s in enumerate(language.style):
+        own = uniform(SYN_TOPIC_WORDS[language.topics[k]])
+        noun.append(SYN_OWN_WORD * own + SYN_ANY_WORD * any_topic
+                    + (1 - SYN_OWN_WORD - SYN_ANY_WORD) * uniform(SYN_NOUNS))
+        verb.append(np.tile(uniform(SYN_VERBS), (V, 1)))  # a row per subject id; not a shared noun: uniform
+        for n, preferred in s["verbs"].items():
+            verb[k][stoi[n]] = SYN_PREFERRED_VERB * uniform(preferred) + (1 - SYN_PREFERRED_VERB) * uniform(SYN_VERBS)
+        objects.append(np.zeros((V, V)))  # a row per verb id
+        for v, objs in s["objects"].items():
+            objects[k][stoi[v]] = SYN_VERB_OBJECT * uniform(objs) + (1 - SYN_VERB_OBJECT) * noun[k]
+    templates = [t.split() for t in SYN_TEMPLATES]
+    assert all(t.index(".") == len(t) - 1 for t in templates)  # the unique split into sentences
+    log_weights = [np.log(np.asarray(s["templates"]) / sum(s["templates"])) for s in language.style]
+    language.tables = dict(fixed=fixed, noun=noun, verb=verb, objects=objects, templates=templates,
+                           log_weights=log_weights)
+    return language.tables
+
+
+def slot_probs(tables, k, slot, subject, verb):
+    """The next word's distribution at a template slot, for topic k."""
+    if slot == "V":
+        return tables["verb"][k][subject]
+    if slot == "N":
+        return tables["noun"][k] if verb is None else tables["objects"][k][verb]
+    return tables["fixed"][slot]
+
+
+def topic_states(language, k, tokens):
+    """Read tokens as the start of a document of topic k. Yields, before each token and after the
+    last, (log P(the complete sentences so far), states): the current sentence's candidate parses,
+    each (template, slot, log P(template and the sentence's words so far), subject, verb). No
+    states: the tokens so far are impossible."""
+    tables = language_tables(language)
+    fresh = [(t, 0, lw, None, None) for t, lw in enumerate(tables["log_weights"][k])]
+    done, states = 0.0, fresh
+    yield done, states
+    for x in tokens:
+        x, moved = int(x), []
+        for t, j, lp, subject, verb in states:
+            slot = tables["templates"][t][j]
+            p = slot_probs(tables, k, slot, subject, verb)[x] if x < len(language.itos) else 0.0
+            if p > 0:
+                subject = x if slot == "N" and verb is None else subject  # the last noun before the verb
+                moved.append((t, j + 1, lp + math.log(p), subject, x if slot == "V" else verb))
+        states = moved
+        if states and states[0][1] == len(tables["templates"][states[0][0]]):  # "." closed the sentence
+            done, states = done + float(np.logaddexp.reduce([s[2] for s in states])), fresh
+        yield done, states
+        if not states:
+            return
+
+
+def language_log_probs(language, tokens):
+    """log P(the document starts with tokens[:i] | topic k) for i = 0..len(tokens): (K, len + 1),
+    -inf where impossible."""
+    out = np.full((len(language.topics), len(tokens) + 1), -np.inf)
+    for k in range(len(language.topics)):
+        for i, (done, states) in enumerate(topic_states(language, k, tokens)):
+            if states:
+                out[k, i] = done + float(np.logaddexp.reduce([s[2] for s in states]))
+    return out
+
+
+def mixture_log_probs(language, tokens):
+    """log P(the document starts with tokens[:i]), i = 0..len(tokens): the topic marginalised with
+    its prior (uniform: documents are labelled i % K)."""
+    return np.logaddexp.reduce(language_log_probs(language, tokens) - math.log(len(language.topics)), axis=0)
+
+
+def language_next_probs(language, tokens):
+    """P(next token | the document starts with tokens[:i]) for i = 0..len(tokens): (len + 1, V), the
+    best possible next-token predictor after every prefix; a row of zeros where the prefix is
+    impossible. Each parse is weighted by P(its topic, the tokens, the parse) (the prior: uniform)."""
+    tables = language_tables(language)
+    weights, vectors = [[] for _ in range(len(tokens) + 1)], [[] for _ in range(len(tokens) + 1)]
+    for k in range(len(language.topics)):
+        for i, (done, states) in enumerate(topic_states(language, k, tokens)):
+            for t, j, lp, subject, verb in states:
+                weights[i].append(done + lp)
+                vectors[i].append(slot_probs(tables, k, tables["templates"][t][j], subject, verb))
+    out = np.zeros((len(tokens) + 1, len(language.itos)))
+    for i, (w, vecs) in enumerate(zip(weights, vectors)):
+        if w:
+            w = np.exp(np.asarray(w) - max(w))  # relative weights: no underflow at any length
+            out[i] = w @ np.stack(vecs) / w.sum()
+    return out
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -979,41 +1109,204 @@ def next_token_nll(model, seqs, positions, objective, batch_size=256):
     return nll.view(N, P)
 
 
-def evaluate_generation(model, corpus, objective, n_seqs):
-    """Perplexity of the next token after prefixes of every length, on n_seqs held-out windows:
-    overall ("ppl") and by prefix fraction of the block ("ppl_by_prefix", the paper's short-prefix
-    question)."""
+def evaluate_generation(model, corpus, objective, args, seed):
+    """Generation, three ways. Perplexity of the next token after prefixes of every length, on
+    --gen_seqs held-out windows: overall ("ppl"), by prefix fraction of the block ("ppl_by_prefix",
+    the paper's short-prefix question), and the left-to-right chain rule over every position but
+    the first ("chain_nll": for a masked model the block holds the prefix and [MASK]s). For a
+    masked model also the likelihood bound the field reports (masked_elbo). On the built-in
+    language, the model's own samples judged by the language itself (judge_samples)."""
     t0 = time.time()
     T = model.config.block_size
-    seqs = gen_windows(corpus, T, n_seqs)
+    seqs = gen_windows(corpus, T, args.gen_seqs)
     by_fraction = scored_positions(T)
-    nll = next_token_nll(model, seqs, [p for ps in by_fraction.values() for p in ps], objective)
-    ppl_by_prefix, col = {}, 0
-    for frac, ps in by_fraction.items():
-        ppl_by_prefix[str(frac)] = float(torch.exp(nll[:, col:col + len(ps)].mean()))
-        col += len(ps)
-    return {"ppl": float(torch.exp(nll.mean())), "ppl_by_prefix": ppl_by_prefix, "seconds": time.time() - t0}
+    nll = next_token_nll(model, seqs, list(range(1, T)), objective)  # column p - 1 holds position p
+    ppl_by_prefix = {str(f): float(torch.exp(nll[:, [p - 1 for p in ps]].mean())) for f, ps in by_fraction.items()}
+    scored = nll[:, [p - 1 for ps in by_fraction.values() for p in ps]]
+    out = {"ppl": float(torch.exp(scored.mean())), "ppl_by_prefix": ppl_by_prefix,
+           "chain_nll": float(nll.mean()), "elbo": None, "samples": None}
+    generator = torch.Generator().manual_seed(seed)  # the sampled masks and tokens: the same at every point
+    if objective.hiding is not None:
+        out["elbo"] = masked_elbo(in_place_logits(model, objective), seqs, model.config.vocab_size,
+                                  args.elbo_draws, generator)
+    if corpus.language is not None and args.eval_samples:
+        out["samples"] = {name: judge_samples(model, objective, corpus, args.eval_samples, sampler, generator)
+                          for name, sampler in samplers(objective, args, T).items()}
+    return dict(out, seconds=time.time() - t0)
+
+
+def in_place_logits(model, objective):
+    """(x (N, T), rows: indices into its N*T positions flattened) -> logits (len(rows), V) on the CPU,
+    as a masked model predicts: in place, at the rows asked for only."""
+    device = next(model.parameters()).device
+    return lambda x, rows: model(x.to(device), objective.attention, rows=rows.to(device)).float().cpu()
 
 
 @torch.no_grad()
-def sample(model, prefix, n_new, objective, temperature=1.0, top_k=None, generator=None):
-    """Continue a prefix one token at a time. One loop serves both kinds of model: the block holds
-    the tokens so far and [MASK] after them; a next-token model predicts position p from position
-    p-1 (causal, it never sees the masks), a masked model predicts it in place, from everything
-    visible around it."""
+def masked_elbo(logits_fn, seqs, mask_id, draws, generator):
+    """The masked diffusion bound (MDLM's, with the linear schedule): -log p(x) <= E over t ~ U(0, 1)
+    of (1/t) times the cross-entropy summed over the positions hidden with probability t. Here the
+    first token is always shown, so it bounds -log p(x[1:] | x[0]) per token, the quantity the
+    left-to-right chain rule and AR's loss give exactly. The window's t values are stratified (one
+    per window, spread evenly over (0, 1)); `draws` passes over the windows give the standard error.
+    With exact conditionals the bound is tight: it averages the chain rule over random orders."""
+    N, T = seqs.shape
+    per_draw = []
+    for _ in range(draws):
+        t = (torch.randperm(N, generator=generator) + torch.rand(1, generator=generator)) / N
+        hidden = torch.rand(N, T, generator=generator) < t[:, None]
+        hidden[:, 0] = False
+        rows = hidden.flatten().nonzero().squeeze(1)
+        nll = torch.zeros(N * T)
+        nll[rows] = F.cross_entropy(logits_fn(seqs.masked_fill(hidden, mask_id), rows), seqs.flatten()[rows],
+                                    reduction="none")
+        per_draw.append(float((nll.view(N, T).sum(1) / t).mean()) / (T - 1))
+    return {"nll": float(np.mean(per_draw)), "se": float(np.std(per_draw, ddof=1) / math.sqrt(draws)),
+            "draws": draws}
+
+
+def samplers(objective, args, T):
+    """The samplers the judge runs, by name. Every model: left to right (a next-token model has no
+    other way). A masked model also unmasks in any order as MDLM and LLaDA do, with --remask: one
+    token a step, and in 4 steps (faster, and the field finds worse); and in --gen_steps steps if
+    --gen_order any asks for another number."""
+    out = {"left_to_right": ("left_to_right", None, None)}
+    if objective.hiding is not None:
+        steps = [T - T // 4, 4] + ([args.gen_steps] if args.gen_order == "any" and args.gen_steps else [])
+        out.update({f"any/{s}/{args.remask}": ("any", s, args.remask) for s in steps})
+    return out
+
+
+def draw_tokens(logits, temperature, top_k, generator):
+    """One token per row of logits (R, V) from softmax(logits / temperature), kept to the top_k (0 or
+    None: all); with each drawn token's log-probability under that distribution."""
+    logits = logits.float().cpu() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    log_q = F.log_softmax(logits, dim=-1)
+    tokens = torch.multinomial(log_q.exp(), 1, generator=generator).squeeze(1)
+    return tokens, log_q.gather(1, tokens[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model, objective, prefixes, sampler, temperature=1.0, top_k=None, generator=None):
+    """Continue prefixes (N, l) to the end of the block. sampler: ("left_to_right", _, _) fills one
+    position a step, left to right: a next-token model predicts position p from p - 1 (causal, it
+    never sees the [MASK]s after), a masked model predicts it in place, from everything visible.
+    ("any", steps, remask), masked models only: unmask_any_order. Returns the blocks (N, T) and, for
+    left to right, the log-probability of each continuation under the sampler (else None)."""
     model.eval()
-    T, device = model.config.block_size, next(model.parameters()).device
-    x = torch.full((1, T), model.config.vocab_size, dtype=torch.long, device=device)
-    x[0, :len(prefix)] = torch.as_tensor(prefix, device=device)
-    end = min(T, len(prefix) + n_new)
-    for p in range(len(prefix), end):
-        read_at = torch.tensor([p if objective.hiding else p - 1], device=device)  # the one row of x
-        logits = model(x, objective.attention, rows=read_at)[0].float() / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        x[0, p] = torch.multinomial(F.softmax(logits, dim=-1).cpu(), 1, generator=generator).item()
-    return x[0, :end].tolist()
+    order, steps, remask = sampler
+    N, l = prefixes.shape
+    T, mask_id = model.config.block_size, model.config.vocab_size
+    device = next(model.parameters()).device
+    x = torch.full((N, T), mask_id, dtype=torch.long, device=device)
+    x[:, :l] = prefixes.to(device)
+    if order == "any":
+        if objective.hiding is None:
+            raise UsageError(f"objective {objective.name} hides nothing: it can only generate left to right.")
+        return unmask_any_order(in_place_logits(model, objective), x, l, steps, remask, mask_id, temperature,
+                                top_k, generator), None
+    log_q = torch.zeros(N)
+    for p in range(l, T):
+        read_at = torch.full((N, 1), p if objective.hiding else p - 1, device=device)
+        tokens, lq = draw_tokens(model(x, objective.attention, rows=flat_rows(read_at, T)), temperature,
+                                 top_k, generator)
+        x[:, p], log_q = tokens.to(device), log_q + lq
+    return x, log_q
+
+
+def unmask_any_order(logits_fn, x, prefix_len, steps, remask, mask_id, temperature=1.0, top_k=None,
+                     generator=None):
+    """Masked diffusion's sampler: the block starts as the prefix and [MASK]s, and in `steps` steps
+    (T - l)/steps of them are revealed per step (spread evenly). At each step a token is drawn at
+    every hidden position, and kept at some of them: "random" positions (MDLM: with one token a
+    step, a random-order left-to-right), or those whose drawn token the model gave the highest
+    probability ("confidence", LLaDA's low-confidence remasking); the rest are hidden again. A
+    revealed token, or a prefix one, is never changed."""
+    x = x.cpu()
+    N, T = x.shape
+    reveal = np.diff(np.round(np.linspace(0, T - prefix_len, steps + 1)).astype(int))
+    for count in reveal:
+        hidden = x == mask_id
+        rows = hidden.flatten().nonzero().squeeze(1)
+        drawn, score = x.flatten().clone(), torch.full((N * T,), -float("inf"))
+        drawn[rows], log_q = draw_tokens(logits_fn(x, rows), temperature, top_k, generator)
+        score[rows] = log_q if remask == "confidence" else torch.rand(len(rows), generator=generator)
+        keep = score.view(N, T).topk(int(count), dim=1).indices
+        x = x.scatter(1, keep, drawn.view(N, T).gather(1, keep))
+    return x
+
+
+def judge_samples(model, objective, corpus, n, sampler, generator):
+    """n held-out windows' first quarter continued by the model's sampler at temperature 1 without
+    top-k, each continuation judged by the language (judge_continuations)."""
+    seqs = gen_windows(corpus, model.config.block_size, n)
+    l = model.config.block_size // 4
+    blocks, log_q = generate(model, objective, seqs[:, :l], sampler, generator=generator)
+    return judge_continuations(corpus.language, blocks.cpu(), l, corpus.eval_labels[:len(seqs)], log_q)
+
+
+def judge_continuations(language, blocks, prefix_len, labels, log_q=None):
+    """The language's verdict on continuations of held-out prefixes (blocks (N, T), the first
+    prefix_len tokens the data's). grammatical: the share of the continuations' complete sentences
+    (those whose "." falls after the prefix; the first may have begun in it) that the language can
+    produce. topic_kept: the share of continuations whose grammatical sentences' Bayes topic
+    (argmax over k of their P(sentences | k)) is the document's label (none grammatical: not kept).
+    possible: the share of continuations of probability > 0 given the prefix; nll: the true
+    -log P(continuation | prefix) per token over those. kl (left-to-right samplers, log_q given):
+    the mean of (log q - log p) per token over the possible continuations, KL(model || language)
+    per token restricted to where the language puts mass: over all continuations it is infinite
+    as soon as one is impossible, and that share is `possible` already."""
+    period = language.itos.index(".")
+    n_new = blocks.size(1) - prefix_len
+    sentences = good = kept = 0
+    nll, gap = [], []
+    for i, block in enumerate(blocks.tolist()):
+        ends = [j for j, x in enumerate(block) if x == period and j >= prefix_len]
+        starts = [1 + max([j for j, x in enumerate(block[:e]) if x == period], default=-1) for e in ends]
+        topic_lp, good_here = np.zeros(len(language.topics)), 0
+        for s, e in zip(starts, ends):
+            lp = language_log_probs(language, block[s:e + 1])[:, -1]  # sentences are independent given the topic
+            if np.isfinite(lp).all():
+                good_here, topic_lp = good_here + 1, topic_lp + lp
+        sentences, good = sentences + len(ends), good + good_here
+        kept += good_here > 0 and int(np.argmax(topic_lp)) == int(labels[i])
+        mix = mixture_log_probs(language, block)
+        log_p = mix[-1] - mix[prefix_len]
+        if np.isfinite(log_p):
+            nll.append(-log_p / n_new)
+            if log_q is not None:
+                gap.append((float(log_q[i]) - log_p) / n_new)
+    return {"grammatical": good / sentences if sentences else 0.0, "sentences": sentences,
+            "topic_kept": kept / len(blocks), "possible": len(nll) / len(blocks),
+            "nll": float(np.mean(nll)) if nll else None, "kl": float(np.mean(gap)) if gap else None}
+
+
+SAMPLES_NOTE = "no sample judge and no limits: only the built-in language's probabilities are known"
+
+
+def language_limits(corpus, args):
+    """What the language itself achieves, for the built-in corpus (None for text): its perplexity at
+    the positions evaluate_generation scores, its chain-rule NLL over the same windows, its topic
+    accuracy on the held-out documents (the Bayes classifier, argmax over k of P(document | k)), and
+    the judge's verdict on the data's own continuations (the reference row)."""
+    if corpus.language is None:
+        return None
+    T, language = args.block_size, corpus.language
+    seqs = gen_windows(corpus, T, args.gen_seqs)
+    nll = np.stack([-np.diff(mixture_log_probs(language, s.tolist()))[1:] for s in seqs])  # positions 1..T-1
+    by_fraction = scored_positions(T)
+    scored = nll[:, [p - 1 for ps in by_fraction.values() for p in ps]]
+    topics = [int(np.argmax(language_log_probs(language, d)[:, -1])) for d in corpus.eval_docs]
+    data = gen_windows(corpus, T, args.eval_samples) if args.eval_samples else None
+    return {"ppl": float(np.exp(scored.mean())), "chain_nll": float(nll.mean()),
+            "ppl_by_prefix": {str(f): float(np.exp(nll[:, [p - 1 for p in ps]].mean()))
+                              for f, ps in by_fraction.items()},
+            "acc": float(np.mean(np.asarray(topics) == corpus.eval_labels)),
+            "samples": None if data is None else judge_continuations(language, data, T // 4,
+                                                                     corpus.eval_labels[:len(data)])}
 
 
 # Across runs: several seeds and objectives become one summary table and one verdict per claim
@@ -1025,6 +1318,9 @@ def fmt(x, digits=3):
 
 
 GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
+LIKELIHOOD_METRICS = ["chain_nll", "elbo"]  # nats per token over positions 1..T-1 of the same windows
+JUDGE_METRICS = ["grammatical", "topic_kept", "nll", "kl"]  # judge_continuations, per sampler
+LANGUAGE_ROW, DATA_ROW = "the language itself", "the data itself"
 
 
 def summarize(all_results):
@@ -1044,7 +1340,20 @@ def summarize(all_results):
         values = classification(c and c["readouts"], f)
         if g:
             values.update({f"ppl@{frac}": v for frac, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
+            values.update(chain_nll=g.get("chain_nll"), elbo=g.get("elbo") and g["elbo"]["nll"])
+            values.update({f"{sampler} {k}": s[k] for sampler, s in (g.get("samples") or {}).items()
+                           for k in JUDGE_METRICS})
         rows.setdefault(obj, {})[r["seed"]] = values
+        bayes = r.get("bayes")
+        if bayes:  # the language's limit in every column it has one for: one per seed (the corpus is the seed's)
+            accuracy = [f"{ro}_{k}" for ro in READOUTS for k in ("acc", "probe_acc")] + ["per_position_probe_acc"]
+            limit = {col: bayes["acc"] for col in accuracy + [f"finetune@{n}" for n in (f or {}) if n.isdigit()]}
+            limit.update({f"ppl@{frac}": v for frac, v in bayes["ppl_by_prefix"].items()}, ppl=bayes["ppl"],
+                         chain_nll=bayes["chain_nll"])
+            rows.setdefault(LANGUAGE_ROW, {}).setdefault(r["seed"], limit)
+            if bayes["samples"]:
+                rows.setdefault(DATA_ROW, {}).setdefault(r["seed"], {
+                    f"left_to_right {k}": bayes["samples"][k] for k in JUDGE_METRICS})
         if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
             untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
                                        f and f["baselines"]["random_init"])
@@ -1054,17 +1363,21 @@ def summarize(all_results):
             rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
     finetune_cols = sorted({col for by_seed in rows.values() for v in by_seed.values() for col in v
                             if col.startswith("finetune@")}, key=lambda col: int(col.split("@")[1]))
+    judge_cols = list(dict.fromkeys(col for by_seed in rows.values() for v in by_seed.values() for col in v
+                                    if col.split(" ")[-1] in JUDGE_METRICS))
     table = {}
     for name, by_seed in rows.items():
         table[name] = {}
         for col in [f"{ro}_{k}" for ro in READOUTS for k in CLUSTER_METRICS] + ["per_position_probe_acc"] \
-                + finetune_cols + GEN_METRICS:
+                + finetune_cols + GEN_METRICS + LIKELIHOOD_METRICS + judge_cols:
             vals = [v[col] for v in by_seed.values() if v.get(col) is not None]
             if vals:
                 table[name][col] = {"mean": float(np.mean(vals)), "n": len(vals),
                                     "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
-    order = [n for n in OBJECTIVES if n in table] + sorted(n for n in table if n not in OBJECTIVES)
+    limits = [n for n in (LANGUAGE_ROW, DATA_ROW) if n in table]
+    others = sorted(n for n in table if n not in OBJECTIVES and n not in limits)
+    order = [n for n in OBJECTIVES if n in table] + others + limits
 
     def cell(name, col, digits, width):
         v = table[name].get(col)
@@ -1094,6 +1407,19 @@ def summarize(all_results):
         for name in order:
             if "ppl" in table[name]:
                 print(f"{name:<28}" + "".join(cell(name, col, 2, gen_width) for col in GEN_METRICS))
+    if any("chain_nll" in row for row in table.values()):
+        print("likelihood, nats per token after the first: left-to-right chain rule; masked models' ELBO (a bound)")
+        print(" " * 28 + "".join(f"{h:>{width}}" for h in ["chain", "ELBO"]))
+        for name in order:
+            if "chain_nll" in table[name]:
+                print(f"{name:<28}" + "".join(cell(name, col, 3, width) for col in LIKELIHOOD_METRICS))
+    if judge_cols:
+        print("samples judged by the language: grammatical-sentence rate, topic kept, true NLL/token, KL/token")
+        print(f"{'':<28}{'sampler':<20}" + "".join(f"{h:>{width}}" for h in ["grammatical", "topic", "NLL", "KL"]))
+        for name in order:
+            for sampler in dict.fromkeys(c.rsplit(" ", 1)[0] for c in table[name] if c in judge_cols):
+                print(f"{name:<28}{sampler:<20}" + "".join(cell(name, f"{sampler} {k}", 3, width)
+                                                         for k in JUDGE_METRICS))
     return table
 
 
@@ -2275,6 +2601,15 @@ def make_parser():
            "full evaluation): unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
     a("--plot", action="store_true", help="write summary.png (needs matplotlib); several runs write it anyway")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
+    a("--eval_samples", type=int, default=64,
+      help="built-in corpus: held-out prefixes each sampler continues for the language to judge; 0: none")
+    a("--elbo_draws", type=int, default=16, help="masked models: passes over the windows for the ELBO's mean")
+    a("--gen_order", default="left_to_right", choices=["left_to_right", "any"],
+      help="masked models' sampler for --sample: left to right, or any order (the judge runs both)")
+    a("--gen_steps", type=int, default=0,
+      help="--gen_order any: steps to unmask the continuation in; 0: one token a step")
+    a("--remask", default="confidence", choices=["random", "confidence"],
+      help="--gen_order any: which drawn tokens a step keeps: random ones, or those the model is surest of")
     a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
     a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
     a("--top_k", type=int, default=50, help="--sample: keep the k most likely tokens; 0 keeps all")
@@ -2355,6 +2690,14 @@ def check_args(args):
     if args.top_k < 0 or args.sample < 0 or args.gen_seqs < 1 or args.vocab_size < 2:
         problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 "
                         "and --vocab_size at least 2.")
+    if args.eval_samples < 0 or args.gen_steps < 0 or args.elbo_draws < 2:
+        problems.append("--eval_samples and --gen_steps cannot be negative, and --elbo_draws must be at least 2 "
+                        "(its standard error needs two).")
+    if args.gen_steps > args.block_size - args.block_size // 4:
+        problems.append(f"--gen_steps {args.gen_steps}: a continuation has {args.block_size - args.block_size // 4} "
+                        "positions, and a step reveals at least one.")
+    if args.gen_order == "any" and args.objective in OBJECTIVES and OBJECTIVES[args.objective].hiding is None:
+        problems.append(f"--gen_order any: {args.objective} hides nothing, so it can only generate left to right.")
     if args.resume and (args.objective == "all" or len(args.seeds) > 1):
         problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds "
                         "(rerun a study's own command: it goes on by itself).")
@@ -2462,7 +2805,7 @@ def evaluate(model, corpus, objective, seed, args, device, final):
             point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, label_counts,
                                                   args.finetune_draws, untrained)
         if args.eval_gen:
-            point["gen"] = evaluate_generation(model, corpus, objective, args.gen_seqs)
+            point["gen"] = evaluate_generation(model, corpus, objective, args, seed)
     model.train()
     if not final:
         c, f, g = point["cluster"], point["finetune"], point["gen"]
@@ -2522,7 +2865,8 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
         train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
         results = {"objective": name, "seed": seed, "data": args.data, "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
-                   "gen": final["gen"], "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
+                   "gen": final["gen"], "bayes": language_limits(corpus, args),
+                   "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "results.json"), results)
         print_report(results, corpus, args)
@@ -2583,21 +2927,46 @@ def print_report(results, corpus, args):
         g = results["gen"]
         print(f"generation: perplexity of the next tokens after a prefix of f*T tokens "
               f"({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
-        print("  " + "  ".join(f"f={f:<6}" for f in g["ppl_by_prefix"]) + "  all")
-        print("  " + "  ".join(f"{v:<8.2f}" for v in g["ppl_by_prefix"].values()) + f"  {g['ppl']:.2f}")
+        bayes = results["bayes"]
+        print(" " * 30 + "".join(f"{f'f={f}':>9}" for f in g["ppl_by_prefix"]) + f"{'all':>9}{'chain NLL':>11}")
+        rows = [(objective, g)] + ([("the language itself", bayes)] if bayes else [])
+        for name, r in rows:
+            print(f"  {name:<28}" + "".join(f"{v:>9.2f}" for v in r["ppl_by_prefix"].values())
+                  + f"{r['ppl']:>9.2f}{r['chain_nll']:>11.3f}")
+        if g["elbo"]:
+            e = g["elbo"]
+            print(f"  masked likelihood bound (ELBO, {e['draws']} draws): {e['nll']:.3f} ± {e['se']:.3f} nats per "
+                  f"token, beside its left-to-right chain rule {g['chain_nll']:.3f}"
+                  + (f" and the language's {bayes['chain_nll']:.3f}" if bayes else ""))
+        if bayes is None:
+            print(f"  {SAMPLES_NOTE}")
+        if g["samples"]:
+            print(f"  its samples judged by the language ({args.eval_samples} held-out prefixes of T/4, temperature 1,"
+                  " no top-k):")
+            print(f"  {'sampler':<28}{'grammatical':>12}{'topic kept':>11}{'possible':>9}{'NLL/token':>10}"
+                  f"{'KL/token':>9}")
+            for name, s in list(g["samples"].items()) + [("the data itself", bayes["samples"])]:
+                print(f"  {name:<28}{s['grammatical']:>12.3f}{s['topic_kept']:>11.3f}{s['possible']:>9.3f}"
+                      f"{fmt(s['nll']):>10}{fmt(s['kl']):>9}")
+    if results["cluster"] and results["bayes"]:
+        print(f"the language's own topic classifier (Bayes, argmax_k P(document | k)) on the held-out documents: "
+              f"{results['bayes']['acc']:.3f}")
 
 
 def print_samples(model, objective, corpus, args, seed):
-    """--sample: continuations of held-out prefixes a quarter of a block long, by the model's own
-    way to generate."""
+    """--sample: continuations of held-out prefixes a quarter of a block long, by the sampler
+    --gen_order, --gen_steps and --remask configure (a model that hides nothing: left to right)."""
     seqs = gen_windows(corpus, args.block_size, args.sample)
-    generator = torch.Generator().manual_seed(seed)
     prefix_len = args.block_size // 4
-    print(f"samples ({'unmasked' if objective.hiding else 'sampled'} left to right, "
-          f"temperature {args.temperature}, top-k {args.top_k}):")
-    for seq in seqs:
-        out = sample(model, seq[:prefix_len].tolist(), args.block_size - prefix_len, objective, args.temperature,
-                     args.top_k, generator)
+    sampler = ("left_to_right", None, None)
+    if args.gen_order == "any" and objective.hiding is not None:
+        sampler = ("any", args.gen_steps or args.block_size - prefix_len, args.remask)
+    blocks, _ = generate(model, objective, seqs[:, :prefix_len], sampler, args.temperature, args.top_k,
+                         torch.Generator().manual_seed(seed))
+    how = "left to right" if sampler[0] == "left_to_right" else f"in any order, {sampler[1]} steps, {sampler[2]}"
+    note = " (it hides nothing: left to right only)" if args.gen_order == "any" and objective.hiding is None else ""
+    print(f"samples ({how}{note}; temperature {args.temperature}, top-k {args.top_k}):")
+    for out in blocks.tolist():
         print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
 
 

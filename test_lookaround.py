@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PREPARE = os.path.join(HERE, "data", "prepare_ag_news.py")
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
         "--warmup_iters", "2", "--eval_iters", "2", "--log_interval", "5", "--gen_seqs", "8",
-        "--finetune_labels", "8,16", "--finetune_draws", "1"]
+        "--finetune_labels", "8,16", "--finetune_draws", "1", "--eval_samples", "8", "--elbo_draws", "4"]
 
 
 def tiny_model(vocab_size=97, n_future=4, seed=0, **config):
@@ -761,14 +761,70 @@ def test_scored_positions_follow_the_prefix_fractions():
 
 
 @pytest.mark.parametrize("name", ["ar", "mlm"])
-def test_sample_keeps_the_prefix_and_fills_the_rest(name):
-    model = tiny_model()
-    out = L.sample(model, [1, 2, 3], 10, L.OBJECTIVES[name], top_k=5, generator=torch.Generator().manual_seed(0))
-    assert out[:3] == [1, 2, 3] and len(out) == 13 and all(0 <= t < 97 for t in out)
+def test_left_to_right_sampler_keeps_the_prefix_and_its_log_q_is_the_chain_rule(name):
+    # the batched sampler's log q against a slow reference: each position's log-probability, read one
+    # teacher-forced (ar) or one [MASK]-suffixed (mlm) block at a time from the finished samples
+    model, o = tiny_model().eval(), L.OBJECTIVES[name]
+    prefixes = random_ids(B=3, T=5, seed=2)
+    blocks, log_q = L.generate(model, o, prefixes, ("left_to_right", None, None),
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(blocks[:, :5], prefixes) and blocks.shape == (3, 32) and int(blocks.max()) < 97
+    reference = torch.zeros(3)
+    with torch.no_grad():
+        for p in range(5, 32):
+            x = blocks.clone()
+            x[:, p:] = 97  # [MASK] from p on (a causal model never reads it)
+            logits = model(x, o.attention)[:, p if o.hiding else p - 1]
+            reference += F.log_softmax(logits, -1).gather(1, blocks[:, p:p + 1]).squeeze(1)
+    assert torch.allclose(log_q, reference, atol=1e-4)
+
+
+def recording_logits(V, T, logits_at, seen):
+    """A stand-in masked model for unmask_any_order: the logits at position p are logits_at[p] whatever
+    the context; it records every block it is shown."""
+    def logits_fn(x, rows):
+        seen.append(x.clone())
+        return logits_at.repeat(len(x), 1)[rows]
+    return logits_fn
+
+
+@pytest.mark.parametrize("steps", [27, 4])
+def test_any_order_sampler_reveals_every_position_once_and_never_changes_one(steps):
+    T, V, l, mask = 32, 5, 5, 5
+    seen = []
+    logits_fn = recording_logits(V, T, torch.randn(T, V, generator=torch.Generator().manual_seed(0)), seen)
+    x = torch.full((3, T), mask)
+    x[:, :l] = random_ids(B=3, T=l, V=V)
+    out = L.unmask_any_order(logits_fn, x, l, steps, "random", mask, generator=torch.Generator().manual_seed(1))
+    assert len(seen) == steps and not (out == mask).any() and torch.equal(out[:, :l], x[:, :l])
+    shown = seen + [out]
+    counts = [int((a == mask).sum(1)[0] - (b == mask).sum(1)[0]) for a, b in zip(shown, shown[1:])]
+    assert sum(counts) == T - l and max(counts) - min(counts) <= 1  # spread evenly over the steps
+    for a, b in zip(shown, shown[1:]):  # a token once shown stays as it is
+        assert torch.equal(b[a != mask], a[a != mask]) and ((a != mask) <= (b != mask)).all()
+
+
+def test_confidence_remasking_reveals_the_surest_positions_first():
+    T, V, l, mask = 8, 2, 3, 2
+    margin = torch.zeros(T)
+    margin[l:] = torch.tensor([1.0, 4.0, 0.0, 3.0, 2.0])  # how sure the stand-in model is at each position
+    seen = []
+    logits_fn = recording_logits(V, T, torch.stack([margin, -margin], 1), seen)
+    x = torch.full((1, T), mask)
+    x[0, :l] = 0
+    for remask in ("confidence", "random"):
+        seen.clear()
+        out = L.unmask_any_order(logits_fn, x, l, T - l, remask, mask, generator=torch.Generator().manual_seed(0))
+        order = [int((a != b).nonzero()[0, 1]) for a, b in zip(seen, seen[1:] + [out])]
+        if remask == "confidence":
+            assert order == [4, 6, 7, 3, 5]  # by margin: 4, 3, 2, 1, 0
+        else:
+            assert sorted(order) == [3, 4, 5, 6, 7] and order != [4, 6, 7, 3, 5]
 
 
 def check_results_schema(r):
-    assert set(r) == {"objective", "seed", "data", "settings", "train", "cluster", "finetune", "gen", "curve"}
+    assert set(r) == {"objective", "seed", "data", "settings", "train", "cluster", "finetune", "gen", "bayes",
+                      "curve"}
     assert r["curve"] and r["curve"][-1]["iter"] == r["train"]["iters"]  # the curve's last point is the end
     assert set(r["settings"]) == set(L.run_settings(L.parse_args([])))  # every flag but those set aside
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
@@ -801,8 +857,24 @@ def check_results_schema(r):
         assert f["seconds"] >= 0
     if r["gen"] is not None:
         assert set(r["gen"]["ppl_by_prefix"]) == {"0.125", "0.25", "0.5", "0.75"}
-        assert all(v > 1 for v in r["gen"]["ppl_by_prefix"].values()) and r["gen"]["ppl"] > 1
-        assert r["gen"]["seconds"] >= 0
+        g = r["gen"]
+        assert all(v > 1 for v in g["ppl_by_prefix"].values()) and g["ppl"] > 1 and g["seconds"] >= 0
+        assert set(g) == {"ppl", "ppl_by_prefix", "chain_nll", "elbo", "samples", "seconds"}
+        assert (g["elbo"] is None) == (L.OBJECTIVES[r["objective"]].hiding is None)
+        if g["elbo"]:
+            assert set(g["elbo"]) == {"nll", "se", "draws"} and g["elbo"]["se"] > 0
+        assert (g["samples"] is None) == (r["bayes"] is None)
+    if r["bayes"] is not None:  # the built-in language: its limits beside every model's numbers
+        b = r["bayes"]
+        assert set(b) == {"ppl", "ppl_by_prefix", "chain_nll", "acc", "samples"} and 0 <= b["acc"] <= 1
+        samplers = ["left_to_right"] + (["any/24/confidence", "any/4/confidence"]
+                                        if L.OBJECTIVES[r["objective"]].hiding else [])
+        if r["gen"] is not None:
+            assert list(r["gen"]["samples"]) == samplers and b["ppl"] < r["gen"]["ppl"]  # the limit is a limit
+            assert b["chain_nll"] < r["gen"]["chain_nll"]
+        for s in list(((r["gen"] or {}).get("samples") or {}).values()) + [b["samples"]]:
+            assert set(s) == {"grammatical", "sentences", "topic_kept", "possible", "nll", "kl"}
+        assert b["samples"]["grammatical"] == b["samples"]["topic_kept"] == b["samples"]["possible"] == 1
 
 
 def test_default_style_run_trains_reports_and_writes_results(tmp_path, capsys):
@@ -887,7 +959,8 @@ def test_a_fifth_objective_is_one_function_and_one_record(tmp_path, monkeypatch,
     assert r["objective"] == "prefix_lm" and r["train"]["learning_rate"] == 7e-4
     assert r["cluster"] and r["finetune"] and r["gen"] and r["cluster"]["readouts"]["per_position"]["probe_acc"] > 0
     text = capsys.readouterr().out
-    assert "random init (as prefix_lm)" in text and "positions that predict" in text and "sampled left" in text
+    assert "random init (as prefix_lm)" in text and "positions that predict" in text
+    assert "samples (left to right" in text
     assert set(modes) == {"mask", "causal"}  # training's mask; every evaluation in the record's mode
     assert "prefix_lm" in L.make_parser().format_help()  # --objective's choices come from the registry
     # --theory refuses it by name, with no patterns; covers it, given some
@@ -956,7 +1029,14 @@ def test_objective_all_with_seeds_runs_end_to_end(study):
     n = 2 * len(L.OBJECTIVES)  # every objective, two seeds
     assert len(summary["runs"]) == n
     assert set(summary["table"]) == set(L.OBJECTIVES) | {"random init (causal)", "random init (as mlm)",
-                                                              "random init (as mlm_varlen)", "tf-idf + k-means"}
+                                                              "random init (as mlm_varlen)", "tf-idf + k-means",
+                                                              L.LANGUAGE_ROW, L.DATA_ROW}
+    language, data = summary["table"][L.LANGUAGE_ROW], summary["table"][L.DATA_ROW]  # the limits, per seed
+    assert language["finetune@16"] == language["clean_probe_acc"] and language["ppl"]["n"] == 2
+    assert all(language["ppl"]["mean"] < summary["table"][o]["ppl"]["mean"] for o in L.OBJECTIVES)
+    assert data["left_to_right grammatical"]["mean"] == 1 and "any/24/confidence kl" not in summary["table"]["mlm"]
+    assert summary["table"]["mlm"]["elbo"]["n"] == 2 and "elbo" not in summary["table"]["ar"]
+    assert "samples judged by the language" in text and "the language itself" in text
     assert summary["table"]["ar"]["trained_nmi"]["n"] == 2 and summary["table"]["mlm"]["clean_probe_acc"]["n"] == 2
     assert summary["table"]["ar"]["finetune@16"]["n"] == 2 and "per_position_probe_acc" in summary["table"]["mlm"]
     assert "finetune@8" in summary["table"]["random init (as mlm)"]
@@ -1439,10 +1519,13 @@ def test_txt_corpus_is_unlabelled_and_skips_clustering_with_a_reason(tmp_path, c
     text = "\n\n".join(f"paragraph {i} says something about the weather today " * 3 for i in range(40))
     path = write(tmp_path / "plain.txt", text)
     out = tmp_path / "run"
-    assert L.main(TINY + ["--data", path, "--max_iters", "4", "--eval_interval", "4", "--out_dir", str(out)]) == 0
+    assert L.main(TINY + ["--data", path, "--max_iters", "4", "--eval_interval", "4", "--objective", "mlm_varlen",
+                          "--out_dir", str(out)]) == 0
     r = json.load(open(out / "results.json"))
-    assert r["cluster"] is None and r["gen"] is not None
-    assert "no labels" in capsys.readouterr().out
+    assert r["cluster"] is None and r["gen"] is not None and r["gen"]["elbo"]["se"] > 0
+    assert r["bayes"] is None and r["gen"]["samples"] is None  # no exact judge for real text: said so
+    text = capsys.readouterr().out
+    assert "no labels" in text and L.SAMPLES_NOTE in text
 
 
 @needs_gpt2
@@ -1829,3 +1912,115 @@ def test_theory_refuses_bad_flags(flags, words, tmp_path, capsys):
     assert L.main(["--theory"] + flags + ["--out_dir", str(tmp_path / "x")]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# The language's exact probabilities, and the judge and the bound built on them.
+
+def test_language_next_token_distribution_sums_to_one_and_agrees_with_prefix_probabilities():
+    corpus = L.make_synthetic(n_train_docs=8, n_val_docs=2, n_eval_docs=4, seed=4)
+    lang = corpus.language
+    for doc in corpus.train_docs[:4]:
+        q = L.language_next_probs(lang, doc)
+        log_p = L.mixture_log_probs(lang, doc)
+        assert np.allclose(q.sum(1), 1) and log_p[0] == pytest.approx(0) and np.isfinite(log_p).all()
+        assert np.allclose(q[np.arange(len(doc)), doc], np.exp(np.diff(log_p)))  # P(x_i | x_<i) both ways
+        # the topic marginalised with its uniform prior
+        assert np.allclose(log_p, np.logaddexp.reduce(L.language_log_probs(lang, doc) - math.log(4), axis=0))
+    s = {w: i for i, w in enumerate(lang.itos)}
+    q = L.language_next_probs(lang, [s["the"], s["old"]])[-1]
+    assert q[s["."]] == q[s["the"]] == q[s["found"]] == q[s["<eos>"]] == 0 and q[s["river"]] > 0  # D A: a noun
+    assert L.mixture_log_probs(lang, [s["the"], s["."]])[-1] == -np.inf
+    assert np.all(L.language_next_probs(lang, [s["the"], s["."]])[-1] == 0)  # impossible: no distribution
+    # a sentence by hand: "the old river found the market ." under template "D A N V D N ."
+    sentence = [s[w] for w in "the old river found the market .".split()]
+    t = L.language_tables(lang)
+    style = lang.style[1]
+    weights = np.asarray(style["templates"]) / sum(style["templates"])
+    n_nouns, n_verbs, n_adjs = len(L.SYN_NOUNS), len(L.SYN_VERBS), len(L.SYN_ADJS)
+    verb = 0.8 * ("found" in style["verbs"]["river"]) / 2 + 0.2 / n_verbs
+    obj = 0.7 * ("market" in style["objects"]["found"]) / 3 + 0.3 * t["noun"][1][s["market"]]
+    by_hand = weights[0] * (1 / 5) * (1 / n_adjs) * t["noun"][1][s["river"]] * verb * (1 / 5) * obj
+    assert t["noun"][1][s["river"]] == pytest.approx(0.84 / n_nouns)
+    assert t["noun"][1][s["market"]] == pytest.approx(0.84 / n_nouns + 0.12 / 10 + 0.04 / 4 / 10)  # shared + own
+    assert math.exp(L.language_log_probs(lang, sentence)[1, -1]) == pytest.approx(by_hand)
+
+
+def test_the_language_predicts_its_own_samples_at_its_entropy_and_token_frequencies():
+    # documents sampled by make_synthetic against the distributions the exact predictor gives: every token's
+    # count where expected (z-scores), and the mean -log p of what was drawn equal to the mean entropy
+    corpus = L.make_synthetic(n_train_docs=300, n_val_docs=2, n_eval_docs=4, seed=3)
+    V = len(corpus.language.itos)
+    observed, expected, variance, gap = np.zeros(V), np.zeros(V), np.zeros(V), []
+    for doc in corpus.train_docs:
+        q = L.language_next_probs(corpus.language, doc)[:-1]
+        np.add.at(observed, doc, 1)
+        expected, variance = expected + q.sum(0), variance + (q * (1 - q)).sum(0)
+        entropy = -(q * np.log(np.where(q > 0, q, 1))).sum(1)
+        gap += list(-np.log(q[np.arange(len(doc)), doc]) - entropy)
+    assert np.all(np.abs(observed - expected) <= 5 * np.sqrt(variance) + 1e-9)
+    assert abs(np.mean(gap)) < 4 * np.std(gap) / math.sqrt(len(gap))
+
+
+def test_the_judge_passes_the_data_and_fails_a_sentence_broken_by_hand():
+    corpus = L.make_synthetic(n_train_docs=8, n_val_docs=2, n_eval_docs=12, block_size=32)
+    lang, blocks = corpus.language, L.gen_windows(corpus, 32, 12)
+    labels = corpus.eval_labels[:12]
+    data = L.judge_continuations(lang, blocks, 8, labels)
+    assert data["grammatical"] == data["topic_kept"] == data["possible"] == 1 and data["sentences"] >= 12
+    # where the sampler is the language itself, log q = log p: no gap
+    log_p = torch.tensor([L.mixture_log_probs(lang, b.tolist())[-1] - L.mixture_log_probs(lang, b.tolist())[8]
+                          for b in blocks])
+    assert L.judge_continuations(lang, blocks, 8, labels, log_p)["kl"] == pytest.approx(0, abs=1e-9)
+    assert data["nll"] == pytest.approx(float(-log_p.mean()) / 24)
+    broken = blocks.clone()
+    period = lang.itos.index(".")
+    first_end = int(next(j for j in range(8, 32) if broken[0, j] == period))
+    broken[0, first_end - 1] = lang.itos.index("the")  # "... the ." ends no template
+    hurt = L.judge_continuations(lang, broken, 8, labels)
+    assert hurt["sentences"] == data["sentences"] and hurt["possible"] == pytest.approx(11 / 12)
+    assert hurt["grammatical"] == pytest.approx((data["sentences"] - 1) / data["sentences"])
+    noise = torch.full_like(blocks, lang.itos.index("the"))
+    noise[:, :8] = blocks[:, :8]
+    noise[:, -1] = period
+    nothing = L.judge_continuations(lang, noise, 8, labels)
+    assert nothing["grammatical"] == nothing["topic_kept"] == nothing["possible"] == 0 and nothing["nll"] is None
+
+
+def exact_conditionals(p_x):
+    """For a distribution over every sequence (p_x: dict tuple -> probability): the stand-in masked model
+    whose logits at a hidden position are log p(token there | the shown tokens), exactly."""
+    seqs = list(p_x)
+    V, mask = 1 + max(max(s) for s in seqs), 1 + max(max(s) for s in seqs)
+
+    def logits_fn(x, rows):
+        out = []
+        for r in rows.tolist():
+            shown = x[r // x.size(1)].tolist()
+            probs = np.zeros(V)
+            for s, p in p_x.items():
+                if all(a == b or a == mask for a, b in zip(shown, s)):
+                    probs[s[r % x.size(1)]] += p
+            out.append(np.log(probs / probs.sum()))
+        return torch.tensor(np.array(out), dtype=torch.float32)
+    return logits_fn, mask
+
+
+def test_the_elbo_is_tight_for_exact_conditionals_and_its_error_shrinks_with_draws():
+    rng = np.random.default_rng(0)
+    T, V = 4, 3
+    seqs = [tuple(int(c) for c in np.base_repr(i, 3).zfill(T)) for i in range(V ** T)]
+    p_x = dict(zip(seqs, rng.dirichlet(np.ones(len(seqs)))))
+    logits_fn, mask = exact_conditionals(p_x)
+    windows = torch.tensor([seqs[i] for i in rng.choice(len(seqs), 16, p=list(p_x.values()))])
+    truth = np.mean([-math.log(p_x[tuple(w)] / sum(p for s, p in p_x.items() if s[0] == w[0]))
+                     for w in windows.tolist()]) / (T - 1)  # -log p(x[1:] | x[0]) per token
+    few = L.masked_elbo(logits_fn, windows, mask, 8, torch.Generator().manual_seed(0))
+    many = L.masked_elbo(logits_fn, windows, mask, 128, torch.Generator().manual_seed(1))
+    assert abs(many["nll"] - truth) < 3 * many["se"] and abs(few["nll"] - truth) < 3 * few["se"]
+    assert many["se"] < 0.5 * few["se"]
+
+
+def test_text_corpora_have_no_language_limits_and_no_sample_judge():
+    args = L.parse_args([])
+    text = dataclasses.replace(L.make_synthetic(n_train_docs=8, n_val_docs=2, n_eval_docs=4), language=None)
+    assert L.language_limits(text, args) is None
