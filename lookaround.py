@@ -497,6 +497,79 @@ OBJECTIVES = {o.name: o for o in [
 ]}
 
 
+# Variants: an objective's record with some of its own settings overridden, under a name of its own.
+# A study trains and evaluates them like the four and pairs them with them by seed (--variants), so a
+# control is a study member, not a separate experiment. Built in: the matched controls and the
+# dose-response the fixes need. mlm_half hides mlm_varlen's mean share at a fixed ratio, with BERT's
+# corruption, and varlen_bert is mlm_varlen with BERT's corruption: the same targets per step and
+# the same hiding, only a fixed against a variable ratio. ar_diverse2 and ar_diverse8 beside
+# ar_diverse's 4 future tokens: does the gain grow with the offsets? A fork adds one line here, or
+# defines one on the command line (--variants name=objective:setting=value:...).
+VARIANTS = {  # name -> (objective, its overridden settings)
+    "mlm_half": ("mlm", {"mask_ratio": 0.5}),
+    "varlen_bert": ("mlm_varlen", {"varlen_corruption": "bert"}),
+    "ar_diverse2": ("ar_diverse", {"n_future": 2}),
+    "ar_diverse8": ("ar_diverse", {"n_future": 8}),
+}
+# Their peak learning rates by the fair race's rule (the lowest mean final val loss among 1e-3, 2e-3
+# and 4e-3 on tuning seeds 101, 102). A variant not in it trains at its objective's rate, and says so.
+VARIANT_LEARNING_RATES = {}
+
+
+def variant_definitions(args):
+    """Every variant this command knows: the built-in ones and those --variants defines, name ->
+    (objective, settings with their values typed as the objective's Setting defaults)."""
+    known = dict(VARIANTS)
+    for spec in args.variants:
+        if "=" not in spec.split(":")[0]:
+            continue  # a name: built in (checked by check_args)
+        name, rest = spec.split("=", 1)
+        base, *pairs = rest.split(":")
+        if base not in OBJECTIVES:
+            raise UsageError(f"--variants {spec}: {base!r} is not an objective ({', '.join(OBJECTIVES)}).")
+        overrides = {}
+        for pair in pairs:
+            key, _, text = pair.partition("=")
+            setting = OBJECTIVES[base].settings.get(key)
+            if setting is None or not text:
+                own = ", ".join(OBJECTIVES[base].settings) or "none"
+                raise UsageError(f"--variants {spec}: {base} has no setting {key!r} to set (its own: {own}); "
+                                 "write name=objective:setting=value.")
+            try:
+                value = {"True": True, "False": False}[text] if isinstance(setting.default, bool) else \
+                    type(setting.default)(text)
+            except (KeyError, ValueError):
+                raise UsageError(f"--variants {spec}: {key}={text} is not a {type(setting.default).__name__}.")
+            if setting.choices and value not in setting.choices:
+                raise UsageError(f"--variants {spec}: {key} is one of {', '.join(setting.choices)}.")
+            overrides[key] = value
+        if name in OBJECTIVES or name == "all" or not name.isidentifier():
+            raise UsageError(f"--variants {spec}: name it with a word that is not an objective's name.")
+        known[name] = (base, overrides)
+    return known
+
+
+def member(name, args):
+    """The record one run trains and evaluates: an objective's with its settings' values from the
+    flags, or a variant's, its objective's record with the variant's values over those, its own
+    name, its own tuned learning rate where there is one, and an untrained row of its own where it
+    hides (its trained readout hides as it does)."""
+    if name in OBJECTIVES:
+        return with_values(OBJECTIVES[name], args)
+    base_name, overrides = variant_definitions(args)[name]
+    base = with_values(OBJECTIVES[base_name], args)
+    return replace(base, name=name, values={**base.values, **overrides},
+                   learning_rate=VARIANT_LEARNING_RATES.get(name, base.learning_rate),
+                   baseline=base.baseline if base.hiding is None else f"random init (as {name})")
+
+
+def members(args):
+    """The runs' names in study order: the objectives (--objective, or all four), then --variants."""
+    names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
+    given = [spec.split("=", 1)[0] for spec in args.variants]
+    return names + [n for n in given if n not in names]
+
+
 # -----------------------------------------------------------------------------------------------------
 # The built-in corpus: a small English-like language with latent topics, so the claims can be tested
 # in minutes. Every corpus, this one or real text (further down), ends up as the same arrays: a
@@ -597,7 +670,10 @@ def synthetic_language(rng, n_topics):
     return Language(topics, itos, style)
 
 
-def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_size=64, n_topics=4, seed=1):
+SYN_TRAIN_DOCS = 3000  # make_synthetic's training documents (--train_docs takes the first n of them)
+
+
+def make_synthetic(n_train_docs=SYN_TRAIN_DOCS, n_val_docs=200, n_eval_docs=400, block_size=64, n_topics=4, seed=1):
     """A deterministic labelled corpus in a toy language (see the comment above). Returns a
     Corpus."""
     rng = random.Random(seed)
@@ -660,6 +736,17 @@ def make_synthetic(n_train_docs=3000, n_val_docs=200, n_eval_docs=400, block_siz
         eval_labels=np.array(labels[n_train_docs + n_val_docs:]), label_names=topics,
         train_docs=train_docs, train_labels=np.array(labels[:n_train_docs]), language=language)
 
+
+
+def first_training_docs(corpus, n):
+    """The corpus with its first n training documents only (--train_docs): the same validation and
+    held-out documents, and the same training documents as far as they go, since make_synthetic
+    draws them all before the others."""
+    if n >= len(corpus.train_docs):
+        return corpus
+    end = np.flatnonzero(corpus.train == corpus.itos.index("<eos>"))[n - 1] + 1  # each document ends in <eos>
+    return replace(corpus, train=corpus.train[:end], train_docs=corpus.train_docs[:n],
+                   train_labels=corpus.train_labels[:n])
 
 # The language's exact probabilities. make_synthetic is a known generative process, so the best
 # possible next-token predictor, the best possible topic classifier, and an exact judge of any
@@ -944,7 +1031,7 @@ def probe_accuracy(features, labels, seed, choose_c=False):
 
 
 
-def compute_now(part, compute, hiding=False):
+def compute_now(part, compute, hiding=False, recipe=None):
     """The untrained baselines computed where they are asked for (no study folder to keep them in);
     stored_untrained is the study's version."""
     return compute()
@@ -989,10 +1076,22 @@ def own_rng(device):
 
 
 # Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is
-# trained further on labelled examples. One small recipe for every objective and for the untrained
-# baseline, fixed before any result was seen; the number of labelled documents is the dial (few
-# labels: what pretraining gave matters most).
+# trained further on labelled examples. The number of labelled documents is the dial (few labels:
+# what pretraining gave matters most). The recipe's learning rate and epochs are each objective's own,
+# chosen by one rule (FINETUNE_RECIPES); the untrained baseline fine-tunes with the recipe of the
+# objective it stands beside.
 FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.01}
+# The rule: the highest mean held-out accuracy at n = 128 over this grid (--finetune_search), on a
+# validation split of the labelled training documents (their last FINETUNE_VAL_DOCS, never drawn
+# from while searching; the evaluation documents are never read), on tuning seeds 101 and 102.
+FINETUNE_GRID = {"learning_rate": [1e-4, 3e-4, 1e-3], "epochs": [5, 10, 20]}
+FINETUNE_VAL_DOCS = 400
+FINETUNE_RECIPES = {}  # name -> {"learning_rate", "epochs"} as the search chose; absent: FINETUNE_RECIPE's
+
+
+def recipe_for(objective):
+    """The fine-tuning recipe of an objective or variant (and of its untrained baseline)."""
+    return dict(FINETUNE_RECIPE, **FINETUNE_RECIPES.get(objective.name, {}))
 
 
 def balanced_draw(labels, n, rng):
@@ -1004,15 +1103,21 @@ def balanced_draw(labels, n, rng):
     return np.concatenate([pool[:m] for pool, m in zip(pools, share)] + [rest]).astype(np.int64)
 
 
-def finetune_predictions(model, objective, corpus, n, draw, seed, device):
+def finetune_predictions(model, objective, corpus, n, draw, seed, device, recipe, pool=None, targets=None,
+                         read_at=None):
     """Fine-tune a copy of model together with a linear head, which reads the mean of the final
     states over the clean document (no [MASK]; the objective's own attention mode), on n labelled
-    training documents; return the predicted label of every held-out document. Held-out labels are
-    never read here."""
-    recipe = FINETUNE_RECIPE
-    rng = np.random.default_rng([seed, n, draw])
-    picks = balanced_draw(corpus.train_labels, n, rng)
+    training documents drawn from pool (indices; None: all of them) by recipe; return the predicted
+    label of every target document (None: the held-out ones), or with read_at, {epochs: those
+    predictions after that many epochs} of one run (the learning rate is constant, so reading a
+    longer run after e epochs is the run of e epochs). Target labels are never read here."""
+    rng = np.random.default_rng([seed, n, draw] + ([] if pool is None else [len(pool)]))
+    pool = np.arange(len(corpus.train_labels)) if pool is None else np.asarray(pool)
+    picks = pool[balanced_draw(corpus.train_labels[pool], n, rng)]
     docs, labels = [corpus.train_docs[i] for i in picks], torch.as_tensor(corpus.train_labels[picks])
+    targets = corpus.eval_docs if targets is None else targets
+    read_at = read_at or [recipe["epochs"]]
+    out = {}
     with own_rng(device):
         torch.manual_seed(int(rng.integers(2 ** 31)))  # the head's initial weights: the same for every objective
         net = copy.deepcopy(model).train()
@@ -1023,18 +1128,20 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device):
             return head(net.features(x, objective.attention).mean(dim=1))
         optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=recipe["learning_rate"],
                                       weight_decay=recipe["weight_decay"])
-        for _ in range(recipe["epochs"]):
+        for epoch in range(1, max(read_at) + 1):
             for batch in length_batches(docs, recipe["batch_size"], rng):
                 loss = F.cross_entropy(predict([docs[i] for i in batch]), labels[batch].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        net.eval()
-        predictions = np.zeros(len(corpus.eval_docs), dtype=np.int64)
-        with torch.no_grad():
-            for batch in length_batches(corpus.eval_docs, 256):
-                predictions[batch] = predict([corpus.eval_docs[i] for i in batch]).argmax(1).cpu().numpy()
-    return predictions
+            if epoch in read_at:
+                net.eval()
+                out[epoch] = np.zeros(len(targets), dtype=np.int64)
+                with torch.no_grad():
+                    for batch in length_batches(targets, 256):
+                        out[epoch][batch] = predict([targets[i] for i in batch]).argmax(1).cpu().numpy()
+                net.train()
+    return out if len(read_at) > 1 else out[read_at[0]]
 
 
 def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws, untrained=compute_now):
@@ -1042,20 +1149,43 @@ def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draw
     sample std over draws (each draw its own documents and head). Unless untrained is None, the
     untrained network (the weights this run started from) is fine-tuned the same way beside it
     (untrained(part, compute) computes it or reads it back)."""
-    t0 = time.time()
+    t0, recipe = time.time(), recipe_for(objective)
 
     def accuracies(net):
         out = {}
         for n in label_counts:
-            accs = [float((finetune_predictions(net, objective, corpus, n, draw, seed, device)
+            accs = [float((finetune_predictions(net, objective, corpus, n, draw, seed, device, recipe)
                            == corpus.eval_labels).mean()) for draw in range(draws)]
             out[str(n)] = {"acc": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
         return out
     out = accuracies(model)
     if untrained is not None:
         out["baselines"] = {"random_init": untrained("finetune", lambda: accuracies(
-            initial_model(model.config, seed, device)))}
+            initial_model(model.config, seed, device)), recipe=recipe)}
     return dict(out, seconds=time.time() - t0)
+
+
+def finetune_search(model, corpus, objective, seed, device, draws):
+    """--finetune_search: held-out accuracy at n = PRIMARY_FINETUNE_LABELS for every recipe of
+    FINETUNE_GRID, "learning_rate/epochs" -> mean over draws, on the validation split of the
+    labelled training documents (the draws come from the others). Reads no evaluation document."""
+    if corpus.train_labels is None or len(corpus.train_docs) < FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS:
+        raise UsageError(f"--finetune_search needs labelled training documents, at least "
+                         f"{FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS}: {FINETUNE_VAL_DOCS} to validate on and "
+                         "others to draw from.")
+    val = np.arange(len(corpus.train_docs))[-FINETUNE_VAL_DOCS:]
+    pool = np.arange(len(corpus.train_docs))[:-FINETUNE_VAL_DOCS]
+    targets, val_labels = [corpus.train_docs[i] for i in val], corpus.train_labels[val]
+    epochs, out = FINETUNE_GRID["epochs"], {}
+    for lr in FINETUNE_GRID["learning_rate"]:
+        accs = {e: [] for e in epochs}
+        for draw in range(draws):
+            preds = finetune_predictions(model, objective, corpus, PRIMARY_FINETUNE_LABELS, draw, seed, device,
+                                         dict(FINETUNE_RECIPE, learning_rate=lr), pool, targets, epochs)
+            for e in epochs:
+                accs[e].append(float((preds[e] == val_labels).mean()))
+        out.update({f"{lr:g}/{e}": float(np.mean(accs[e])) for e in epochs})
+    return out
 
 
 def gen_windows(corpus, block_size, n):
@@ -1357,7 +1487,7 @@ def summarize(all_results):
         if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
             untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
                                        f and f["baselines"]["random_init"])
-            rows.setdefault(OBJECTIVES[obj].baseline, {}).setdefault(r["seed"], untrained)
+            rows.setdefault(r["baseline"], {}).setdefault(r["seed"], untrained)
         if c:
             tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
             rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
@@ -1421,6 +1551,26 @@ def summarize(all_results):
                 print(f"{name:<28}{sampler:<20}" + "".join(cell(name, f"{sampler} {k}", 3, width)
                                                          for k in JUDGE_METRICS))
     return table
+
+
+def search_table(all_results):
+    """--finetune_search over a study: per member, each recipe's validation accuracy averaged over
+    seeds, and the recipe the rule chooses (the highest mean; ties: the first in the grid)."""
+    out = {}
+    for name in dict.fromkeys(r["objective"] for r in all_results if r.get("finetune_search")):
+        runs = [r["finetune_search"] for r in all_results if r["objective"] == name and r.get("finetune_search")]
+        grid = {k: float(np.mean([run[k] for run in runs])) for k in runs[0]}
+        lr, epochs = max(grid, key=grid.get).split("/")
+        out[name] = {"grid": grid, "seeds": len(runs), "chosen": {"learning_rate": float(lr), "epochs": int(epochs)}}
+    if out:
+        heads = list(next(iter(out.values()))["grid"])
+        print(f"\nfine-tuning recipes (--finetune_search): validation accuracy at n = {PRIMARY_FINETUNE_LABELS}, "
+              "mean over seeds, by learning rate/epochs")
+        print(f"{'':<16}" + "".join(f"{h:>10}" for h in heads) + "   chosen")
+        for name, s in out.items():
+            print(f"{name:<16}" + "".join(f"{s['grid'][h]:>10.3f}" for h in heads)
+                  + f"   {s['chosen']['learning_rate']:g}/{s['chosen']['epochs']}")
+    return out
 
 
 # The paper's four claims as paired differences: each row measures value(a's run) - value(b's run)
@@ -1570,7 +1720,7 @@ def plot_summary(all_results, path):
     panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"]))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for ax, (title, source, value) in zip(axes.flat, panels):
-        for objective in OBJECTIVES:
+        for objective in dict.fromkeys(r["objective"] for r in all_results):
             curves = [{p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
                       for r in all_results if r["objective"] == objective]
             iters = sorted(i for i in set.intersection(*map(set, curves)) if all(c[i] is not None for c in curves)) \
@@ -1587,7 +1737,7 @@ def plot_summary(all_results, path):
         ax.grid(alpha=0.3)
         ax.set_visible(bool(ax.lines))  # a metric the runs did not evaluate: no empty panel
     handles = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0]))
-    fig.legend(*handles, loc="lower center", ncol=len(OBJECTIVES))
+    fig.legend(*handles, loc="lower center", ncol=min(len(handles[0]), 6))
     seeds = sorted({r["seed"] for r in all_results})
     fig.suptitle(f"mean over {len(seeds)} seed(s) and 95% t-band; {all_results[0]['data']} corpus", fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -2072,10 +2222,10 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
                          "or point --out_dir at the run.")
     ckpt = load_checkpoint(ckpt_path, device)
-    if any(ckpt[key] != expected[key] for key in ("objective", "config", "seed")):
-        raise UsageError(f"{ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']} and "
-                         f"config {ckpt['config']}; give the same --objective, --seed, data and model flags as "
-                         "that run, or another --out_dir.")
+    if any(ckpt.get(key) != expected[key] for key in ("objective", "values", "config", "seed")):
+        raise UsageError(f"{ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']}, its settings "
+                         f"{ckpt.get('values')} and config {ckpt['config']}; give the same --objective, --variants, "
+                         "--seed, data and model flags as that run, or another --out_dir.")
     if ckpt["tokenizer"] != expected["tokenizer"]:
         raise UsageError(f"the corpus's vocabulary differs from the one {ckpt_path} was trained on; "
                          "use the same --data and --seed.")
@@ -2166,8 +2316,8 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     iter_num, curve, points = 0, [], []  # curve: the val loss at every evaluation; points: evaluate() at curve_iters
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
-    identity = {"objective": objective.name, "config": asdict(config), "seed": seed, "tokenizer": tokenizer,
-                "settings": run_settings(args)}
+    identity = {"objective": objective.name, "values": objective.values, "config": asdict(config), "seed": seed,
+                "tokenizer": tokenizer, "settings": run_settings(args)}
     elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0  # wall time, and the tokens and seconds speed is timed on
     if resume:
         ckpt, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity, device, rank)
@@ -2437,7 +2587,7 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
 
 def load_corpus(args, seed):
     if args.data == "synthetic":
-        return make_synthetic(block_size=args.block_size, seed=seed)
+        return first_training_docs(make_synthetic(block_size=args.block_size, seed=seed), args.train_docs)
     return load_text_corpus(args.data, args.encoding, seed, args.block_size, args.compact_vocab)
 
 
@@ -2468,7 +2618,7 @@ def bench(args, device):
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # nanoGPT's inputs and next-token targets
-    objective = with_values(OBJECTIVES[args.objective], args)
+    objective = member(args.objective, args)
     window = data[:, :args.block_size + objective.window_extra]  # what our objective trains on
     peak_lr = args.learning_rate or objective.learning_rate
 
@@ -2544,8 +2694,12 @@ def make_parser():
         description="Autoregressive vs masked pretraining (Zhang et al., ICML 2024) in one file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--objective", default="ar", choices=[*OBJECTIVES, "all"],
-      help=f"pretraining objective; 'all' runs the {len(OBJECTIVES)} in turn")
+    a("--objective", default="ar",
+      help=f"pretraining objective ({', '.join(OBJECTIVES)}) or a variant ({', '.join(VARIANTS)}, or one "
+           f"--variants defines); 'all' runs the {len(OBJECTIVES)} objectives in turn")
+    a("--variants", type=lambda text: [s for s in text.split(",") if s], default="",
+      help="study members beside --objective, comma-separated: built-in variants by name, or "
+           "name=objective:setting=value:... (e.g. half=mlm:mask_ratio=0.5)")
     a("--data", default="synthetic",
       help="'synthetic' (built in) or a path to a .txt file, a .jsonl file or a folder of them")
     a("--encoding", default="gpt2", help="tiktoken encoding for text data")
@@ -2596,6 +2750,12 @@ def make_parser():
     a("--finetune_labels", type=positive_ints, default="32,128,512",
       help="fine-tuning: the numbers n of labelled training documents, comma-separated")
     a("--finetune_draws", type=int, default=3, help="fine-tuning: independent draws of documents and head per n")
+    a("--finetune_search", action="store_true",
+      help="at the end, also fine-tune by every recipe of FINETUNE_GRID on a validation split of the training "
+           "documents (the rule FINETUNE_RECIPES comes from; run on tuning seeds)")
+    a("--train_docs", type=int, default=SYN_TRAIN_DOCS,
+      help="built-in corpus: training documents (at most 3,000; fewer: the data-constrained regime); "
+           "validation and held-out documents stay the same")
     a("--curve_iters", type=positive_ints, default=None,
       help="iterations where every metric is evaluated (the curve; max_iters is always one; each point costs a "
            "full evaluation): unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
@@ -2670,6 +2830,15 @@ def check_args(args):
     for objective in OBJECTIVES.values():  # every objective's own settings, as its record checks them
         if objective.problems:
             problems += objective.problems(with_values(objective, args).values, args)
+    known = variant_definitions(args)  # a malformed --variants is a UsageError of its own
+    unknown = [n for n in members(args) if n not in OBJECTIVES and n not in known]
+    if unknown:
+        raise UsageError(f"{', '.join(unknown)}: not an objective ({', '.join(OBJECTIVES)}) nor a variant "
+                         f"({', '.join(known)}); --variants name=objective:setting=value defines one.")
+    for name in members(args):
+        record = member(name, args)
+        if name not in OBJECTIVES and record.problems:
+            problems += [f"variant {name}: {p}" for p in record.problems(record.values, args)]
     if args.pos_emb == "rope" and args.n_embd % args.n_head == 0 and (args.n_embd // args.n_head) % 2:
         problems.append(f"--pos_emb rope rotates pairs of channels: the head size --n_embd / --n_head "
                         f"({args.n_embd // args.n_head}) must be even.")
@@ -2690,13 +2859,16 @@ def check_args(args):
     if args.top_k < 0 or args.sample < 0 or args.gen_seqs < 1 or args.vocab_size < 2:
         problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 "
                         "and --vocab_size at least 2.")
+    if not 1 <= args.train_docs <= SYN_TRAIN_DOCS or (args.data != "synthetic" and args.train_docs != SYN_TRAIN_DOCS):
+        problems.append(f"--train_docs {args.train_docs}: the built-in corpus's first 1 to {SYN_TRAIN_DOCS:,} training "
+                        "documents (more would change its other documents; a text corpus has its own split).")
     if args.eval_samples < 0 or args.gen_steps < 0 or args.elbo_draws < 2:
         problems.append("--eval_samples and --gen_steps cannot be negative, and --elbo_draws must be at least 2 "
                         "(its standard error needs two).")
     if args.gen_steps > args.block_size - args.block_size // 4:
         problems.append(f"--gen_steps {args.gen_steps}: a continuation has {args.block_size - args.block_size // 4} "
                         "positions, and a step reveals at least one.")
-    if args.gen_order == "any" and args.objective in OBJECTIVES and OBJECTIVES[args.objective].hiding is None:
+    if args.gen_order == "any" and args.objective != "all" and member(args.objective, args).hiding is None:
         problems.append(f"--gen_order any: {args.objective} hides nothing, so it can only generate left to right.")
     if args.resume and (args.objective == "all" or len(args.seeds) > 1):
         problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds "
@@ -2752,11 +2924,13 @@ def curve_iters(args):
 
 
 # The flags that do not change what a study's run computes (a run's objective and seed are its
-# identity, checked apart); every other flag is a setting that a study's runs must share, --compile
-# too (a compiled run differs in its last bits). --device as typed is set aside: the runtime, the
-# device it resolved to (with autocast, torch and GPU), is a setting instead.
-SETTINGS_ASIDE = ["out_dir", "objective", "seed", "seeds", "resume", "plot", "log_interval", "sample", "temperature",
-                  "top_k", "device", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory", *THEORY_FLAGS]
+# identity, checked apart, and so are its own settings' values: --variants only adds runs); every
+# other flag is a setting that a study's runs must share, --compile too (a compiled run differs in its
+# last bits). --device as typed is set aside: the runtime, the device it resolved to (with autocast,
+# torch and GPU), is a setting instead.
+SETTINGS_ASIDE = ["out_dir", "objective", "variants", "seed", "seeds", "resume", "plot", "log_interval", "sample",
+                  "temperature", "top_k", "device", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory",
+                  *THEORY_FLAGS]
 
 
 def run_settings(args):
@@ -2823,12 +2997,13 @@ def stored_untrained(args, objective, seed, config):
     drawn from no random numbers, and no evaluation reads them), and mlm and mlm_varlen share all
     but the pooled readouts, whose trained readout hides as the objective does (hiding=True). A
     stored result is used only where its key matches: every setting of the command, and this file's
-    own text (a fork that changes an evaluation recomputes them)."""
+    own text (a fork that changes an evaluation recomputes them); fine-tuning's also its recipe (each
+    objective's own)."""
     with open(__file__, "rb") as f:
         code = hashlib.sha256(f.read()).hexdigest()[:16]
 
-    def untrained(part, compute, hiding=False):
-        key = {"part": part, "seed": seed, "settings": run_settings(args), "code": code,
+    def untrained(part, compute, hiding=False, recipe=None):
+        key = {"part": part, "seed": seed, "settings": run_settings(args), "code": code, "recipe": recipe,
                "attention": objective.attention, "in_place": objective.hiding is not None,
                "hiding": objective.name if hiding and objective.hiding is not None else None,
                "trunk": {k: v for k, v in asdict(config).items() if k != "n_future"}}
@@ -2853,7 +3028,7 @@ def without_baselines(x):
 def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
     """One run of the objective called name: train, with the metrics at every curve point; print the
     report; write results.json."""
-    last, objective = max(curve_iters(args)), with_values(OBJECTIVES[name], args)
+    last, objective = max(curve_iters(args)), member(name, args)
 
     def evaluate_at(model, iter_num):
         return evaluate(model, corpus, objective, seed, args, device, final=iter_num == last)
@@ -2863,9 +3038,14 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
     def finish():  # rank 0 only
         final = points[-1]
         train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
-        results = {"objective": name, "seed": seed, "data": args.data, "settings": run_settings(args),
+        base, overrides = variant_definitions(args).get(name, (None, None))
+        variant = base and {"of": base, "values": overrides, "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
+        results = {"objective": name, "variant": variant, "values": objective.values, "baseline": objective.baseline,
+                   "seed": seed, "data": args.data, "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
                    "gen": final["gen"], "bayes": language_limits(corpus, args),
+                   "finetune_search": args.finetune_search and finetune_search(model, corpus, objective, seed,
+                                                                               device, args.finetune_draws) or None,
                    "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "results.json"), results)
@@ -2886,7 +3066,7 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
 def print_report(results, corpus, args):
     """The run's report: training, then each evaluation beside its baselines."""
     objective, seed, train_stats = results["objective"], results["seed"], results["train"]
-    record = OBJECTIVES[objective]
+    record = member(objective, args)
     H = unigram_entropy(corpus.train)
     print(f"\n== {objective} (seed {seed}) on {corpus.name}: {train_stats['iters']} iters in "
           f"{train_stats['seconds']:.1f} s, {train_stats['tokens_per_s']:,.0f} tokens/s; "
@@ -2988,6 +3168,11 @@ def run_state(run_dir, args, objective, seed):
         if (found["objective"], found["seed"]) != (objective, seed):
             raise UsageError(f"{path} holds a {found['objective']} run with seed {found['seed']}, not {objective} with "
                              f"seed {seed}: give another --out_dir.")
+        values = member(objective, args).values
+        if found.get("values") != values:
+            raise UsageError(f"{path} was made with {objective}'s own settings at {found.get('values')}, not "
+                             f"{values} (a changed flag, --variants definition or an older lookaround.py): move it "
+                             "away, or give another --out_dir.")
         found = found.get("settings")
         if found is None:
             raise UsageError(f"{path} records no settings (an older lookaround.py made it): move it away, or give "
@@ -3022,7 +3207,7 @@ def run_study(args, device, ddp):
     and an interrupted run goes on from its checkpoint. Every run's folder is checked before
     anything trains."""
     master = not ddp or ddp["rank"] == 0
-    objectives = list(OBJECTIVES) if args.objective == "all" else [args.objective]
+    objectives = members(args)
     study = len(objectives) > 1 or len(args.seeds) > 1
     plan = {}
     for seed, objective in itertools.product(args.seeds, objectives):
@@ -3060,7 +3245,8 @@ def run_study(args, device, ddp):
     if len(all_results) > 1:
         table, claims, by_iter = summarize(all_results), claims_table(all_results), claims_by_iter(all_results)
         write_json(os.path.join(args.out_dir, "summary.json"),
-                   {"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter})
+                   {"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter,
+                    "finetune_search": search_table(all_results)})
     if all_results and (args.plot or len(all_results) > 1):
         if importlib.util.find_spec("matplotlib"):
             plot_summary(all_results, os.path.join(args.out_dir, "summary.png"))

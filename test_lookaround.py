@@ -823,8 +823,8 @@ def test_confidence_remasking_reveals_the_surest_positions_first():
 
 
 def check_results_schema(r):
-    assert set(r) == {"objective", "seed", "data", "settings", "train", "cluster", "finetune", "gen", "bayes",
-                      "curve"}
+    assert set(r) == {"objective", "variant", "values", "baseline", "seed", "data", "settings", "train", "cluster",
+                      "finetune", "gen", "bayes", "finetune_search", "curve"}
     assert r["curve"] and r["curve"][-1]["iter"] == r["train"]["iters"]  # the curve's last point is the end
     assert set(r["settings"]) == set(L.run_settings(L.parse_args([])))  # every flag but those set aside
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
@@ -855,12 +855,13 @@ def check_results_schema(r):
         for scores in [f[n] for n in ns] + [f["baselines"]["random_init"][n] for n in ns]:
             assert set(scores) == {"acc", "acc_std"} and 0 <= scores["acc"] <= 1 and scores["acc_std"] >= 0
         assert f["seconds"] >= 0
+    hides = L.OBJECTIVES[(r["variant"] or {}).get("of", r["objective"])].hiding is not None
     if r["gen"] is not None:
         assert set(r["gen"]["ppl_by_prefix"]) == {"0.125", "0.25", "0.5", "0.75"}
         g = r["gen"]
         assert all(v > 1 for v in g["ppl_by_prefix"].values()) and g["ppl"] > 1 and g["seconds"] >= 0
         assert set(g) == {"ppl", "ppl_by_prefix", "chain_nll", "elbo", "samples", "seconds"}
-        assert (g["elbo"] is None) == (L.OBJECTIVES[r["objective"]].hiding is None)
+        assert (g["elbo"] is None) != hides
         if g["elbo"]:
             assert set(g["elbo"]) == {"nll", "se", "draws"} and g["elbo"]["se"] > 0
         assert (g["samples"] is None) == (r["bayes"] is None)
@@ -868,7 +869,7 @@ def check_results_schema(r):
         b = r["bayes"]
         assert set(b) == {"ppl", "ppl_by_prefix", "chain_nll", "acc", "samples"} and 0 <= b["acc"] <= 1
         samplers = ["left_to_right"] + (["any/24/confidence", "any/4/confidence"]
-                                        if L.OBJECTIVES[r["objective"]].hiding else [])
+                                        if hides else [])
         if r["gen"] is not None:
             assert list(r["gen"]["samples"]) == samplers and b["ppl"] < r["gen"]["ppl"]  # the limit is a limit
             assert b["chain_nll"] < r["gen"]["chain_nll"]
@@ -2024,3 +2025,104 @@ def test_text_corpora_have_no_language_limits_and_no_sample_judge():
     args = L.parse_args([])
     text = dataclasses.replace(L.make_synthetic(n_train_docs=8, n_val_docs=2, n_eval_docs=4), language=None)
     assert L.language_limits(text, args) is None
+
+
+# Variants: an objective's record with settings overridden, a study member like the four.
+
+def test_a_variant_overrides_only_the_settings_it_names():
+    args = L.parse_args(["--variants", "mlm_half,low=mlm_varlen:varlen_min=0.2:varlen_corruption=bert"])
+    half, mlm = L.member("mlm_half", args), L.member("mlm", args)
+    assert half.values == dict(mlm.values, mask_ratio=0.5) and half.loss is mlm.loss and half.name == "mlm_half"
+    assert half.attention == mlm.attention and half.learning_rate == L.VARIANT_LEARNING_RATES.get("mlm_half", 1e-3)
+    assert half.baseline == "random init (as mlm_half)" and L.member("ar_diverse8", args).baseline == \
+        "random init (causal)"
+    low, varlen = L.member("low", args), L.member("mlm_varlen", args)
+    assert low.values == dict(varlen.values, varlen_min=0.2, varlen_corruption="bert")
+    assert L.members(args) == ["ar", "mlm_half", "low"]
+    assert L.config_from_args(args, L.member("ar_diverse8", args), 151).n_future == 8
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--variants", "nope"], "nope: not an objective"),
+    (["--variants", "x=bert:mask_ratio=0.5"], "'bert' is not an objective"),
+    (["--variants", "x=mlm:ratio=0.5"], "mlm has no setting 'ratio'"),
+    (["--variants", "x=mlm:mask_ratio=half"], "mask_ratio=half is not a float"),
+    (["--variants", "x=mlm_varlen:varlen_corruption=some"], "varlen_corruption is one of mask, bert"),
+    (["--variants", "mlm=mlm:mask_ratio=0.5"], "not an objective's name"),
+    (["--variants", "x=mlm:mask_ratio=1.5"], "variant x: --mask_ratio 1.5 must lie strictly between 0 and 1"),
+    (["--objective", "mlm_hal"], "mlm_hal: not an objective"),
+])
+def test_a_bad_variant_is_refused_with_the_fix(flags, message, capsys):
+    assert L.main(flags + ["--max_iters", "0"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_variant_trains_beside_its_objective_and_is_paired_in_the_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(L, "make_synthetic", small_synthetic)
+    out = tmp_path / "study"
+    common = TINY + ["--objective", "mlm", "--seeds", "1,2", "--max_iters", "8", "--eval_interval", "4",
+                     "--no-eval_finetune", "--no-eval_cluster", "--out_dir", str(out)]
+    flags = common + ["--variants", "mlm_half"]
+    assert L.main(flags) == 0
+    r = json.load(open(out / "mlm_half" / "seed1" / "results.json"))
+    check_results_schema(r)
+    assert r["variant"] == {"of": "mlm", "values": {"mask_ratio": 0.5},
+                            "learning_rate_tuned": "mlm_half" in L.VARIANT_LEARNING_RATES}
+    assert r["values"]["mask_ratio"] == 0.5 and r["settings"]["mask_ratio"] == 0.15  # the flag is mlm's
+    summary = json.load(open(out / "summary.json"))
+    assert {"mlm", "mlm_half"} <= set(summary["table"]) and r["baseline"] == "random init (as mlm_half)"
+    assert summary["table"]["mlm_half"]["ppl"]["n"] == 2
+    # the same command reads both back; a redefined variant is refused, naming what changed
+    capsys.readouterr()
+    assert L.main(flags) == 0 and "4 read back" in capsys.readouterr().out
+    assert L.main(common + ["--variants", "mlm_half=mlm:mask_ratio=0.4"]) == 2
+    assert "'mask_ratio': 0.5" in capsys.readouterr().err
+
+
+def test_the_recipe_search_never_reads_the_evaluation_documents(monkeypatch):
+    monkeypatch.setattr(L, "PRIMARY_FINETUNE_LABELS", 16)  # a smaller search, by the same code
+    monkeypatch.setattr(L, "FINETUNE_VAL_DOCS", 40)
+    monkeypatch.setattr(L, "FINETUNE_GRID", {"learning_rate": [1e-4, 1e-3], "epochs": [1, 3]})
+    corpus = L.make_synthetic(n_train_docs=80, n_val_docs=2, n_eval_docs=40, block_size=16)
+    model = L.GPT(L.GPTConfig(vocab_size=corpus.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    o, cpu = L.OBJECTIVES["mlm"], torch.device("cpu")
+    clean = L.finetune_search(model, corpus, o, 1, cpu, 2)
+    poisoned = dataclasses.replace(corpus, eval_docs=[d[::-1] for d in corpus.eval_docs],
+                                   eval_labels=np.zeros_like(corpus.eval_labels))
+    assert L.finetune_search(model, poisoned, o, 1, cpu, 2) == clean
+    assert set(clean) == {"0.0001/1", "0.0001/3", "0.001/1", "0.001/3"}
+    # reading a 3-epoch run after 1 epoch is the 1-epoch run (a constant learning rate)
+    recipe = dict(L.FINETUNE_RECIPE, epochs=1, learning_rate=1e-3)
+    pool, targets = np.arange(40), corpus.train_docs[40:]
+    alone = [L.finetune_predictions(model, o, corpus, 16, d, 1, cpu, recipe, pool, targets) for d in (0, 1)]
+    assert np.array_equal(alone[0], L.finetune_predictions(model, o, corpus, 16, 0, 1, cpu, recipe, pool, targets,
+                                                           [1, 3])[1])
+    accs = [float((a == corpus.train_labels[40:]).mean()) for a in alone]
+    assert clean["0.001/1"] == pytest.approx(np.mean(accs))
+
+
+def test_the_untrained_baseline_fine_tunes_with_the_recipe_of_its_objective(monkeypatch):
+    corpus = L.make_synthetic(n_train_docs=40, n_val_docs=2, n_eval_docs=8, block_size=16)
+    model = L.GPT(L.GPTConfig(vocab_size=corpus.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    monkeypatch.setitem(L.FINETUNE_RECIPES, "mlm", {"learning_rate": 1e-3, "epochs": 2})
+    used, asked = [], []
+    real = L.finetune_predictions
+    monkeypatch.setattr(L, "finetune_predictions", lambda *a, **k: used.append(a[7]) or real(*a, **k))
+    L.evaluate_finetune(model, corpus, L.OBJECTIVES["mlm"], 1, torch.device("cpu"), [8], 1,
+                        untrained=lambda part, compute, recipe=None: asked.append(recipe) or compute())
+    assert len(used) == 2 and all(r == dict(L.FINETUNE_RECIPE, learning_rate=1e-3, epochs=2) for r in used)
+    assert asked == [used[0]]  # the stored baseline's key holds the recipe
+
+
+def test_train_docs_changes_only_the_training_documents():
+    args = L.parse_args([])
+    full = L.load_corpus(args, 3)
+    few = L.load_corpus(L.parse_args(["--train_docs", "300"]), 3)
+    for name in ("val", "held", "held_starts", "eval_labels"):
+        assert np.array_equal(getattr(full, name), getattr(few, name))
+    assert all(np.array_equal(a, b) for a, b in zip(full.eval_docs, few.eval_docs))
+    assert len(few.train_docs) == 300 and np.array_equal(few.train_labels, full.train_labels[:300])
+    assert np.array_equal(few.train, full.train[:len(few.train)]) and few.train[-1] == 0  # whole documents
+    assert int((few.train == 0).sum()) == 300 and np.bincount(few.train_labels).tolist() == [75] * 4
+    assert L.main(["--train_docs", "3001"]) == 2
