@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -1240,21 +1241,22 @@ def next_token_nll(model, seqs, positions, objective, batch_size=256):
 
 
 def evaluate_generation(model, corpus, objective, args, seed):
-    """Generation, three ways. Perplexity of the next token after prefixes of every length, on
-    --gen_seqs held-out windows: overall ("ppl"), by prefix fraction of the block ("ppl_by_prefix",
-    the paper's short-prefix question), and the left-to-right chain rule over every position but
-    the first ("chain_nll": for a masked model the block holds the prefix and [MASK]s). For a
-    masked model also the likelihood bound the field reports (masked_elbo). On the built-in
-    language, the model's own samples judged by the language itself (judge_samples)."""
+    """Generation, several ways. The next token's perplexity after a prefix of every length 1..T-1
+    (the left-to-right chain rule), on --gen_seqs held-out windows: overall ("ppl", "chain_nll" in
+    nats), by length ("ppl_by_length", entry l - 1 after a prefix of l tokens) and by bands of
+    fractions of the block ("ppl_by_prefix", the paper's short-prefix question). A masked model reads
+    the prefix and [MASK] at every later position; "ppl_short_input" gives it the prefix and one
+    [MASK] only, which separates how much it sees from the pattern of masks it sees. For a masked
+    model also the likelihood bound the field reports (masked_elbo). On the built-in language, the
+    model's own samples judged by the language itself (judge_samples)."""
     t0 = time.time()
     T = model.config.block_size
     seqs = gen_windows(corpus, T, args.gen_seqs)
-    by_fraction = scored_positions(T)
-    nll = next_token_nll(model, seqs, list(range(1, T)), objective)  # column p - 1 holds position p
-    ppl_by_prefix = {str(f): float(torch.exp(nll[:, [p - 1 for p in ps]].mean())) for f, ps in by_fraction.items()}
-    scored = nll[:, [p - 1 for ps in by_fraction.values() for p in ps]]
-    out = {"ppl": float(torch.exp(scored.mean())), "ppl_by_prefix": ppl_by_prefix,
-           "chain_nll": float(nll.mean()), "elbo": None, "samples": None}
+    nll = next_token_nll(model, seqs, list(range(1, T)), objective)  # column l - 1: after a prefix of l tokens
+    out = dict(perplexities(nll, T), elbo=None, ppl_short_input=None, ppl_short_by_length=None, samples=None)
+    if objective.hiding is not None:
+        short = perplexities(short_input_nll(model, seqs, objective), T)
+        out.update(ppl_short_input=short["ppl"], ppl_short_by_length=short["ppl_by_length"])
     generator = torch.Generator().manual_seed(seed)  # the sampled masks and tokens: the same at every point
     if objective.hiding is not None:
         out["elbo"] = masked_elbo(in_place_logits(model, objective), seqs, model.config.vocab_size,
@@ -1263,6 +1265,33 @@ def evaluate_generation(model, corpus, objective, args, seed):
         out["samples"] = {name: judge_samples(model, objective, corpus, args.eval_samples, sampler, generator)
                           for name, sampler in samplers(objective, args, T).items()}
     return dict(out, seconds=time.time() - t0)
+
+
+def perplexities(nll, T):
+    """From -log p of positions 1..T-1 (N, T - 1): the overall perplexity and chain NLL, by prefix
+    length, and by the bands of scored_positions."""
+    nll = torch.as_tensor(nll, dtype=torch.float64)
+    return {"ppl": float(torch.exp(nll.mean())), "chain_nll": float(nll.mean()),
+            "ppl_by_length": torch.exp(nll.mean(0)).tolist(),
+            "ppl_by_prefix": {str(f): float(torch.exp(nll[:, [p - 1 for p in ps]].mean()))
+                              for f, ps in scored_positions(T).items()}}
+
+
+@torch.no_grad()
+def short_input_nll(model, seqs, objective):
+    """-log p(x[l] | x[<l]) for l = 1..T-1, (N, T - 1), from the prefix and ONE [MASK] after it (l + 1
+    tokens in all): the form of next_token_nll that shows no masks beyond the one predicted. A
+    causal model reads position l - 1, so for it the two forms are the same."""
+    model.eval()
+    N, T = seqs.shape
+    device = next(model.parameters()).device
+    out = torch.empty(N, T - 1)
+    for l in range(1, T):
+        x = torch.cat([seqs[:, :l], torch.full((N, 1), model.config.vocab_size)], 1).to(device)
+        read_at = torch.full((N, 1), l if objective.hiding else l - 1, device=device)
+        logits = model(x, objective.attention, rows=flat_rows(read_at, l + 1)).float()
+        out[:, l - 1] = F.cross_entropy(logits, seqs[:, l].to(device), reduction="none").cpu()
+    return out
 
 
 def in_place_logits(model, objective):
@@ -1418,8 +1447,8 @@ SAMPLES_NOTE = "no sample judge and no limits: only the built-in language's prob
 
 
 def language_limits(corpus, args):
-    """What the language itself achieves, for the built-in corpus (None for text): its perplexity at
-    the positions evaluate_generation scores, its chain-rule NLL over the same windows, its topic
+    """What the language itself achieves, for the built-in corpus (None for text): its perplexity and
+    chain-rule NLL as evaluate_generation scores them (every prefix length, the same windows), its topic
     accuracy on the held-out documents (the Bayes classifier, argmax over k of P(document | k)), and
     the judge's verdict on the data's own continuations (the reference row)."""
     if corpus.language is None:
@@ -1427,13 +1456,9 @@ def language_limits(corpus, args):
     T, language = args.block_size, corpus.language
     seqs = gen_windows(corpus, T, args.gen_seqs)
     nll = np.stack([-np.diff(mixture_log_probs(language, s.tolist()))[1:] for s in seqs])  # positions 1..T-1
-    by_fraction = scored_positions(T)
-    scored = nll[:, [p - 1 for ps in by_fraction.values() for p in ps]]
     topics = [int(np.argmax(language_log_probs(language, d)[:, -1])) for d in corpus.eval_docs]
     data = gen_windows(corpus, T, args.eval_samples) if args.eval_samples else None
-    return {"ppl": float(np.exp(scored.mean())), "chain_nll": float(nll.mean()),
-            "ppl_by_prefix": {str(f): float(np.exp(nll[:, [p - 1 for p in ps]].mean()))
-                              for f, ps in by_fraction.items()},
+    return {**perplexities(nll, T),
             "acc": float(np.mean(np.asarray(topics) == corpus.eval_labels)),
             "samples": None if data is None else judge_continuations(language, data, T // 4,
                                                                      corpus.eval_labels[:len(data)])}
@@ -1447,7 +1472,7 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl"]
+GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl", "ppl_short"]
 LIKELIHOOD_METRICS = ["chain_nll", "elbo"]  # nats per token over positions 1..T-1 of the same windows
 JUDGE_METRICS = ["grammatical", "topic_kept", "nll", "kl"]  # judge_continuations, per sampler
 LANGUAGE_ROW, DATA_ROW = "the language itself", "the data itself"
@@ -1469,7 +1494,8 @@ def summarize(all_results):
         obj, c, f, g = r["objective"], r["cluster"], r["finetune"], r["gen"]
         values = classification(c and c["readouts"], f)
         if g:
-            values.update({f"ppl@{frac}": v for frac, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"])
+            values.update({f"ppl@{frac}": v for frac, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"],
+                          ppl_short=g.get("ppl_short_input"))
             values.update(chain_nll=g.get("chain_nll"), elbo=g.get("elbo") and g["elbo"]["nll"])
             values.update({f"{sampler} {k}": s[k] for sampler, s in (g.get("samples") or {}).items()
                            for k in JUDGE_METRICS})
@@ -1531,9 +1557,11 @@ def summarize(all_results):
             if any(c in table[name] for c in cols):
                 print(f"{name:<28}" + "".join(cell(name, c, 3, width) for c in cols))
     if any(c in GEN_METRICS for row in table.values() for c in row):
-        print("generation: perplexity after a prefix of f*T tokens")
+        print("generation: perplexity after a prefix of f*T tokens (f*T to f*T + T/8), of every length (ppl), and "
+              "of every length from the prefix and one [MASK] (short)")
         gen_width = max(width + 1, 10)
-        print(" " * 28 + "".join(f"{h:>{gen_width}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl"]))
+        print(" " * 28 + "".join(f"{h:>{gen_width}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS]
+                                 + ["ppl", "short"]))
         for name in order:
             if "ppl" in table[name]:
                 print(f"{name:<28}" + "".join(cell(name, col, 2, gen_width) for col in GEN_METRICS))
@@ -1594,24 +1622,53 @@ def log_ppl(prefix=None):
     return lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]) if r["gen"] else None
 
 
+def untrained_value(value_of_baseline):
+    """The same metric read off the run's untrained baseline (None where the point has none)."""
+    def value(r):
+        try:
+            return value_of_baseline(r)
+        except (KeyError, TypeError):
+            return None
+    return value
+
+
+def finetune_gain(n):
+    """Fine-tuned accuracy minus its own untrained network's, fine-tuned alike: what pretraining added."""
+    untrained = untrained_value(lambda r: r["finetune"]["baselines"]["random_init"][str(n)]["acc"])
+    return lambda r: None if untrained(r) is None or finetune_value(n)(r) is None else \
+        finetune_value(n)(r) - untrained(r)
+
+
+def baseline_of(value, readout, key):
+    """For a row's metric, the untrained network's value of it (None: the metric has no baseline)."""
+    if readout is not None:
+        return untrained_value(lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
+    if key and key.startswith("finetune@"):
+        return untrained_value(lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
+    return None
+
+
 def claim_rows(label_counts):
-    """(claim, metric, readout, a, b, value, primary) for every row; label_counts: the fine-tuning
-    n's that ran."""
+    """(claim, metric, readout, a, b, value, primary, key) for every row, key naming the metric for
+    its untrained baseline (baseline_of); label_counts: the fine-tuning n's that ran."""
     varlen = "variable-length masked generates better than masked, most at short prefixes"
     rows = []
     for claim, a in (("masked clusters better than AR", "mlm"),
                      ("diversity-enhanced AR clusters better than AR", "ar_diverse")):
         n0 = PRIMARY_FINETUNE_LABELS
-        rows.append((claim, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), True))
-        rows += [(claim, f"fine-tuned acc n={n} {a} - ar", None, a, "ar", finetune_value(n), False)
+        rows.append((claim, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), True,
+                     f"finetune@{n0}"))
+        rows += [(claim, f"fine-tuned acc n={n} {a} - ar", None, a, "ar", finetune_value(n), False, f"finetune@{n}")
                  for n in label_counts if n != n0]
-        rows += [(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key), False)
+        rows += [(claim, f"fine-tuned gain over untrained n={n} {a} - ar", None, a, "ar", finetune_gain(n), False,
+                  None) for n in label_counts]
+        rows += [(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key), False, key)
                  for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS]
         rows.append((claim, f"probe acc {a} - ar", "per_position", a, "ar", cluster_value("per_position", "probe_acc"),
-                     False))
-    rows.append(("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True))
-    rows.append((varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), True))
-    rows.append((varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False))
+                     False, "probe_acc"))
+    rows.append(("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True, None))
+    rows.append((varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), True, None))
+    rows.append((varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False, None))
     return rows
 
 
@@ -1632,6 +1689,42 @@ def paired_verdict(diffs):
     return mean, [lo, hi], p, "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
 
 
+def sign_flip_p(diffs):
+    """The exact paired permutation test: were there no effect, each seed's difference would be as
+    likely with either sign, so p is the share of the 2^n sign patterns whose |sum| is at least the
+    observed one (two-sided; all 8 differences positive: 2/256). Exact up to n = 20; beyond, 2^20
+    random patterns. It assumes no normality, and its smallest possible p is 2/2^n."""
+    d = np.asarray(diffs, dtype=float)
+    observed = abs(d.sum()) * (1 - 1e-9)  # equal sums count as at least as large, up to rounding
+
+    def sums(part):  # the sums under every sign pattern of part
+        signs = ((np.arange(2 ** len(part))[:, None] >> np.arange(len(part))) & 1) * 2 - 1
+        return signs @ part
+    if len(d) <= 20:
+        half = len(d) // 2
+        totals = sums(d[:half])[:, None] + sums(d[half:])[None, :]
+    else:
+        totals = np.random.default_rng(0).choice([-1.0, 1.0], (2 ** 20, len(d))) @ d
+    return float(np.mean(np.abs(totals) >= observed))
+
+
+def detectable_difference(sd, n, alpha, power=0.8):
+    """The smallest true mean difference a paired test at level alpha detects with the given power,
+    from the observed spread: (t(1 - alpha/2) + t(power)) * sd / sqrt(n), t with n - 1 degrees of
+    freedom. None where no result could reach alpha: the sign-flip test's smallest p, 2/2^n, is not
+    below it."""
+    from scipy import stats
+    if n < 2 or 2.0 / 2 ** n >= alpha:
+        return None
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
+def interval_words(ci):
+    """A secondary row's wording: where its 95% interval lies, no verdict."""
+    return None if ci is None else "interval above 0" if ci[0] > 0 else "interval below 0" if ci[1] < 0 \
+        else "interval spans 0"
+
+
 def holm(p_values):
     """Holm's step-down adjustment of m p-values: the k-th smallest times (m - k + 1), never below
     the one before it, capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise
@@ -1645,38 +1738,60 @@ def holm(p_values):
 
 def claims_table(all_results, verbose=True):
     """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned
-    for summary.json. A primary row's verdict comes from its Holm-adjusted p-value (over the primary
-    rows that ran): reproduced or contradicted where p_holm < 0.05, on the side of the mean
-    difference, else inconclusive."""
+    for summary.json. A primary row is judged by its exact sign-flip p, Holm-adjusted over the
+    primary rows that ran: reproduced or contradicted where p_holm < 0.05, on the side of the mean
+    difference, else inconclusive; beside it the t-test's p and the smallest difference the row
+    could have detected (80% power at its Holm level, from the observed spread). A secondary row
+    only says where its 95% interval lies. A row whose metric has an untrained baseline is flagged
+    where either model's mean does not beat its own untrained network's: there it measures the
+    architecture, not pretraining."""
     by_run = {(r["objective"], r["seed"]): r for r in all_results}
     seeds = sorted({r["seed"] for r in all_results})
     label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
-    claims = []
-    for claim, metric, readout, a, b, value, primary in claim_rows(label_counts):
-        pairs = [(value(by_run[a, s]), value(by_run[b, s])) for s in seeds if (a, s) in by_run and (b, s) in by_run]
-        diffs = [va - vb for va, vb in pairs if va is not None and vb is not None]
-        if diffs:
-            mean, ci, p, verdict = paired_verdict(diffs)
-            claims.append({"claim": claim, "metric": metric, "readout": readout, "primary": primary,
-                           "mean_diff": mean, "ci95": ci, "p_value": p if primary else None, "p_holm": None,
-                           "n_seeds": len(diffs), "n_expected_sign": sum(d > 0 for d in diffs), "verdict": verdict})
-    tested = [c for c in claims if c["primary"] and c["p_value"] is not None]
-    for c, p_holm in zip(tested, holm([c["p_value"] for c in tested])):
+    claims, spread = [], []
+    for claim, metric, readout, a, b, value, primary, key in claim_rows(label_counts):
+        runs = [(by_run[a, s], by_run[b, s]) for s in seeds if (a, s) in by_run and (b, s) in by_run]
+        pairs = [(ra, rb) for ra, rb in runs if value(ra) is not None and value(rb) is not None]
+        diffs = [value(ra) - value(rb) for ra, rb in pairs]
+        if not diffs:
+            continue
+        mean, ci, p_t, _ = paired_verdict(diffs)
+        flag, untrained = None, baseline_of(value, readout, key)
+        for name, side in ((a, 0), (b, 1)) if untrained else ():
+            base = [untrained(pair[side]) for pair in pairs]
+            if None not in base and np.mean([value(pair[side]) for pair in pairs]) <= np.mean(base):
+                flag = f"does not measure pretraining: {name} does not beat its untrained network"
+        claims.append({"claim": claim, "metric": metric, "readout": readout, "primary": primary,
+                       "mean_diff": mean, "ci95": ci, "p_value": sign_flip_p(diffs) if primary and ci else None,
+                       "p_t": p_t, "p_holm": None, "detectable": None, "n_seeds": len(diffs),
+                       "n_expected_sign": sum(d > 0 for d in diffs), "verdict": None if primary else interval_words(ci),
+                       "flag": flag})
+        spread.append(float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None)
+    tested = [i for i, c in enumerate(claims) if c["primary"] and c["p_value"] is not None]
+    for rank, i in enumerate(sorted(tested, key=lambda i: claims[i]["p_value"])):  # Holm's level at each rank
+        claims[i]["detectable"] = detectable_difference(spread[i], claims[i]["n_seeds"], 0.05 / (len(tested) - rank))
+    for i, p_holm in zip(tested, holm([claims[i]["p_value"] for i in tested])):
+        c = claims[i]
         c["p_holm"] = p_holm
         c["verdict"] = "inconclusive" if p_holm >= 0.05 else "reproduced" if c["mean_diff"] > 0 else "contradicted"
     if not claims or not verbose:
         return claims
     n = max(c["n_seeds"] for c in claims)
     print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
-          f"t-interval).\nOne primary row per claim (*), judged by its paired t-test, Holm-adjusted over the "
-          f"{len(tested)} primary rows;\nthe other rows are secondary evidence, judged by their intervals alone.")
-    print(f"  {'metric':<38}{'readout':<13}{'mean diff':>10}{'95% interval':>22}{'p (Holm)':>10}{'> 0':>7}  verdict")
+          f"t-interval).\nOne primary row per claim (*), judged by its exact sign-flip p, Holm-adjusted over the "
+          f"{len(tested)} primary rows (the t-test's p beside it;\n'detectable': the smallest difference it had 80% "
+          "power to detect); the other rows are secondary evidence: where their interval lies.")
+    print(f"  {'metric':<44}{'readout':<13}{'mean diff':>10}{'95% interval':>20}{'p flip':>8}{'Holm':>7}{'p t':>7}"
+          f"{'detectable':>11}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
         if i == 0 or c["claim"] != claims[i - 1]["claim"]:
             print(c["claim"])
         ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        print(f"{'*' if c['primary'] else ' '} {c['metric']:<38}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
-              f"{ci:>22}{fmt(c['p_holm']):>10}{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
+        print(f"{'*' if c['primary'] else ' '} {c['metric']:<44}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
+              f"{ci:>20}{fmt(c['p_value']):>8}{fmt(c['p_holm']):>7}{fmt(c['p_t']):>7}{fmt(c['detectable']):>11}"
+              f"{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
+        if c["flag"]:
+            print(f"      ({c['flag']})")
     if n < 2:
         print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
     return claims
@@ -1706,7 +1821,8 @@ def claims_by_iter(all_results):
 def plot_summary(all_results, path):
     """summary.png: per objective, the mean over seeds and its 95% t-band, against iterations, of
     the generation perplexity at each prefix fraction, the primary classification metric (fine-tuned
-    accuracy) and the val loss."""
+    accuracy) and the val loss; and at the end of training, the perplexity by prefix length, beside
+    the language's own where it is known."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -1718,11 +1834,16 @@ def plot_summary(all_results, path):
                lambda p, f=f: p["gen"] and p["gen"]["ppl_by_prefix"][str(f)]) for f in PREFIX_FRACTIONS]
     panels.append((f"fine-tuned accuracy, n = {n}", "curve", lambda p: p["finetune"] and p["finetune"][str(n)]["acc"]))
     panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"]))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    panels.append(("perplexity by prefix length, end of training", "length", lambda r: r["gen"]))
+
+    def series(r, source, value):  # x -> y of one run
+        if source == "length":
+            return dict(enumerate(r["gen"]["ppl_by_length"], start=1)) if r["gen"] else {}
+        return {p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
     for ax, (title, source, value) in zip(axes.flat, panels):
         for objective in dict.fromkeys(r["objective"] for r in all_results):
-            curves = [{p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
-                      for r in all_results if r["objective"] == objective]
+            curves = [series(r, source, value) for r in all_results if r["objective"] == objective]
             iters = sorted(i for i in set.intersection(*map(set, curves)) if all(c[i] is not None for c in curves)) \
                 if curves else []
             if not iters:
@@ -1732,8 +1853,12 @@ def plot_summary(all_results, path):
             half = stats.t.ppf(0.975, len(y) - 1) * y.std(0, ddof=1) / math.sqrt(len(y)) if len(y) > 1 else 0 * mean
             ax.plot(iters, mean, marker="o" if source == "curve" else None, label=objective)
             ax.fill_between(iters, mean - half, mean + half, alpha=0.2)
+        limits = [r["bayes"]["ppl_by_length"] for r in all_results if r.get("bayes")]
+        if source == "length" and limits and ax.lines:
+            seed_means = {tuple(v) for v in limits}  # one per seed's corpus
+            ax.plot(range(1, len(limits[0]) + 1), np.mean(list(seed_means), 0), "k--", label=LANGUAGE_ROW)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("prefix length" if source == "length" else "iteration")
         ax.grid(alpha=0.3)
         ax.set_visible(bool(ax.lines))  # a metric the runs did not evaluate: no empty panel
     handles = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0]))
@@ -1979,6 +2104,13 @@ def theory_world(seed, args, objectives):
     return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal, "objectives": out}
 
 
+def sign_test_p(wins, n):
+    """The two-sided sign test of `wins` out of n against a fair coin: 2 P(X >= max(wins, n - wins)),
+    X ~ Binomial(n, 1/2), at most 1 (14 of 20: p = 0.115)."""
+    k = max(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+
+
 def theory(args):
     """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all
     succeed)."""
@@ -2030,14 +2162,18 @@ def theory(args):
                                                 for w in worlds),
              "mlm_varlen_covers_more": sum(sum(w["objectives"]["mlm_varlen"]["coverage"].values())
                                            > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
-    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9):")
-    print(f"  mlm > ar:        {tally['mlm>ar']} (pooled), {tally['mlm>ar_per_position']} (per-position)")
-    print(f"  ar_diverse > ar: {tally['ar_diverse>ar']} (pooled), {tally['ar_diverse>ar_per_position']} (per-position)")
-    print(f"  mlm > ar per position, each against its own ceiling: {tally['mlm>ar_per_position_matched']}\n"
+    tally["sign_test_p"] = {k: sign_test_p(v, n) for k, v in tally.items() if k != "worlds"}
+    p = {k: f"{v} of {n}, sign test p {tally['sign_test_p'][k]:.3g}" for k, v in tally.items()
+         if k in tally["sign_test_p"]}
+    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9; a two-sided sign test, ties counted "
+          "against):")
+    print(f"  mlm > ar:        {p['mlm>ar']} (pooled); {p['mlm>ar_per_position']} (per-position)")
+    print(f"  ar_diverse > ar: {p['ar_diverse>ar']} (pooled); {p['ar_diverse>ar_per_position']} (per-position)")
+    print(f"  mlm > ar per position, each against its own ceiling: {p['mlm>ar_per_position_matched']}\n"
           "    (mlm's probe / Bayes against ar's probe / Bayes from x[<L-1]: a causal context never sees the last\n"
           "    token, a masked one can. A win that survives this is connectivity; one that vanishes was sight of\n"
           "    the last token.)")
-    print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']}")
+    print(f"  mlm_varlen covers more prefix lengths than mlm: {p['mlm_varlen_covers_more']}")
     settings = {k: getattr(args, k) for k in THEORY_FLAGS}
     settings.update((k, v) for o in objectives for k, v in o.values.items())  # the objectives' own
     os.makedirs(args.out_dir, exist_ok=True)
@@ -2317,7 +2453,7 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
     identity = {"objective": objective.name, "values": objective.values, "config": asdict(config), "seed": seed,
-                "tokenizer": tokenizer, "settings": run_settings(args)}
+                "tokenizer": tokenizer, "settings": run_settings(args), "code": code_identity()}
     elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0  # wall time, and the tokens and seconds speed is timed on
     if resume:
         ckpt, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity, device, rank)
@@ -2740,6 +2876,9 @@ def make_parser():
     a("--log_interval", type=int, default=50, help="steps between training-loss lines")
     a("--out_dir", default="out", help="where ckpt.pt, results.json (and summary.json, bench.json) go")
     a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
+    a("--accept_code_change", action="store_true",
+      help="let a study read back or resume runs that another version of lookaround.py made (their numbers may "
+           "differ from what this code computes, and the study then mixes the two)")
     a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True,
       help="clustering evaluation (where the data has labels)")
     a("--eval_gen", action=argparse.BooleanOptionalAction, default=True,
@@ -2928,9 +3067,29 @@ def curve_iters(args):
 # other flag is a setting that a study's runs must share, --compile too (a compiled run differs in its
 # last bits). --device as typed is set aside: the runtime, the device it resolved to (with autocast,
 # torch and GPU), is a setting instead.
-SETTINGS_ASIDE = ["out_dir", "objective", "variants", "seed", "seeds", "resume", "plot", "log_interval", "sample",
-                  "temperature", "top_k", "device", "bench", "bench_iters", "bench_nanogpt", "vocab_size", "theory",
-                  *THEORY_FLAGS]
+SETTINGS_ASIDE = ["out_dir", "objective", "variants", "seed", "seeds", "resume", "accept_code_change", "plot",
+                  "log_interval", "sample", "temperature", "top_k", "device", "bench", "bench_iters", "bench_nanogpt",
+                  "vocab_size", "theory", *THEORY_FLAGS]
+
+
+def code_identity():
+    """The code a run is made by: the sha256 of this file's text, and the git commit of its checkout
+    where there is one, with whether the file differs from that commit."""
+    with open(__file__, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*cmd):
+        try:
+            done = subprocess.run(["git", "-C", here, *cmd], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done
+    head = git("rev-parse", "HEAD")
+    if head is None or head.returncode != 0:
+        return {"sha256": sha, "commit": None, "modified": None}
+    diff = git("diff", "--quiet", "HEAD", "--", os.path.basename(__file__))
+    return {"sha256": sha, "commit": head.stdout.strip(), "modified": diff is not None and diff.returncode != 0}
 
 
 def run_settings(args):
@@ -3041,7 +3200,7 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
         base, overrides = variant_definitions(args).get(name, (None, None))
         variant = base and {"of": base, "values": overrides, "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
         results = {"objective": name, "variant": variant, "values": objective.values, "baseline": objective.baseline,
-                   "seed": seed, "data": args.data, "settings": run_settings(args),
+                   "seed": seed, "data": args.data, "code": code_identity(), "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
                    "gen": final["gen"], "bayes": language_limits(corpus, args),
                    "finetune_search": args.finetune_search and finetune_search(model, corpus, objective, seed,
@@ -3105,14 +3264,17 @@ def print_report(results, corpus, args):
                                             for n in args.finetune_labels))
     if results["gen"]:
         g = results["gen"]
-        print(f"generation: perplexity of the next tokens after a prefix of f*T tokens "
-              f"({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
+        print(f"generation: perplexity of the next token after a prefix of f*T to f*T + T/8 tokens, and of every "
+              f"length 1..T-1 (all) ({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
         bayes = results["bayes"]
         print(" " * 30 + "".join(f"{f'f={f}':>9}" for f in g["ppl_by_prefix"]) + f"{'all':>9}{'chain NLL':>11}")
         rows = [(objective, g)] + ([("the language itself", bayes)] if bayes else [])
         for name, r in rows:
             print(f"  {name:<28}" + "".join(f"{v:>9.2f}" for v in r["ppl_by_prefix"].values())
                   + f"{r['ppl']:>9.2f}{r['chain_nll']:>11.3f}")
+        if g["ppl_short_input"]:
+            print("  from the prefix and one [MASK] only (no masks beyond the one predicted): all "
+                  f"{g['ppl_short_input']:.2f}")
         if g["elbo"]:
             e = g["elbo"]
             print(f"  masked likelihood bound (ELBO, {e['draws']} draws): {e['nll']:.3f} ± {e['se']:.3f} nats per "
@@ -3159,7 +3321,7 @@ def run_state(run_dir, args, objective, seed):
     """What a study finds in one run's folder: "done" (results.json of this objective and seed, made
     with this command's settings), "resume" (such a ckpt.pt) or "new". Anything else there: an error
     that names the flags."""
-    settings = run_settings(args)
+    settings, code = run_settings(args), code_identity()
     for name in ("results.json", "ckpt.pt"):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
@@ -3168,6 +3330,14 @@ def run_state(run_dir, args, objective, seed):
         if (found["objective"], found["seed"]) != (objective, seed):
             raise UsageError(f"{path} holds a {found['objective']} run with seed {found['seed']}, not {objective} with "
                              f"seed {seed}: give another --out_dir.")
+        made_by = (found.get("code") or {}).get("sha256")
+        if made_by != code["sha256"] and not args.accept_code_change:
+            raise UsageError(f"{path} was made by another version of lookaround.py (commit "
+                             f"{(found.get('code') or {}).get('commit') or 'unrecorded'}; this one: "
+                             f"{code['commit'] or 'no git checkout'}{', modified' if code['modified'] else ''}): "
+                             "rerun that study with the code that made it, give another --out_dir, or pass "
+                             "--accept_code_change to mix the two (its numbers may differ from what this code "
+                             "computes).")
         values = member(objective, args).values
         if found.get("values") != values:
             raise UsageError(f"{path} was made with {objective}'s own settings at {found.get('values')}, not "
@@ -3177,10 +3347,13 @@ def run_state(run_dir, args, objective, seed):
         if found is None:
             raise UsageError(f"{path} records no settings (an older lookaround.py made it): move it away, or give "
                              "another --out_dir.")
-        differ = [k for k in settings if k in found and found[k] != settings[k]]
+        # a setting the run did not record (made before its flag existed) counts as the flag's default
+        defaults = make_parser().parse_args([])
+        differ = [k for k in settings if found.get(k, getattr(defaults, k, None)) != settings[k]]
         if differ:
             raise UsageError(f"{path} was made with other settings (" + "; ".join(
-                f"{as_flag(k, found[k])} there, {as_flag(k, settings[k])} here" for k in differ) + "). Give those "
+                f"{as_flag(k, found[k]) if k in found else f'--{k} not recorded'} there, {as_flag(k, settings[k])} "
+                "here" for k in differ) + "). Give those "
                 "flags as they were to go on with that study, or another --out_dir for a new one.")
         return "done" if name == "results.json" else "resume"
     return "new"
