@@ -1305,21 +1305,29 @@ def in_place_logits(model, objective):
 def masked_elbo(logits_fn, seqs, mask_id, draws, generator):
     """The masked diffusion bound (MDLM's, with the linear schedule): -log p(x) <= E over t ~ U(0, 1)
     of (1/t) times the cross-entropy summed over the positions hidden with probability t. Here the
-    first token is always shown, so it bounds -log p(x[1:] | x[0]) per token, the quantity the
-    left-to-right chain rule and AR's loss give exactly. The window's t values are stratified (one
-    per window, spread evenly over (0, 1)); `draws` passes over the windows give the standard error.
-    With exact conditionals the bound is tight: it averages the chain rule over random orders."""
+    first token is always shown, so over the n = T - 1 others it bounds -log p(x[1:] | x[0]), the
+    quantity the left-to-right chain rule and AR's loss give exactly. Integrating t out (the
+    integral of (1/t) P(k of n hidden | t) is 1/k) gives the same bound as LLaDA evaluates it, with
+    bounded terms: k ~ U{1..n} positions hidden at random, and the mean cross-entropy over them per
+    token. Each window gets one k, stratified over the windows; `draws` passes give the standard
+    error. With exact conditionals the bound is tight: it averages the chain rule over random orders."""
     N, T = seqs.shape
+    n, per_pass = T - 1, max(1, READOUT_TOKENS_PER_PASS // T)  # windows per forward pass
     per_draw = []
     for _ in range(draws):
-        t = (torch.randperm(N, generator=generator) + torch.rand(1, generator=generator)) / N
-        hidden = torch.rand(N, T, generator=generator) < t[:, None]
-        hidden[:, 0] = False
-        rows = hidden.flatten().nonzero().squeeze(1)
-        nll = torch.zeros(N * T)
-        nll[rows] = F.cross_entropy(logits_fn(seqs.masked_fill(hidden, mask_id), rows), seqs.flatten()[rows],
-                                    reduction="none")
-        per_draw.append(float((nll.view(N, T).sum(1) / t).mean()) / (T - 1))
+        k = 1 + ((torch.randperm(N, generator=generator) + torch.rand(1, generator=generator)) * n / N).long()
+        order = torch.rand(N, n, generator=generator).argsort(1)  # a random order of positions 1..n per window
+        hidden = torch.zeros(N, T, dtype=torch.bool)
+        hidden[:, 1:] = order < k.clamp(max=n)[:, None]  # the first k of each window's random order
+        total = torch.zeros(N)
+        for s in range(0, N, per_pass):
+            h, x = hidden[s:s + per_pass], seqs[s:s + per_pass]
+            rows = h.flatten().nonzero().squeeze(1)
+            nll = torch.zeros(h.numel())
+            nll[rows] = F.cross_entropy(logits_fn(x.masked_fill(h, mask_id), rows), x.flatten()[rows],
+                                        reduction="none")
+            total[s:s + per_pass] = nll.view(h.shape).sum(1)
+        per_draw.append(float((total / k).mean()))
     return {"nll": float(np.mean(per_draw)), "se": float(np.std(per_draw, ddof=1) / math.sqrt(draws)),
             "draws": draws}
 
@@ -1458,7 +1466,9 @@ def language_limits(corpus, args):
     nll = np.stack([-np.diff(mixture_log_probs(language, s.tolist()))[1:] for s in seqs])  # positions 1..T-1
     topics = [int(np.argmax(language_log_probs(language, d)[:, -1])) for d in corpus.eval_docs]
     data = gen_windows(corpus, T, args.eval_samples) if args.eval_samples else None
-    return {**perplexities(nll, T),
+    scores = perplexities(nll, T)
+    scores["nll"] = scores.pop("chain_nll")  # its exact NLL per token: the chain rule is exact for it
+    return {**scores,
             "acc": float(np.mean(np.asarray(topics) == corpus.eval_labels)),
             "samples": None if data is None else judge_continuations(language, data, T // 4,
                                                                      corpus.eval_labels[:len(data)])}
@@ -1505,7 +1515,7 @@ def summarize(all_results):
             accuracy = [f"{ro}_{k}" for ro in READOUTS for k in ("acc", "probe_acc")] + ["per_position_probe_acc"]
             limit = {col: bayes["acc"] for col in accuracy + [f"finetune@{n}" for n in (f or {}) if n.isdigit()]}
             limit.update({f"ppl@{frac}": v for frac, v in bayes["ppl_by_prefix"].items()}, ppl=bayes["ppl"],
-                         chain_nll=bayes["chain_nll"])
+                         chain_nll=bayes.get("nll", bayes.get("chain_nll")))
             rows.setdefault(LANGUAGE_ROW, {}).setdefault(r["seed"], limit)
             if bayes["samples"]:
                 rows.setdefault(DATA_ROW, {}).setdefault(r["seed"], {
@@ -1838,7 +1848,7 @@ def plot_summary(all_results, path):
 
     def series(r, source, value):  # x -> y of one run
         if source == "length":
-            return dict(enumerate(r["gen"]["ppl_by_length"], start=1)) if r["gen"] else {}
+            return dict(enumerate(r["gen"].get("ppl_by_length") or [], start=1)) if r["gen"] else {}
         return {p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
     fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
     for ax, (title, source, value) in zip(axes.flat, panels):
@@ -1853,7 +1863,7 @@ def plot_summary(all_results, path):
             half = stats.t.ppf(0.975, len(y) - 1) * y.std(0, ddof=1) / math.sqrt(len(y)) if len(y) > 1 else 0 * mean
             ax.plot(iters, mean, marker="o" if source == "curve" else None, label=objective)
             ax.fill_between(iters, mean - half, mean + half, alpha=0.2)
-        limits = [r["bayes"]["ppl_by_length"] for r in all_results if r.get("bayes")]
+        limits = [r["bayes"]["ppl_by_length"] for r in all_results if (r.get("bayes") or {}).get("ppl_by_length")]
         if source == "length" and limits and ax.lines:
             seed_means = {tuple(v) for v in limits}  # one per seed's corpus
             ax.plot(range(1, len(limits[0]) + 1), np.mean(list(seed_means), 0), "k--", label=LANGUAGE_ROW)
@@ -2105,8 +2115,11 @@ def theory_world(seed, args, objectives):
 
 
 def sign_test_p(wins, n):
-    """The two-sided sign test of `wins` out of n against a fair coin: 2 P(X >= max(wins, n - wins)),
-    X ~ Binomial(n, 1/2), at most 1 (14 of 20: p = 0.115)."""
+    """The two-sided sign test of `wins` out of n decided comparisons against a fair coin:
+    2 P(X >= max(wins, n - wins)), X ~ Binomial(n, 1/2), at most 1 (14 of 20: p = 0.115); 1 if
+    nothing was decided."""
+    if n == 0:
+        return 1.0
     k = max(wins, n - wins)
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
 
@@ -2162,18 +2175,26 @@ def theory(args):
                                                 for w in worlds),
              "mlm_varlen_covers_more": sum(sum(w["objectives"]["mlm_varlen"]["coverage"].values())
                                            > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
-    tally["sign_test_p"] = {k: sign_test_p(v, n) for k, v in tally.items() if k != "worlds"}
-    p = {k: f"{v} of {n}, sign test p {tally['sign_test_p'][k]:.3g}" for k, v in tally.items()
-         if k in tally["sign_test_p"]}
-    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9; a two-sided sign test, ties counted "
-          "against):")
+    # the sign test over the worlds that differ (ties, within 1e-9, are left out); coverage is the
+    # patterns' alone, the same in every world: a fact, not a test
+    losses = {"mlm>ar": wins("ar", "mlm", "probe_acc"), "ar_diverse>ar": wins("ar", "ar_diverse", "probe_acc"),
+              "mlm>ar_per_position": wins("ar", "mlm", "probe_acc_per_position"),
+              "ar_diverse>ar_per_position": wins("ar", "ar_diverse", "probe_acc_per_position"),
+              "mlm>ar_per_position_matched": sum(w["objectives"]["ar"]["probe_rel_per_position_causal"]
+                                                 > w["objectives"]["mlm"]["probe_rel_per_position"] + 1e-9
+                                                 for w in worlds)}
+    tally["sign_test_p"] = {k: sign_test_p(tally[k], tally[k] + lost) for k, lost in losses.items()}
+    p = {k: f"{tally[k]} of {n}, sign test p {v:.3g}" for k, v in tally["sign_test_p"].items()}
+    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9; a two-sided sign test over the worlds "
+          "that differ):")
     print(f"  mlm > ar:        {p['mlm>ar']} (pooled); {p['mlm>ar_per_position']} (per-position)")
     print(f"  ar_diverse > ar: {p['ar_diverse>ar']} (pooled); {p['ar_diverse>ar_per_position']} (per-position)")
     print(f"  mlm > ar per position, each against its own ceiling: {p['mlm>ar_per_position_matched']}\n"
           "    (mlm's probe / Bayes against ar's probe / Bayes from x[<L-1]: a causal context never sees the last\n"
           "    token, a masked one can. A win that survives this is connectivity; one that vanishes was sight of\n"
           "    the last token.)")
-    print(f"  mlm_varlen covers more prefix lengths than mlm: {p['mlm_varlen_covers_more']}")
+    print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']} of {n} (its patterns "
+          "alone decide it: the same in every world)")
     settings = {k: getattr(args, k) for k in THEORY_FLAGS}
     settings.update((k, v) for o in objectives for k, v in o.values.items())  # the objectives' own
     os.makedirs(args.out_dir, exist_ok=True)
@@ -2453,7 +2474,7 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
     identity = {"objective": objective.name, "values": objective.values, "config": asdict(config), "seed": seed,
-                "tokenizer": tokenizer, "settings": run_settings(args), "code": code_identity()}
+                "tokenizer": tokenizer, "settings": run_settings(args), "code": CODE}
     elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0  # wall time, and the tokens and seconds speed is timed on
     if resume:
         ckpt, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity, device, rank)
@@ -3001,6 +3022,13 @@ def check_args(args):
     if not 1 <= args.train_docs <= SYN_TRAIN_DOCS or (args.data != "synthetic" and args.train_docs != SYN_TRAIN_DOCS):
         problems.append(f"--train_docs {args.train_docs}: the built-in corpus's first 1 to {SYN_TRAIN_DOCS:,} training "
                         "documents (more would change its other documents; a text corpus has its own split).")
+    if args.data == "synthetic" and args.eval_finetune and max(args.finetune_labels) > args.train_docs:
+        problems.append(f"--finetune_labels {max(args.finetune_labels)} is more than the --train_docs "
+                        f"{args.train_docs} documents there are to draw from.")
+    search_needs = FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS
+    if args.data == "synthetic" and args.finetune_search and args.train_docs < search_needs:
+        problems.append(f"--finetune_search needs at least {search_needs} training documents ({FINETUNE_VAL_DOCS} "
+                        f"to validate on, the rest to draw from), not --train_docs {args.train_docs}.")
     if args.eval_samples < 0 or args.gen_steps < 0 or args.elbo_draws < 2:
         problems.append("--eval_samples and --gen_steps cannot be negative, and --elbo_draws must be at least 2 "
                         "(its standard error needs two).")
@@ -3092,6 +3120,9 @@ def code_identity():
     return {"sha256": sha, "commit": head.stdout.strip(), "modified": diff is not None and diff.returncode != 0}
 
 
+CODE = code_identity()  # read once, at import: the code that is running, even if the file is edited meanwhile
+
+
 def run_settings(args):
     """The settings results.json and ckpt.pt record; the curve points as the run takes them, unset
     or not."""
@@ -3158,13 +3189,12 @@ def stored_untrained(args, objective, seed, config):
     stored result is used only where its key matches: every setting of the command, and this file's
     own text (a fork that changes an evaluation recomputes them); fine-tuning's also its recipe (each
     objective's own)."""
-    with open(__file__, "rb") as f:
-        code = hashlib.sha256(f.read()).hexdigest()[:16]
+    code = CODE["sha256"][:16]
 
     def untrained(part, compute, hiding=False, recipe=None):
         key = {"part": part, "seed": seed, "settings": run_settings(args), "code": code, "recipe": recipe,
                "attention": objective.attention, "in_place": objective.hiding is not None,
-               "hiding": objective.name if hiding and objective.hiding is not None else None,
+               "hiding": [objective.name, objective.values] if hiding and objective.hiding is not None else None,
                "trunk": {k: v for k, v in asdict(config).items() if k != "n_future"}}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = os.path.join(args.out_dir, "untrained", f"{part}-{digest}.json")
@@ -3200,7 +3230,7 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
         base, overrides = variant_definitions(args).get(name, (None, None))
         variant = base and {"of": base, "values": overrides, "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
         results = {"objective": name, "variant": variant, "values": objective.values, "baseline": objective.baseline,
-                   "seed": seed, "data": args.data, "code": code_identity(), "settings": run_settings(args),
+                   "seed": seed, "data": args.data, "code": CODE, "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
                    "gen": final["gen"], "bayes": language_limits(corpus, args),
                    "finetune_search": args.finetune_search and finetune_search(model, corpus, objective, seed,
@@ -3271,7 +3301,7 @@ def print_report(results, corpus, args):
         rows = [(objective, g)] + ([("the language itself", bayes)] if bayes else [])
         for name, r in rows:
             print(f"  {name:<28}" + "".join(f"{v:>9.2f}" for v in r["ppl_by_prefix"].values())
-                  + f"{r['ppl']:>9.2f}{r['chain_nll']:>11.3f}")
+                  + f"{r['ppl']:>9.2f}{r.get('chain_nll', r.get('nll')):>11.3f}")
         if g["ppl_short_input"]:
             print("  from the prefix and one [MASK] only (no masks beyond the one predicted): all "
                   f"{g['ppl_short_input']:.2f}")
@@ -3279,7 +3309,7 @@ def print_report(results, corpus, args):
             e = g["elbo"]
             print(f"  masked likelihood bound (ELBO, {e['draws']} draws): {e['nll']:.3f} ± {e['se']:.3f} nats per "
                   f"token, beside its left-to-right chain rule {g['chain_nll']:.3f}"
-                  + (f" and the language's {bayes['chain_nll']:.3f}" if bayes else ""))
+                  + (f" and the language's {bayes['nll']:.3f}" if bayes else ""))
         if bayes is None:
             print(f"  {SAMPLES_NOTE}")
         if g["samples"]:
@@ -3321,7 +3351,7 @@ def run_state(run_dir, args, objective, seed):
     """What a study finds in one run's folder: "done" (results.json of this objective and seed, made
     with this command's settings), "resume" (such a ckpt.pt) or "new". Anything else there: an error
     that names the flags."""
-    settings, code = run_settings(args), code_identity()
+    settings, code = run_settings(args), CODE
     for name in ("results.json", "ckpt.pt"):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
@@ -3338,9 +3368,12 @@ def run_state(run_dir, args, objective, seed):
                              "rerun that study with the code that made it, give another --out_dir, or pass "
                              "--accept_code_change to mix the two (its numbers may differ from what this code "
                              "computes).")
-        values = member(objective, args).values
-        if found.get("values") != values:
-            raise UsageError(f"{path} was made with {objective}'s own settings at {found.get('values')}, not "
+        values, defaults = member(objective, args).values, make_parser().parse_args([])
+        recorded = found.get("values")
+        if recorded is None:  # made before runs recorded their own values: the flags it recorded, else defaults
+            recorded = {k: (found.get("settings") or {}).get(k, getattr(defaults, k)) for k in values}
+        if recorded != values:
+            raise UsageError(f"{path} was made with {objective}'s own settings at {recorded}, not "
                              f"{values} (a changed flag, --variants definition or an older lookaround.py): move it "
                              "away, or give another --out_dir.")
         found = found.get("settings")
@@ -3348,7 +3381,6 @@ def run_state(run_dir, args, objective, seed):
             raise UsageError(f"{path} records no settings (an older lookaround.py made it): move it away, or give "
                              "another --out_dir.")
         # a setting the run did not record (made before its flag existed) counts as the flag's default
-        defaults = make_parser().parse_args([])
         differ = [k for k in settings if found.get(k, getattr(defaults, k, None)) != settings[k]]
         if differ:
             raise UsageError(f"{path} was made with other settings (" + "; ".join(

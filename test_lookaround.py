@@ -907,12 +907,12 @@ def check_results_schema(r):
         assert (g["samples"] is None) == (r["bayes"] is None)
     if r["bayes"] is not None:  # the built-in language: its limits beside every model's numbers
         b = r["bayes"]
-        assert set(b) == {"ppl", "ppl_by_prefix", "ppl_by_length", "chain_nll", "acc", "samples"} and 0 <= b["acc"] <= 1
+        assert set(b) == {"ppl", "ppl_by_prefix", "ppl_by_length", "nll", "acc", "samples"} and 0 <= b["acc"] <= 1
         samplers = ["left_to_right"] + (["any/24/confidence", "any/4/confidence"]
                                         if hides else [])
         if r["gen"] is not None:
             assert list(r["gen"]["samples"]) == samplers and b["ppl"] < r["gen"]["ppl"]  # the limit is a limit
-            assert b["chain_nll"] < r["gen"]["chain_nll"]
+            assert b["nll"] < r["gen"]["chain_nll"]
         for s in list(((r["gen"] or {}).get("samples") or {}).values()) + [b["samples"]]:
             assert set(s) == {"grammatical", "sentences", "topic_kept", "possible", "nll", "kl"}
         assert b["samples"]["grammatical"] == b["samples"]["topic_kept"] == b["samples"]["possible"] == 1
@@ -1923,9 +1923,10 @@ def test_theory_writes_a_deterministic_theory_json(tmp_path, capsys):
                                   "seed"} | own and own >= {"mask_ratio", "varlen_min", "varlen_max", "n_future"}
     assert set(a["tally"]) == {"worlds", "mlm>ar", "ar_diverse>ar", "mlm>ar_per_position", "ar_diverse>ar_per_position",
                                "mlm>ar_per_position_matched", "mlm_varlen_covers_more", "sign_test_p"}
-    assert set(a["tally"]["sign_test_p"]) == set(a["tally"]) - {"worlds", "sign_test_p"}
+    assert set(a["tally"]["sign_test_p"]) == set(a["tally"]) - {"worlds", "sign_test_p", "mlm_varlen_covers_more"}
     assert L.sign_test_p(14, 20) == pytest.approx(0.1153, abs=1e-4) and L.sign_test_p(20, 20) == 2 / 2 ** 20
     assert L.sign_test_p(10, 20) == 1.0 and L.sign_test_p(0, 8) == L.sign_test_p(8, 8) == 2 / 256
+    assert L.sign_test_p(0, 0) == 1.0  # every world a tie: nothing decided
     world = a["worlds"][0]
     assert set(world) == {"seed", "bayes_acc", "bayes_acc_causal", "objectives"}
     assert set(world["objectives"]) == set(L.OBJECTIVES)
