@@ -699,29 +699,31 @@ def small_net(V=20, seed=0):
 OBJ = L.OBJECTIVES
 
 
+def finetuned(net, objective, corpus, n, draw):
+    """finetune_predictions by the default recipe."""
+    return L.finetune_predictions(net, OBJ[objective], corpus, n, draw, 1, torch.device("cpu"), L.FINETUNE_RECIPE)
+
+
 @pytest.mark.parametrize("objective", ["ar", "mlm"])
 def test_finetuning_learns_what_can_be_learned_and_nothing_else(objective):
-    cpu = torch.device("cpu")
     separable = labelled_corpus("separable")
-    predictions = L.finetune_predictions(small_net(), OBJ[objective], separable, 32, 0, 1, cpu)
-    acc = (predictions == separable.eval_labels).mean()
+    acc = (finetuned(small_net(), objective, separable, 32, 0) == separable.eval_labels).mean()
     assert acc > 0.95, acc
     noise = labelled_corpus("noise", n_eval=400)
-    acc = (L.finetune_predictions(small_net(), OBJ[objective], noise, 32, 0, 1, cpu) == noise.eval_labels).mean()
+    acc = (finetuned(small_net(), objective, noise, 32, 0) == noise.eval_labels).mean()
     assert abs(acc - 0.25) < 0.1, acc  # chance for 4 classes
 
 
 def test_finetuning_never_reads_held_out_labels_and_is_reproducible():
-    cpu = torch.device("cpu")
     corpus = labelled_corpus("noise", n_train=200)
     net = small_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    first = L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 0, 1, cpu)
+    first = finetuned(net, "mlm", corpus, 16, 0)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # a copy is fine-tuned
-    assert np.array_equal(first, L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 0, 1, cpu))  # reproducible
+    assert np.array_equal(first, finetuned(net, "mlm", corpus, 16, 0))  # reproducible
     corpus.eval_labels = (corpus.eval_labels + 1) % 4  # poisoned held-out labels
-    assert np.array_equal(first, L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 0, 1, cpu))
-    assert not np.array_equal(first, L.finetune_predictions(net, OBJ["mlm"], corpus, 16, 1, 1, cpu))  # another draw
+    assert np.array_equal(first, finetuned(net, "mlm", corpus, 16, 0))
+    assert not np.array_equal(first, finetuned(net, "mlm", corpus, 16, 1))  # another draw
     picks = L.balanced_draw(corpus.train_labels, 16, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 16 and np.bincount(corpus.train_labels[picks]).tolist() == [4, 4, 4, 4]
     few = np.array([0] * 3 + [1] * 40)  # a class with too few documents: take them all, fill from the others
