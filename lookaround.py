@@ -1254,11 +1254,10 @@ def evaluate_generation(model, corpus, objective, args, seed):
     seqs = gen_windows(corpus, T, args.gen_seqs)
     nll = next_token_nll(model, seqs, list(range(1, T)), objective)  # column l - 1: after a prefix of l tokens
     out = dict(perplexities(nll, T), elbo=None, ppl_short_input=None, ppl_short_by_length=None, samples=None)
+    generator = torch.Generator().manual_seed(seed)  # the sampled masks and tokens: the same at every point
     if objective.hiding is not None:
         short = perplexities(short_input_nll(model, seqs, objective), T)
         out.update(ppl_short_input=short["ppl"], ppl_short_by_length=short["ppl_by_length"])
-    generator = torch.Generator().manual_seed(seed)  # the sampled masks and tokens: the same at every point
-    if objective.hiding is not None:
         out["elbo"] = masked_elbo(in_place_logits(model, objective), seqs, model.config.vocab_size,
                                   args.elbo_draws, generator)
     if corpus.language is not None and args.eval_samples:
@@ -1642,20 +1641,19 @@ def untrained_value(value_of_baseline):
     return value
 
 
-def finetune_gain(n):
-    """Fine-tuned accuracy minus its own untrained network's, fine-tuned alike: what pretraining added."""
-    untrained = untrained_value(lambda r: r["finetune"]["baselines"]["random_init"][str(n)]["acc"])
-    return lambda r: None if untrained(r) is None or finetune_value(n)(r) is None else \
-        finetune_value(n)(r) - untrained(r)
-
-
-def baseline_of(value, readout, key):
+def baseline_of(readout, key):
     """For a row's metric, the untrained network's value of it (None: the metric has no baseline)."""
     if readout is not None:
         return untrained_value(lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
     if key and key.startswith("finetune@"):
         return untrained_value(lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
     return None
+
+
+def finetune_gain(n):
+    """Fine-tuned accuracy minus its own untrained network's, fine-tuned alike: what pretraining added."""
+    trained, untrained = finetune_value(n), baseline_of(None, f"finetune@{n}")
+    return lambda r: None if untrained(r) is None or trained(r) is None else trained(r) - untrained(r)
 
 
 def claim_rows(label_counts):
@@ -1766,7 +1764,7 @@ def claims_table(all_results, verbose=True):
         if not diffs:
             continue
         mean, ci, p_t, _ = paired_verdict(diffs)
-        flag, untrained = None, baseline_of(value, readout, key)
+        flag, untrained = None, baseline_of(readout, key)
         for name, side in ((a, 0), (b, 1)) if untrained else ():
             base = [untrained(pair[side]) for pair in pairs]
             if None not in base and np.mean([value(pair[side]) for pair in pairs]) <= np.mean(base):
