@@ -513,8 +513,9 @@ VARIANTS = {  # name -> (objective, its overridden settings)
     "ar_diverse8": ("ar_diverse", {"n_future": 8}),
 }
 # Their peak learning rates by the fair race's rule (the lowest mean final val loss among 1e-3, 2e-3
-# and 4e-3 on tuning seeds 101, 102). A variant not in it trains at its objective's rate, and says so.
-VARIANT_LEARNING_RATES = {}
+# and 4e-3 on tuning seeds 101, 102; the README has the table). A variant not in it trains at its
+# objective's rate, and says so.
+VARIANT_LEARNING_RATES = {"mlm_half": 2e-3, "varlen_bert": 2e-3, "ar_diverse2": 1e-3, "ar_diverse8": 2e-3}
 
 
 def variant_definitions(args):
@@ -1612,41 +1613,70 @@ def search_table(all_results):
 
 # The paper's four claims as paired differences: each row measures value(a's run) - value(b's run)
 # in the same seed (same corpus draw, same initial weights), signed so that > 0 is the paper's side.
-# Generation compares log perplexities: differences of mean next-token losses. Each claim has ONE
-# primary row, fixed before any result was seen; the verdicts on the four primary rows are corrected
-# for testing four (Holm). Every other row is secondary: evidence to read beside the primary one,
-# with its interval, and no verdict of its own that could be cherry-picked.
-PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary row: fine-tuned accuracy at n = 128
+# Generation compares log perplexities (differences of mean next-token losses) and the language's
+# verdict on each model's own samples. Seven rows are primary, fixed before the confirmatory study
+# (seeds 9-24) ran: one per classification claim, two per generation claim (likelihood, and text
+# judged by the language: the two disagreed on an exploratory seed), and the variable-length claim's
+# matched control (mlm_half against varlen_bert: the same targets per step and the same hiding, only
+# a fixed against a variable ratio). Their verdicts are corrected for testing seven (Holm). Every
+# other row is secondary: evidence to read beside them, with its interval, and no verdict of its
+# own that could be cherry-picked.
+PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary rows: fine-tuned accuracy at n = 128
+
+
+def present(value):
+    """value(run), or None where the run lacks what it reads (an evaluation that did not run, an
+    objective without that form, a run made before the metric existed)."""
+    def read(r):
+        try:
+            return value(r)
+        except (KeyError, TypeError, IndexError):
+            return None
+    return read
 
 
 def cluster_value(readout, key):
-    return lambda r: r["cluster"]["readouts"][readout][key] if r["cluster"] else None
+    return present(lambda r: r["cluster"]["readouts"][readout][key])
 
 
 def finetune_value(n):
-    return lambda r: r["finetune"][str(n)]["acc"] if r["finetune"] and str(n) in r["finetune"] else None
+    return present(lambda r: r["finetune"][str(n)]["acc"])
 
 
 def log_ppl(prefix=None):
-    return lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]) if r["gen"] else None
+    return present(lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]))
 
 
-def untrained_value(value_of_baseline):
-    """The same metric read off the run's untrained baseline (None where the point has none)."""
+def log_ppl_short_prefixes(r):
+    """log ppl over prefix lengths 1..T/4: the mean next-token loss where the prefix is short, the
+    regime of the variable-length claim."""
+    by_length = r["gen"]["ppl_by_length"]  # entry l - 1: after a prefix of l tokens, T - 1 entries
+    return float(np.mean(np.log(by_length[:(len(by_length) + 1) // 4])))
+
+
+def judged(key, order="left_to_right"):
+    """A score the language gives the run's own samples (judge_continuations): left to right, or
+    with order "any" its any-order sampler of the most steps (left to right for a model without
+    one)."""
     def value(r):
-        try:
-            return value_of_baseline(r)
-        except (KeyError, TypeError):
-            return None
-    return value
+        samples = r["gen"]["samples"]
+        any_order = [name for name in samples if name.startswith("any/")] if order == "any" else []
+        return samples[max(any_order, key=lambda name: int(name.split("/")[1])) if any_order
+                       else "left_to_right"][key]
+    return present(value)
+
+
+# the short-input form and the likelihood bound where the run has them, else the left-to-right chain
+log_ppl_short_input = present(lambda r: math.log(r["gen"]["ppl_short_input"] or r["gen"]["ppl"]))
+nll_bound = present(lambda r: (r["gen"]["elbo"] or {}).get("nll", r["gen"]["chain_nll"]))
 
 
 def baseline_of(readout, key):
     """For a row's metric, the untrained network's value of it (None: the metric has no baseline)."""
     if readout is not None:
-        return untrained_value(lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
+        return present(lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
     if key and key.startswith("finetune@"):
-        return untrained_value(lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
+        return present(lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
     return None
 
 
@@ -1659,11 +1689,9 @@ def finetune_gain(n):
 def claim_rows(label_counts):
     """(claim, metric, readout, a, b, value, primary, key) for every row, key naming the metric for
     its untrained baseline (baseline_of); label_counts: the fine-tuning n's that ran."""
-    varlen = "variable-length masked generates better than masked, most at short prefixes"
-    rows = []
-    for claim, a in (("masked clusters better than AR", "mlm"),
-                     ("diversity-enhanced AR clusters better than AR", "ar_diverse")):
-        n0 = PRIMARY_FINETUNE_LABELS
+    n0, rows = PRIMARY_FINETUNE_LABELS, []
+    diverse = "diversity-enhanced AR clusters better than AR"
+    for claim, a in (("masked clusters better than AR", "mlm"), (diverse, "ar_diverse")):
         rows.append((claim, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), True,
                      f"finetune@{n0}"))
         rows += [(claim, f"fine-tuned acc n={n} {a} - ar", None, a, "ar", finetune_value(n), False, f"finetune@{n}")
@@ -1674,10 +1702,35 @@ def claim_rows(label_counts):
                  for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS]
         rows.append((claim, f"probe acc {a} - ar", "per_position", a, "ar", cluster_value("per_position", "probe_acc"),
                      False, "probe_acc"))
-    rows.append(("AR generates better than masked", "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True, None))
-    rows.append((varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), True, None))
-    rows.append((varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False, None))
-    return rows
+    for a in ("ar_diverse2", "ar_diverse8"):  # the dose-response: 2 and 8 future tokens beside ar_diverse's 4
+        rows += [(diverse, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), False,
+                  f"finetune@{n0}"),
+                 (diverse, f"fine-tuned gain over untrained n={n0} {a} - ar", None, a, "ar", finetune_gain(n0), False,
+                  None)]
+    gen = "AR generates better than masked"
+    rows += [(gen, "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True, None),
+             (gen, "grammatical, left to right, ar - mlm", None, "ar", "mlm", judged("grammatical"), True, None),
+             (gen, "log ppl, short input, mlm - ar", None, "mlm", "ar", log_ppl_short_input, False, None),
+             (gen, "NLL, mlm's ELBO - ar's chain", None, "mlm", "ar", nll_bound, False, None),
+             (gen, "grammatical, ar left to right - mlm any order", None, "ar", "mlm", judged("grammatical", "any"),
+              False, None),
+             (gen, "log ppl mlm_varlen - ar", None, "mlm_varlen", "ar", log_ppl(), False, None),
+             (gen, "grammatical, left to right, ar - mlm_varlen", None, "ar", "mlm_varlen", judged("grammatical"),
+              False, None)]
+    varlen = "variable-length masked generates better than masked, most at short prefixes"
+    short = "log ppl, prefixes 1..T/4,"
+    rows += [(varlen, f"{short} mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl_short_prefixes, True, None),
+             (varlen, f"{short} mlm_half - varlen_bert", None, "mlm_half", "varlen_bert", log_ppl_short_prefixes,
+              True, None),
+             (varlen, "grammatical, left to right, mlm_varlen - mlm", None, "mlm_varlen", "mlm",
+              judged("grammatical"), True, None),
+             (varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), False, None),
+             (varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False, None),
+             (varlen, "log ppl mlm_half - varlen_bert", None, "mlm_half", "varlen_bert", log_ppl(), False, None),
+             (varlen, "grammatical, left to right, varlen_bert - mlm_half", None, "varlen_bert", "mlm_half",
+              judged("grammatical"), False, None),
+             (varlen, f"{short} mlm - mlm_half", None, "mlm", "mlm_half", log_ppl_short_prefixes, False, None)]
+    return [(c, m, ro, a, b, present(v), p, k) for c, m, ro, a, b, v, p, k in rows]
 
 
 def paired_verdict(diffs):
@@ -1786,16 +1839,16 @@ def claims_table(all_results, verbose=True):
         return claims
     n = max(c["n_seeds"] for c in claims)
     print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
-          f"t-interval).\nOne primary row per claim (*), judged by its exact sign-flip p, Holm-adjusted over the "
+          f"t-interval).\nThe primary rows (*), each judged by its exact sign-flip p, Holm-adjusted over the "
           f"{len(tested)} primary rows (the t-test's p beside it;\n'detectable': the smallest difference it had 80% "
           "power to detect); the other rows are secondary evidence: where their interval lies.")
-    print(f"  {'metric':<44}{'readout':<13}{'mean diff':>10}{'95% interval':>20}{'p flip':>8}{'Holm':>7}{'p t':>7}"
+    print(f"  {'metric':<48}{'readout':<13}{'mean diff':>10}{'95% interval':>20}{'p flip':>8}{'Holm':>7}{'p t':>7}"
           f"{'detectable':>11}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
         if i == 0 or c["claim"] != claims[i - 1]["claim"]:
             print(c["claim"])
         ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        print(f"{'*' if c['primary'] else ' '} {c['metric']:<44}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
+        print(f"{'*' if c['primary'] else ' '} {c['metric']:<48}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
               f"{ci:>20}{fmt(c['p_value']):>8}{fmt(c['p_holm']):>7}{fmt(c['p_t']):>7}{fmt(c['detectable']):>11}"
               f"{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
         if c["flag"]:
@@ -1818,19 +1871,98 @@ def claims_by_iter(all_results):
     metrics = list(dict.fromkeys(c["metric"] for rows in by_iter.values() for c in rows))
     if metrics:
         print("\nthe primary rows' verdicts by training budget (iterations), with the mean difference:")
-        print(f"  {'primary row':<34}" + "".join(f"{it:>22}" for it in by_iter))
+        print(f"  {'primary row':<48}" + "".join(f"{it:>22}" for it in by_iter))
         for metric in metrics:
             cells = [next((f"{c['verdict'] or '-'} {c['mean_diff']:+.3f}" for c in rows if c["metric"] == metric), "-")
                      for rows in by_iter.values()]
-            print(f"  {metric:<34}" + "".join(f"{cell:>22}" for cell in cells))
+            print(f"  {metric:<48}" + "".join(f"{cell:>22}" for cell in cells))
     return by_iter
+
+
+def at_best(r):
+    """A run read at the weights of its lowest val loss (results.json "best", early stopping's
+    choice): its metrics there in place of the final ones; None for a run made before runs kept
+    them."""
+    best = r.get("best")
+    if best is None:
+        return None
+    return r if best["final"] else dict(r, **{k: best[k] for k in ("cluster", "finetune", "gen")})
+
+
+# --compare_to: an arm of a study (the data-constrained one: --train_docs 300) against the study it
+# varies, member by member. The same objective and seed in both (the same initial weights; the
+# same held-out documents, as --train_docs keeps them): each row is what the changed setting did
+# to that objective.
+ARM_METRICS = [("fine-tuned acc n=32", finetune_value(32)), ("fine-tuned acc n=128", finetune_value(128)),
+               ("probe acc (clean)", cluster_value("clean", "probe_acc")),
+               ("NMI (clean)", cluster_value("clean", "nmi")),
+               ("log ppl", log_ppl()), ("log ppl, prefixes 1..T/4", present(log_ppl_short_prefixes)),
+               ("grammatical, left to right", judged("grammatical"))]
+
+
+def other_study(path, args):
+    """--compare_to's runs, (objective, seed) -> results.json, checked to be made by this code
+    (unless --accept_code_change)."""
+    others = {}
+    for folder, _, files in sorted(os.walk(path)):
+        if "results.json" in files:
+            r = read_json(os.path.join(folder, "results.json"))
+            others[r["objective"], r["seed"]] = r
+    if not others:
+        raise UsageError(f"--compare_to {path}: no run's results.json under it; point it at a study's --out_dir.")
+    other_code = {(r.get("code") or {}).get("sha256") for r in others.values()}
+    if other_code != {CODE["sha256"]} and not args.accept_code_change:
+        raise UsageError(f"--compare_to {path}: its runs were made by another version of lookaround.py; compare "
+                         "studies made by the same code, or pass --accept_code_change to compare them anyway.")
+    return others
+
+
+def arm_rows(all_results, others, read, verbose=True):
+    """Each member's change from its other-study runs (others: (objective, seed) -> results): this
+    study's value minus the other's, paired by seed, with its 95% interval, for every ARM_METRICS
+    metric, both runs read by read (their final weights: lambda r: r; or at_best)."""
+    rows = []
+    for name in dict.fromkeys(r["objective"] for r in all_results):
+        pairs = [(read(r), read(others[name, r["seed"]])) for r in all_results
+                 if r["objective"] == name and (name, r["seed"]) in others]
+        for metric, value in ARM_METRICS:
+            diffs = [value(a) - value(b) for a, b in pairs if a and b and None not in (value(a), value(b))]
+            if diffs:
+                mean, ci, _, _ = paired_verdict(diffs)
+                rows.append({"member": name, "metric": metric, "mean_diff": mean, "ci95": ci, "n_seeds": len(diffs),
+                             "n_positive": sum(d > 0 for d in diffs), "words": interval_words(ci)})
+    if verbose and rows:
+        print(f"  {'member':<14}{'metric':<30}{'mean diff':>10}{'95% interval':>20}{'> 0':>7}  where it lies")
+        for row in rows:
+            ci = "-" if row["ci95"] is None else f"[{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]"
+            print(f"  {row['member']:<14}{row['metric']:<30}{row['mean_diff']:>+10.3f}{ci:>20}"
+                  f"{row['n_positive']:>4}/{row['n_seeds']:<2}  {row['words'] or '-'}")
+    return rows
+
+
+def compare_studies(all_results, others, path):
+    """--compare_to's table, at the end of training and at each run's lowest val loss, and the
+    settings in which the two studies' runs differ."""
+    first = next((r for r in all_results if (r["objective"], r["seed"]) in others), None)
+    if first is None:
+        print(f"\n--compare_to {path}: no member and seed of this study ran there; nothing to compare.")
+        return {"dir": path, "differ": None, "rows": [], "rows_best": []}
+    here, there = first["settings"], others[first["objective"], first["seed"]]["settings"]
+    differ = [f"{as_flag(k, here.get(k))} here, {as_flag(k, there.get(k))} there"
+              for k in sorted(set(here) | set(there)) if here.get(k) != there.get(k)]
+    print(f"\neach member's change from {path} ({'; '.join(differ) or 'no setting differs'}): this study - that "
+          "one, paired by seed; at the end of training:")
+    rows = arm_rows(all_results, others, lambda r: r)
+    print("at each run's lowest val loss (early stopping):")
+    rows_best = arm_rows(all_results, others, at_best)
+    return {"dir": path, "differ": differ, "rows": rows, "rows_best": rows_best}
 
 
 def plot_summary(all_results, path):
     """summary.png: per objective, the mean over seeds and its 95% t-band, against iterations, of
     the generation perplexity at each prefix fraction, the primary classification metric (fine-tuned
-    accuracy) and the val loss; and at the end of training, the perplexity by prefix length, beside
-    the language's own where it is known."""
+    accuracy), the grammatical rate of left-to-right samples and the val loss; and at the end of
+    training, the perplexity by prefix length, beside the language's own where it is known."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -1841,6 +1973,8 @@ def plot_summary(all_results, path):
     panels = [(f"perplexity after a prefix of {f:g} T", "curve",
                lambda p, f=f: p["gen"] and p["gen"]["ppl_by_prefix"][str(f)]) for f in PREFIX_FRACTIONS]
     panels.append((f"fine-tuned accuracy, n = {n}", "curve", lambda p: p["finetune"] and p["finetune"][str(n)]["acc"]))
+    panels.append(("grammatical rate, left-to-right samples", "curve",
+                   present(lambda p: p["gen"]["samples"]["left_to_right"]["grammatical"])))
     panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"]))
     panels.append(("perplexity by prefix length, end of training", "length", lambda r: r["gen"]))
 
@@ -2454,7 +2588,10 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_iters, evaluate):
     """Pretrain one model with one objective (its record, with its settings' values). At every
     iteration in curve_iters (the last is max_iters), rank 0 records evaluate(model, iteration): the
-    run's metrics there. Returns (model, stats, those points)."""
+    run's metrics there. Rank 0 also keeps the weights of the lowest val loss so far (early
+    stopping's choice, which the data-constrained regime is judged by: with few documents a model can
+    overfit long before the end). Returns (model, stats, those points, best: the iteration, val
+    loss and weights of the lowest val loss; None on other ranks)."""
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
     master = rank == 0
     loss_fn = functools.partial(objective.loss, **objective.values)
@@ -2469,6 +2606,7 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     iter_num, curve, points = 0, [], []  # curve: the val loss at every evaluation; points: evaluate() at curve_iters
+    best = None  # {"iter", "val_loss", "state"}: the weights of the lowest val loss so far (rank 0)
     tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
     identity = {"objective": objective.name, "values": objective.values, "config": asdict(config), "seed": seed,
@@ -2476,7 +2614,7 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0  # wall time, and the tokens and seconds speed is timed on
     if resume:
         ckpt, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity, device, rank)
-        iter_num, curve, points = ckpt["iter"], ckpt["curve"], ckpt.get("points", [])
+        iter_num, curve, points, best = ckpt["iter"], ckpt["curve"], ckpt.get("points", []), ckpt.get("best")
         elapsed, timed_tokens, timed_seconds = ckpt.get("timing", (0.0, 0, 0.0))
     raw_model, model = model, wrap_model(model, args.compile, ddp, device)
     tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
@@ -2496,6 +2634,9 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
                     print(f"iter {iter_num}: val loss {val_loss:.4f}")
                     if not curve or curve[-1]["iter"] != iter_num:  # a resumed run re-evaluates where it stopped
                         curve.append({"iter": iter_num, "val_loss": val_loss})
+                    if best is None or val_loss < best["val_loss"]:  # ties keep the earlier weights
+                        state = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
+                        best = {"iter": iter_num, "val_loss": val_loss, "state": state}
                     if iter_num in curve_iters and (not points or points[-1]["iter"] != iter_num):
                         points.append({"iter": iter_num, "val_loss": val_loss, **evaluate(raw_model, iter_num)})
             except Exception as e:  # told to the other ranks below, then raised
@@ -2505,7 +2646,7 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
                 try:
                     os.makedirs(out_dir, exist_ok=True)
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, streams, iter=iter_num, curve=curve,
-                                    points=points, **identity,
+                                    points=points, best=best, **identity,
                                     timing=(elapsed + time.time() - t_start, timed_tokens, timed_seconds))
                 except Exception as e:
                     failure = e
@@ -2535,7 +2676,7 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
         timed_tokens, timed_seconds = iter_num * tokens_per_iter, seconds
     stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds, "final_val_loss": val_loss,
              "seconds": seconds, "learning_rate": peak_lr, "curve": curve}
-    return raw_model, stats, points
+    return raw_model, stats, points, best
 
 
 def unigram_entropy(stream):
@@ -2918,6 +3059,12 @@ def make_parser():
       help="iterations where every metric is evaluated (the curve; max_iters is always one; each point costs a "
            "full evaluation): unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
     a("--plot", action="store_true", help="write summary.png (needs matplotlib); several runs write it anyway")
+    a("--summary_name", default="summary",
+      help="a study's summary files, NAME.json and NAME.png in --out_dir: an arm that reads back some of a "
+           "study's runs and adds its own keeps a summary of its own")
+    a("--compare_to", default=None, metavar="DIR",
+      help="another study's folder: each member's change from its run there of the same seed, paired by seed "
+           "(e.g. a --train_docs arm against the main study)")
     a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
     a("--eval_samples", type=int, default=64,
       help="built-in corpus: held-out prefixes each sampler continues for the language to judge; 0: none")
@@ -2935,7 +3082,8 @@ def make_parser():
     a("--seed", type=int, default=1,
       help="sets the weights, the random streams, the built-in corpus and the text split")
     a("--seeds", type=integers, default=None,
-      help="comma-separated seeds, e.g. 1,2,3: repeat every run and report mean ± std; unset means --seed")
+      help="comma-separated seeds or ranges, e.g. 1,2,3 or 9-24: repeat every run and report mean ± std; "
+           "unset means --seed")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--compile", action="store_true", help="torch.compile the model")
     # benchmark
@@ -2947,9 +3095,13 @@ def make_parser():
 
 
 def integers(text, minimum=None):
-    """argparse type: '1,2,3' -> [1, 2, 3], at least one value, each at least minimum if given."""
+    """argparse type: '1,2,3' -> [1, 2, 3], '9-12' -> [9, 10, 11, 12]; at least one value, each at
+    least minimum if given."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = []
+        for part in (v.strip() for v in text.split(",") if v.strip()):
+            first, dash, last = part.partition("-")
+            values += list(range(int(first), int(last) + 1)) if dash and first else [int(part)]
     except ValueError:
         values = []
     if not values or (minimum is not None and min(values) < minimum):
@@ -3056,6 +3208,12 @@ def check_args(args):
     if args.curve_iters and max(args.curve_iters) > args.max_iters:
         problems.append(f"--curve_iters {','.join(map(str, args.curve_iters))} lies past --max_iters {args.max_iters}; "
                         "every curve point must be at most --max_iters.")
+    if not args.summary_name or os.sep in args.summary_name or args.summary_name.startswith("."):
+        problems.append(f"--summary_name {args.summary_name!r}: a file name without a folder (e.g. dose).")
+    if args.compare_to and not os.path.isdir(args.compare_to):
+        problems.append(f"--compare_to {args.compare_to}: no such folder; point it at another study's --out_dir.")
+    elif args.compare_to and os.path.abspath(args.compare_to) == os.path.abspath(args.out_dir):
+        problems.append("--compare_to names this study's own --out_dir; point it at another study's.")
     if args.bench and args.objective == "all":
         problems.append("--bench times one objective; pick one with --objective.")
     if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
@@ -3094,7 +3252,8 @@ def curve_iters(args):
 # last bits). --device as typed is set aside: the runtime, the device it resolved to (with autocast,
 # torch and GPU), is a setting instead.
 SETTINGS_ASIDE = ["out_dir", "objective", "variants", "seed", "seeds", "resume", "accept_code_change", "plot",
-                  "log_interval", "sample", "temperature", "top_k", "device", "bench", "bench_iters", "bench_nanogpt",
+                  "summary_name", "compare_to", "log_interval", "sample", "temperature", "top_k", "device", "bench",
+                  "bench_iters", "bench_nanogpt",
                   "vocab_size", "theory", *THEORY_FLAGS]
 
 
@@ -3213,24 +3372,30 @@ def without_baselines(x):
 
 
 def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
-    """One run of the objective called name: train, with the metrics at every curve point; print the
-    report; write results.json."""
+    """One run of the objective called name: train, with the metrics at every curve point, and the
+    same metrics of the weights of its lowest val loss ("best"; evaluated only where they are not the
+    final ones); print the report; write results.json."""
     last, objective = max(curve_iters(args)), member(name, args)
 
     def evaluate_at(model, iter_num):
         return evaluate(model, corpus, objective, seed, args, device, final=iter_num == last)
-    model, train_stats, points = train(args, corpus, objective, seed, out_dir, device, ddp, resume or args.resume,
-                                       curve_iters(args), evaluate_at)
+    model, train_stats, points, best = train(args, corpus, objective, seed, out_dir, device, ddp,
+                                             resume or args.resume, curve_iters(args), evaluate_at)
 
     def finish():  # rank 0 only
         final = points[-1]
+        at_best = {"iter": best["iter"], "val_loss": best["val_loss"], "final": best["iter"] == last}
+        if not at_best["final"]:
+            best_model = copy.deepcopy(model)
+            best_model.load_state_dict(best["state"])
+            at_best.update(evaluate(best_model, corpus, objective, seed, args, device, final=True))
         train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
         base, overrides = variant_definitions(args).get(name, (None, None))
         variant = base and {"of": base, "values": overrides, "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
         results = {"objective": name, "variant": variant, "values": objective.values, "baseline": objective.baseline,
                    "seed": seed, "data": args.data, "code": CODE, "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
-                   "gen": final["gen"], "bayes": language_limits(corpus, args),
+                   "gen": final["gen"], "best": at_best, "bayes": language_limits(corpus, args),
                    "finetune_search": args.finetune_search and finetune_search(model, corpus, objective, seed,
                                                                                device, args.finetune_draws) or None,
                    "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
@@ -3263,6 +3428,11 @@ def print_report(results, corpus, args):
     print(f"peak learning rate {train_stats['learning_rate']:g}; left the unigram plateau (val loss at least 0.25 "
           "below the unigram entropy) " + ("never" if exit_iter is None else f"at iter {exit_iter}")
           + "; val loss by iter: " + ", ".join(f"{p['iter']}: {p['val_loss']:.2f}" for p in train_stats["curve"]))
+    best = results.get("best")
+    if best and not best["final"]:
+        g = best["gen"]
+        print(f"lowest val loss at iter {best['iter']} ({best['val_loss']:.3f}): those weights are evaluated too "
+              "(results.json \"best\")" + (f"; their ppl {g['ppl']:.2f}" if g else ""))
     if results["cluster"]:
         c = results["cluster"]
         trained = f"{args.readout_views} hidings" if record.hiding else "positions that predict"
@@ -3418,6 +3588,7 @@ def run_study(args, device, ddp):
                                *([f"seed{seed}"] if len(args.seeds) > 1 else []))
         plan[seed, objective] = run_dir, run_state(run_dir, args, objective, seed) if study else "new"
     to_train = [key for key, (_, state) in plan.items() if state != "done"]
+    others = other_study(args.compare_to, args) if args.compare_to and master else None  # checked before training
     if study and master:
         print(f"study: {len(plan)} runs, {len(plan) - len(to_train)} read back, {len(to_train)} to train")
     all_results, spent, t_study = [], [], time.time()  # spent: wall seconds of each run trained here
@@ -3447,12 +3618,21 @@ def run_study(args, device, ddp):
         dist.barrier()
     if len(all_results) > 1:
         table, claims, by_iter = summarize(all_results), claims_table(all_results), claims_by_iter(all_results)
-        write_json(os.path.join(args.out_dir, "summary.json"),
+        best_runs = [at_best(r) for r in all_results]
+        claims_best = None
+        if None not in best_runs and all(r is b for r, b in zip(all_results, best_runs)):
+            claims_best = claims
+            print("every run's lowest val loss is at its end: read at early stopping, the claims are the same.")
+        elif None not in best_runs:
+            print("\nread at each run's lowest val loss (early stopping; its iteration per run in results.json):")
+            claims_best = claims_table(best_runs)
+        write_json(os.path.join(args.out_dir, f"{args.summary_name}.json"),
                    {"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter,
-                    "finetune_search": search_table(all_results)})
+                    "claims_best": claims_best, "finetune_search": search_table(all_results),
+                    "compared": others and compare_studies(all_results, others, args.compare_to)})
     if all_results and (args.plot or len(all_results) > 1):
         if importlib.util.find_spec("matplotlib"):
-            plot_summary(all_results, os.path.join(args.out_dir, "summary.png"))
+            plot_summary(all_results, os.path.join(args.out_dir, f"{args.summary_name}.png"))
         elif args.plot:
             print("--plot: the figure needs matplotlib, which is not installed: pip install matplotlib")
 

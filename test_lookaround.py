@@ -577,18 +577,20 @@ def test_holm_adjustment_on_a_textbook_example():
     assert L.holm([0.02]) == [0.02] and L.holm([]) == []
 
 
-def test_exactly_one_primary_row_per_claim_fixed_in_advance():
+def test_the_seven_primary_rows_fixed_in_advance():
     rows = L.claim_rows([32, 128, 512])
     claims = {row[0] for row in rows}
     assert len(claims) == 4
     assert all(len(row) == 8 for row in rows)
-    primary = {row[0]: row[1] for row in rows if row[6]}
-    assert primary == {"masked clusters better than AR": "fine-tuned acc n=128 mlm - ar",
-                       "diversity-enhanced AR clusters better than AR": "fine-tuned acc n=128 ar_diverse - ar",
-                       "AR generates better than masked": "log ppl mlm - ar",
-                       "variable-length masked generates better than masked, most at short prefixes":
-                           "log ppl@1/8 mlm - mlm_varlen"}
-    assert len([row for row in rows if row[6]]) == 4
+    primary = [(row[1], row[3], row[4]) for row in rows if row[6]]
+    assert primary == [("fine-tuned acc n=128 mlm - ar", "mlm", "ar"),
+                       ("fine-tuned acc n=128 ar_diverse - ar", "ar_diverse", "ar"),
+                       ("log ppl mlm - ar", "mlm", "ar"),
+                       ("grammatical, left to right, ar - mlm", "ar", "mlm"),
+                       ("log ppl, prefixes 1..T/4, mlm - mlm_varlen", "mlm", "mlm_varlen"),
+                       ("log ppl, prefixes 1..T/4, mlm_half - varlen_bert", "mlm_half", "varlen_bert"),
+                       ("grammatical, left to right, mlm_varlen - mlm", "mlm_varlen", "mlm")]
+    assert len({row[1:3] for row in rows}) == len(rows)  # no row twice
     assert {row[1] for row in L.claim_rows([8])} >= {"fine-tuned acc n=8 mlm - ar", "fine-tuned acc n=128 mlm - ar"}
 
 
@@ -862,8 +864,12 @@ def test_confidence_remasking_reveals_the_surest_positions_first():
 
 def check_results_schema(r):
     assert set(r) == {"objective", "variant", "values", "baseline", "seed", "data", "code", "settings", "train",
-                      "cluster", "finetune", "gen", "bayes", "finetune_search", "curve"}
+                      "cluster", "finetune", "gen", "best", "bayes", "finetune_search", "curve"}
     assert r["curve"] and r["curve"][-1]["iter"] == r["train"]["iters"]  # the curve's last point is the end
+    best, lowest = r["best"], min(r["train"]["curve"], key=lambda p: p["val_loss"])  # the first of the lowest
+    assert (best["iter"], best["val_loss"]) == (lowest["iter"], lowest["val_loss"])
+    assert best["final"] == (best["iter"] == r["train"]["iters"])
+    assert set(best) == {"iter", "val_loss", "final"} | (set() if best["final"] else {"cluster", "finetune", "gen"})
     assert set(r["settings"]) == set(L.run_settings(L.parse_args([])))  # every flag but those set aside
     assert isinstance(r["objective"], str) and isinstance(r["seed"], int) and isinstance(r["data"], str)
     t = r["train"]
@@ -1086,10 +1092,12 @@ def test_objective_all_with_seeds_runs_end_to_end(study):
     # the verdict table: every claim row, paired over both seeds; the primary rows (fine-tuning at n = 128) did
     # not run here (--finetune_labels 8,16), so only the generation claims have theirs
     rows = {(c["claim"], c["metric"], c["readout"]) for c in summary["claims"]}
-    assert len(rows) == len(summary["claims"]) == 2 * (2 + 2 + 4 + 1) + 3  # each clustering claim: 2 n's, 2 gains
+    # each clustering claim: 2 n's, 2 gains, 5 readouts; generation 7 rows, variable length 4 (no variants ran)
+    assert len(rows) == len(summary["claims"]) == 2 * (2 + 2 + 4 + 1) + 7 + 4
     assert {c["readout"] for c in summary["claims"]} == {"trained", "clean", "per_position", None}
-    assert sorted(c["metric"] for c in summary["claims"] if c["primary"]) == ["log ppl mlm - ar",
-                                                                              "log ppl@1/8 mlm - mlm_varlen"]
+    assert [c["metric"] for c in summary["claims"] if c["primary"]] == [
+        "log ppl mlm - ar", "grammatical, left to right, ar - mlm", "log ppl, prefixes 1..T/4, mlm - mlm_varlen",
+        "grammatical, left to right, mlm_varlen - mlm"]
     for c in summary["claims"]:
         assert set(c) == {"claim", "metric", "readout", "primary", "mean_diff", "ci95", "p_value", "p_t", "p_holm",
                           "detectable", "n_seeds", "n_expected_sign", "verdict", "flag"}
@@ -1155,8 +1163,124 @@ def test_curve_points_are_the_requested_iterations_and_the_last_is_the_run_itsel
     assert list(summary["claims_by_iter"]) == ["30", "60"]
     assert summary["claims_by_iter"]["60"] == [c for c in summary["claims"] if c["primary"]]
     primary_at_30 = [c["metric"] for c in summary["claims_by_iter"]["30"]]
-    assert primary_at_30 == ["log ppl mlm - ar", "log ppl@1/8 mlm - mlm_varlen"]
+    assert primary_at_30 == [c["metric"] for c in summary["claims"] if c["primary"]]
     assert "verdicts by training budget" in text
+
+
+def test_the_weights_of_the_lowest_val_loss_are_kept_and_evaluated(tmp_path, monkeypatch):
+    # the val loss is scripted to dip at iteration 10 and rise after it: the run keeps the weights the estimate
+    # saw there, in its checkpoint too, and evaluates them beside the final ones
+    scripted, seen = [5.0, 4.0, 3.0, 3.5, 3.2], []
+
+    def fake_val_loss(model, *a):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return scripted[len(seen) - 1]
+    monkeypatch.setattr(L, "estimate_val_loss", fake_val_loss)
+    flags = TINY + ["--objective", "mlm", "--max_iters", "20", "--eval_interval", "5", "--no-eval_cluster",
+                    "--no-eval_finetune", "--out_dir", str(tmp_path / "run")]
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        assert L.main(flags) == 0
+    r = json.load(open(tmp_path / "run" / "results.json"))
+    check_results_schema(r)
+    assert (r["best"]["iter"], r["best"]["val_loss"], r["best"]["final"]) == (10, 3.0, False)
+    kept = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["best"]
+    assert kept["iter"] == 10 and all(torch.equal(kept["state"][k], v) for k, v in seen[2].items())
+    assert not all(torch.equal(seen[2][k], v) for k, v in seen[4].items())  # the final weights are others
+    args = L.parse_args(flags)
+    objective, corpus = L.member("mlm", args), L.load_corpus(args, args.seed)
+    model = L.initial_model(L.config_from_args(args, objective, corpus.vocab_size), args.seed, torch.device("cpu"))
+    model.load_state_dict(seen[2])
+    gen = L.evaluate_generation(model, corpus, objective, args, args.seed)
+    assert r["best"]["gen"]["ppl_by_length"] == gen["ppl_by_length"] and r["best"]["gen"]["ppl"] != r["gen"]["ppl"]
+    assert "lowest val loss at iter 10 (3.000)" in text.getvalue()
+
+
+def test_claims_read_at_early_stopping_use_each_runs_best_weights():
+    runs = []
+    for seed in range(1, 9):
+        ar, mlm = hand_made_run("ar", seed, 10.0), hand_made_run("mlm", seed, 12.0)
+        ar["best"] = {"iter": 5, "val_loss": 1.0, "final": False, "cluster": None, "finetune": None,
+                      "gen": dict(ar["gen"], ppl=15.0)}
+        mlm["best"] = {"iter": 10, "val_loss": 1.0, "final": True}
+        runs += [ar, mlm]
+    final = {c["metric"]: c for c in L.claims_table(runs, verbose=False)}["log ppl mlm - ar"]
+    best = {c["metric"]: c for c in L.claims_table([L.at_best(r) for r in runs], verbose=False)}["log ppl mlm - ar"]
+    assert final["mean_diff"] == pytest.approx(math.log(1.2)) and best["mean_diff"] == pytest.approx(math.log(0.8))
+    assert final["verdict"] == "reproduced" and best["verdict"] == "contradicted"
+    assert L.at_best(runs[1]) is runs[1] and L.at_best({"objective": "ar", "best": None}) is None
+
+
+def test_the_generation_rows_read_what_they_say():
+    r = {"gen": {"ppl_by_length": [2.0, 8.0] + [100.0] * 5, "ppl": 5.0, "ppl_short_input": None, "chain_nll": 1.5,
+                 "elbo": {"nll": 1.7}, "samples": {"left_to_right": {"grammatical": 0.5},
+                                                   "any/48/confidence": {"grammatical": 0.9},
+                                                   "any/4/confidence": {"grammatical": 0.1}}}}
+    assert L.log_ppl_short_prefixes(r) == pytest.approx(math.log(4))  # T = 8: prefixes of 1 and 2 tokens
+    assert L.judged("grammatical")(r) == 0.5 and L.judged("grammatical", "any")(r) == 0.9  # the most steps
+    assert L.log_ppl_short_input(r) == pytest.approx(math.log(5)) and L.nll_bound(r) == 1.7
+    causal = {"gen": {"samples": {"left_to_right": {"grammatical": 0.3}}, "elbo": None, "chain_nll": 1.2}}
+    assert L.judged("grammatical", "any")(causal) == 0.3 and L.nll_bound(causal) == 1.2
+    assert L.judged("grammatical")({"gen": None}) is None and L.log_ppl()({"gen": {}}) is None
+
+
+def test_an_arm_is_compared_member_by_member_and_seed_by_seed():
+    here = [hand_made_run(o, s, 10.0 * (1 + 0.1 * s) * (2 if o == "ar" else 1), finetune=0.5 + 0.01 * s)
+            for s in (1, 2, 3) for o in ("ar", "mlm")]
+    there = {(o, s): hand_made_run(o, s, 10.0 * (1 + 0.1 * s), finetune=0.6)
+             for s in (1, 2, 3, 4) for o in ("ar", "mlm")}
+    rows = {(r["member"], r["metric"]): r for r in L.arm_rows(here, there, lambda r: r, verbose=False)}
+    assert set(rows) == {(o, m) for o in ("ar", "mlm") for m in ("log ppl", "fine-tuned acc n=128")}
+    assert rows["ar", "log ppl"]["mean_diff"] == pytest.approx(math.log(2)) and rows["ar", "log ppl"]["n_seeds"] == 3
+    assert rows["ar", "log ppl"]["words"] == "interval above 0"
+    assert rows["mlm", "log ppl"]["words"] == "interval spans 0"
+    ft = rows["mlm", "fine-tuned acc n=128"]  # -0.09, -0.08, -0.07: mean -0.08, sd 0.01
+    assert ft["mean_diff"] == pytest.approx(-0.08) and ft["words"] == "interval below 0" and ft["n_positive"] == 0
+    assert ft["ci95"] == pytest.approx([-0.08 - 4.3027 * 0.01 / math.sqrt(3), -0.08 + 4.3027 * 0.01 / math.sqrt(3)],
+                                       abs=1e-4)
+
+
+def test_an_arm_reads_back_a_studys_runs_and_compares_with_another_study(tmp_path, capsys):
+    quick = TINY + ["--seeds", "1-2", "--max_iters", "4", "--eval_interval", "2", "--no-eval_cluster",
+                    "--no-eval_finetune", "--eval_samples", "0"]
+    main = tmp_path / "main"
+    assert L.main(quick + ["--objective", "ar", "--variants", "mlm", "--out_dir", str(main)]) == 0
+    summary = (main / "summary.json").read_text()
+    # an arm over part of it (the dose-response): ar read back, ar_diverse2 trained beside it, its own summary
+    assert L.main(quick + ["--objective", "ar", "--variants", "ar_diverse2", "--summary_name", "dose",
+                           "--out_dir", str(main)]) == 0
+    assert "study: 4 runs, 2 read back, 2 to train" in capsys.readouterr().out
+    assert (main / "summary.json").read_text() == summary
+    assert [r["objective"] for r in json.load(open(main / "dose.json"))["runs"]] == ["ar", "ar_diverse2"] * 2
+    # the data-constrained arm against the main study: every member's change, paired by seed
+    few = tmp_path / "few"
+    assert L.main(quick + ["--objective", "ar", "--variants", "mlm", "--train_docs", "300", "--out_dir", str(few),
+                           "--compare_to", str(main)]) == 0
+    compared = json.load(open(few / "summary.json"))["compared"]
+    assert compared["differ"] == ["--train_docs 300 here, --train_docs 3000 there"]
+    assert {(r["member"], r["metric"]) for r in compared["rows"]} == {
+        (m, k) for m in ("ar", "mlm") for k in ("log ppl", "log ppl, prefixes 1..T/4")}
+    row = next(r for r in compared["rows"] if (r["member"], r["metric"]) == ("mlm", "log ppl"))
+    ppl = {(d, s): json.load(open(tmp_path / d / "mlm" / f"seed{s}" / "results.json"))["gen"]["ppl"]
+           for d in ("main", "few") for s in (1, 2)}
+    assert row["n_seeds"] == 2 and row["mean_diff"] == pytest.approx(
+        np.mean([math.log(ppl["few", s]) - math.log(ppl["main", s]) for s in (1, 2)]))
+    assert len(compared["rows_best"]) == len(compared["rows"]) and "early stopping" in capsys.readouterr().out
+    # runs made by other code are refused before anything trains
+    path = main / "ar" / "seed1" / "results.json"
+    r = json.load(open(path))
+    r["code"]["sha256"] = "0" * 64
+    json.dump(r, open(path, "w"))
+    assert L.main(quick + ["--out_dir", str(tmp_path / "other"), "--compare_to", str(main)]) == 2
+    assert "another version of lookaround.py" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert L.main(quick + ["--out_dir", str(tmp_path / "other"), "--compare_to", str(tmp_path / "none")]) == 2
+    assert "--compare_to" in capsys.readouterr().err
+
+
+def test_seeds_take_ranges():
+    assert L.parse_args(["--seeds", "9-12"]).seeds == [9, 10, 11, 12]
+    assert L.parse_args(["--seeds", "1,3-4"]).seeds == [1, 3, 4]
+    with pytest.raises(SystemExit):
+        L.parse_args(["--seeds", "3-x"])
 
 
 def test_default_curve_points():
@@ -1271,9 +1395,9 @@ def test_an_interrupted_study_goes_on_from_its_checkpoint(tmp_path, monkeypatch)
         for r in (whole, cut):
             for k in ("seconds", "tokens_per_s"):
                 r["train"].pop(k)
-            for p in [r] + r["curve"]:
-                p["gen"].pop("seconds")
-        assert whole == cut
+            for p in [r, r["best"]] + r["curve"]:
+                p.get("gen") and p["gen"].pop("seconds")
+        assert whole == cut  # the lowest val loss's weights too: kept in the checkpoint across the cut
 
 
 # ---------------------------------------------------------------------------------------------------
