@@ -17,7 +17,7 @@ function and one record); then the built-in corpus, the evaluations, the exact t
 the machinery (training loop, real text, benchmark, flags and main).
 
     python lookaround.py                                    # built-in corpus, one objective; ~5 min on a laptop CPU
-    python lookaround.py --objective all --seeds 1,2,3,4,5  # the four objectives, paired by seed, with verdicts
+    python lookaround.py --objective all --seeds 1-5        # the four objectives, paired by seed
     python lookaround.py --theory                           # the comparison computed exactly, no training; < 1 min
 """
 import argparse
@@ -1728,8 +1728,7 @@ def claim_rows(label_counts):
              (varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False, None),
              (varlen, "log ppl mlm_half - varlen_bert", None, "mlm_half", "varlen_bert", log_ppl(), False, None),
              (varlen, "grammatical, left to right, varlen_bert - mlm_half", None, "varlen_bert", "mlm_half",
-              judged("grammatical"), False, None),
-             (varlen, f"{short} mlm - mlm_half", None, "mlm", "mlm_half", log_ppl_short_prefixes, False, None)]
+              judged("grammatical"), False, None)]
     return [(c, m, ro, a, b, present(v), p, k) for c, m, ro, a, b, v, p, k in rows]
 
 
@@ -1829,9 +1828,13 @@ def claims_table(all_results, verbose=True):
                        "flag": flag})
         spread.append(float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None)
     tested = [i for i, c in enumerate(claims) if c["primary"] and c["p_value"] is not None]
+    # the family is every primary row claim_rows defines, whether it ran or not: one that did not run (its
+    # members absent) counts as p = 1, so a study of fewer members, or an arm, is never judged more leniently
+    family = sum(row[6] for row in claim_rows([PRIMARY_FINETUNE_LABELS]))
     for rank, i in enumerate(sorted(tested, key=lambda i: claims[i]["p_value"])):  # Holm's level at each rank
-        claims[i]["detectable"] = detectable_difference(spread[i], claims[i]["n_seeds"], 0.05 / (len(tested) - rank))
-    for i, p_holm in zip(tested, holm([claims[i]["p_value"] for i in tested])):
+        claims[i]["detectable"] = detectable_difference(spread[i], claims[i]["n_seeds"], 0.05 / (family - rank))
+    p_tested = [claims[i]["p_value"] for i in tested]
+    for i, p_holm in zip(tested, holm(p_tested + [1.0] * (family - len(tested)))):
         c = claims[i]
         c["p_holm"] = p_holm
         c["verdict"] = "inconclusive" if p_holm >= 0.05 else "reproduced" if c["mean_diff"] > 0 else "contradicted"
@@ -1840,8 +1843,9 @@ def claims_table(all_results, verbose=True):
     n = max(c["n_seeds"] for c in claims)
     print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
           f"t-interval).\nThe primary rows (*), each judged by its exact sign-flip p, Holm-adjusted over the "
-          f"{len(tested)} primary rows (the t-test's p beside it;\n'detectable': the smallest difference it had 80% "
-          "power to detect); the other rows are secondary evidence: where their interval lies.")
+          f"{family} primary rows ({len(tested)} ran here;\none that did not counts as p = 1; the t-test's p beside "
+          "it; 'detectable': the smallest difference it had 80% power to detect);\nthe other rows are secondary "
+          "evidence: where their interval lies.")
     print(f"  {'metric':<48}{'readout':<13}{'mean diff':>10}{'95% interval':>20}{'p flip':>8}{'Holm':>7}{'p t':>7}"
           f"{'detectable':>11}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
@@ -1907,6 +1911,9 @@ def other_study(path, args):
     for folder, _, files in sorted(os.walk(path)):
         if "results.json" in files:
             r = read_json(os.path.join(folder, "results.json"))
+            if (r["objective"], r["seed"]) in others:
+                raise UsageError(f"--compare_to {path}: two runs of {r['objective']} with seed {r['seed']} under it "
+                                 f"(one in {folder}); point it at one study's --out_dir.")
             others[r["objective"], r["seed"]] = r
     if not others:
         raise UsageError(f"--compare_to {path}: no run's results.json under it; point it at a study's --out_dir.")
@@ -1943,15 +1950,16 @@ def arm_rows(all_results, others, read, verbose=True):
 def compare_studies(all_results, others, path):
     """--compare_to's table, at the end of training and at each run's lowest val loss, and the
     settings in which the two studies' runs differ."""
-    first = next((r for r in all_results if (r["objective"], r["seed"]) in others), None)
-    if first is None:
+    paired = [(r, others[r["objective"], r["seed"]]) for r in all_results if (r["objective"], r["seed"]) in others]
+    if not paired:
         print(f"\n--compare_to {path}: no member and seed of this study ran there; nothing to compare.")
         return {"dir": path, "differ": None, "rows": [], "rows_best": []}
-    here, there = first["settings"], others[first["objective"], first["seed"]]["settings"]
-    differ = [f"{as_flag(k, here.get(k))} here, {as_flag(k, there.get(k))} there"
-              for k in sorted(set(here) | set(there)) if here.get(k) != there.get(k)]
+    differ = list(dict.fromkeys(f"{as_flag(k, a['settings'].get(k))} here, {as_flag(k, b['settings'].get(k))} there"
+                                for a, b in paired for k in sorted(set(a["settings"]) | set(b["settings"]))
+                                if a["settings"].get(k) != b["settings"].get(k)))
     print(f"\neach member's change from {path} ({'; '.join(differ) or 'no setting differs'}): this study - that "
-          "one, paired by seed; at the end of training:")
+          f"one, paired by seed ({len(paired)} of this study's {len(all_results)} runs have a partner there); at the "
+          "end of training:")
     rows = arm_rows(all_results, others, lambda r: r)
     print("at each run's lowest val loss (early stopping):")
     rows_best = arm_rows(all_results, others, at_best)
@@ -3096,12 +3104,16 @@ def make_parser():
 
 def integers(text, minimum=None):
     """argparse type: '1,2,3' -> [1, 2, 3], '9-12' -> [9, 10, 11, 12]; at least one value, each at
-    least minimum if given."""
+    least minimum if given, each once."""
     try:
         values = []
         for part in (v.strip() for v in text.split(",") if v.strip()):
             first, dash, last = part.partition("-")
-            values += list(range(int(first), int(last) + 1)) if dash and first else [int(part)]
+            span = list(range(int(first), int(last) + 1)) if dash and first else [int(part)]
+            if not span:
+                raise ValueError(part)  # a reversed range (24-9)
+            values += span
+        values = list(dict.fromkeys(values))  # each value once, in the order given
     except ValueError:
         values = []
     if not values or (minimum is not None and min(values) < minimum):
@@ -3212,8 +3224,10 @@ def check_args(args):
         problems.append(f"--summary_name {args.summary_name!r}: a file name without a folder (e.g. dose).")
     if args.compare_to and not os.path.isdir(args.compare_to):
         problems.append(f"--compare_to {args.compare_to}: no such folder; point it at another study's --out_dir.")
-    elif args.compare_to and os.path.abspath(args.compare_to) == os.path.abspath(args.out_dir):
-        problems.append("--compare_to names this study's own --out_dir; point it at another study's.")
+    elif args.compare_to and os.path.commonpath([os.path.abspath(args.compare_to), os.path.abspath(args.out_dir)]) \
+            in (os.path.abspath(args.compare_to), os.path.abspath(args.out_dir)):
+        problems.append(f"--compare_to {args.compare_to} and --out_dir {args.out_dir} are one folder or one inside "
+                        "the other; give the arm a folder of its own, beside the study it is compared with.")
     if args.bench and args.objective == "all":
         problems.append("--bench times one objective; pick one with --objective.")
     if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
@@ -3384,18 +3398,18 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
 
     def finish():  # rank 0 only
         final = points[-1]
-        at_best = {"iter": best["iter"], "val_loss": best["val_loss"], "final": best["iter"] == last}
-        if not at_best["final"]:
+        best_point = {"iter": best["iter"], "val_loss": best["val_loss"], "final": best["iter"] == last}
+        if not best_point["final"]:
             best_model = copy.deepcopy(model)
             best_model.load_state_dict(best["state"])
-            at_best.update(evaluate(best_model, corpus, objective, seed, args, device, final=True))
+            best_point.update(evaluate(best_model, corpus, objective, seed, args, device, final=True))
         train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
         base, overrides = variant_definitions(args).get(name, (None, None))
         variant = base and {"of": base, "values": overrides, "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
         results = {"objective": name, "variant": variant, "values": objective.values, "baseline": objective.baseline,
                    "seed": seed, "data": args.data, "code": CODE, "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
-                   "gen": final["gen"], "best": at_best, "bayes": language_limits(corpus, args),
+                   "gen": final["gen"], "best": best_point, "bayes": language_limits(corpus, args),
                    "finetune_search": args.finetune_search and finetune_search(model, corpus, objective, seed,
                                                                                device, args.finetune_draws) or None,
                    "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
@@ -3588,7 +3602,8 @@ def run_study(args, device, ddp):
                                *([f"seed{seed}"] if len(args.seeds) > 1 else []))
         plan[seed, objective] = run_dir, run_state(run_dir, args, objective, seed) if study else "new"
     to_train = [key for key, (_, state) in plan.items() if state != "done"]
-    others = other_study(args.compare_to, args) if args.compare_to and master else None  # checked before training
+    # checked before anything trains (on every rank, so that all stop together), read again at the end
+    others = other_study(args.compare_to, args) if args.compare_to else None
     if study and master:
         print(f"study: {len(plan)} runs, {len(plan) - len(to_train)} read back, {len(to_train)} to train")
     all_results, spent, t_study = [], [], time.time()  # spent: wall seconds of each run trained here
@@ -3626,10 +3641,13 @@ def run_study(args, device, ddp):
         elif None not in best_runs:
             print("\nread at each run's lowest val loss (early stopping; its iteration per run in results.json):")
             claims_best = claims_table(best_runs)
+        else:
+            print("some runs were made before runs kept their lowest val loss's weights: no claims read there.")
         write_json(os.path.join(args.out_dir, f"{args.summary_name}.json"),
                    {"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter,
                     "claims_best": claims_best, "finetune_search": search_table(all_results),
-                    "compared": others and compare_studies(all_results, others, args.compare_to)})
+                    "compared": others and compare_studies(all_results, other_study(args.compare_to, args),
+                                                           args.compare_to)})
     if all_results and (args.plot or len(all_results) > 1):
         if importlib.util.find_spec("matplotlib"):
             plot_summary(all_results, os.path.join(args.out_dir, f"{args.summary_name}.png"))

@@ -608,11 +608,13 @@ def test_claims_are_paired_by_seed(capsys):
     # sees a clear result where comparing the two means over seeds could not
     gap = {"ar": (1.0, 0.0), "mlm": (1.1, 0.01)}  # mlm: perplexity x 1.1, NMI + 0.01, in every seed
     runs = [hand_made_run(obj, seed, 10.0 * seed ** 2 * gap[obj][0], nmi=0.1 * seed + gap[obj][1])
-            for seed in range(1, 9) for obj in ("ar", "mlm")]
+            for seed in range(1, 11) for obj in ("ar", "mlm")]
     claims = {(c["metric"], c["readout"]): c for c in L.claims_table(runs)}
     gen = claims["log ppl mlm - ar", None]
     assert gen["mean_diff"] == pytest.approx(math.log(1.1)) and gen["verdict"] == "reproduced"
-    assert gen["n_expected_sign"] == 8 and gen["primary"] and gen["p_value"] == gen["p_holm"] == 2 / 256
+    # Holm over the seven primary rows, the six that did not run counted as p = 1: 7 x 2/1024
+    assert gen["n_expected_sign"] == 10 and gen["primary"] and gen["p_value"] == 2 / 1024
+    assert gen["p_holm"] == pytest.approx(7 * 2 / 1024)
     assert gen["p_t"] == 0.0 and gen["detectable"] == pytest.approx(0.0, abs=1e-9)  # no spread at all
     nmi = claims["NMI mlm - ar", "trained"]
     assert nmi["verdict"] == "interval above 0" and not nmi["primary"] and nmi["p_holm"] is None
@@ -626,27 +628,28 @@ def test_claims_are_paired_by_seed(capsys):
 
 
 def test_primary_verdicts_follow_holm_adjusted_sign_flip_p_values():
-    # two primary rows over 8 seeds, each with 6 clear wins and 2 small losses: each sign-flip p is 8/256 (only
-    # flipping the two losses' signs, and the mirror images, reach the observed sum), under 0.05 alone; Holm
-    # doubles the smaller and keeps the larger at least as high, so both are inconclusive
+    # two primary rows over 10 seeds, each with 8 clear wins and 2 small losses: each sign-flip p is 8/1024 (only
+    # flipping the two losses' signs, and the mirror images, reach the observed sum), under 0.05 alone; Holm over
+    # the seven primary rows (the five that did not run count as p = 1) multiplies the smaller by 7 and keeps the
+    # larger at least as high, so both are inconclusive
     runs = []
-    losses = {7: -0.004, 8: -0.005}
-    for seed in range(1, 9):
+    losses = {9: -0.004, 10: -0.005}
+    for seed in range(1, 11):
         e = losses.get(seed, 0.02 + 0.001 * seed)
         runs += [hand_made_run("ar", seed, 10.0, finetune=0.6),
                  hand_made_run("mlm", seed, 10.0 * math.exp(e), finetune=0.6 + e)]
     claims = {c["metric"]: c for c in L.claims_table(runs)}
     ft, gen = claims["fine-tuned acc n=128 mlm - ar"], claims["log ppl mlm - ar"]
-    assert ft["p_value"] == pytest.approx(8 / 256) and gen["p_value"] == pytest.approx(8 / 256)
-    assert ft["p_holm"] == gen["p_holm"] == pytest.approx(16 / 256) and ft["ci95"][0] > 0
+    assert ft["p_value"] == pytest.approx(8 / 1024) and gen["p_value"] == pytest.approx(8 / 1024)
+    assert ft["p_holm"] == gen["p_holm"] == pytest.approx(7 * 8 / 1024) and ft["ci95"][0] > 0
     assert ft["verdict"] == gen["verdict"] == "inconclusive" and ft["p_t"] < 0.05
-    # with all 8 generation differences positive its p, 2/256, is the smaller: doubled it stays below 0.05, and the
-    # fine-tuning row keeps its own p (times 1): both reproduced
+    # with all 10 generation differences positive its p, 2/1024, is the smaller: times 7 it stays below 0.05, and
+    # the fine-tuning row's p times 6 does too: both reproduced
     runs = [dict(r, gen={"ppl": 13.0 if r["objective"] == "mlm" else 10.0, "ppl_by_prefix": r["gen"]["ppl_by_prefix"]})
             for r in runs]
     claims = {c["metric"]: c for c in L.claims_table(runs)}
-    assert claims["log ppl mlm - ar"]["p_holm"] == pytest.approx(4 / 256)
-    assert claims["fine-tuned acc n=128 mlm - ar"]["p_holm"] == pytest.approx(8 / 256)
+    assert claims["log ppl mlm - ar"]["p_holm"] == pytest.approx(7 * 2 / 1024)
+    assert claims["fine-tuned acc n=128 mlm - ar"]["p_holm"] == pytest.approx(6 * 8 / 1024)
     assert claims["log ppl mlm - ar"]["verdict"] == claims["fine-tuned acc n=128 mlm - ar"]["verdict"] == "reproduced"
 
 
@@ -1197,7 +1200,7 @@ def test_the_weights_of_the_lowest_val_loss_are_kept_and_evaluated(tmp_path, mon
 
 def test_claims_read_at_early_stopping_use_each_runs_best_weights():
     runs = []
-    for seed in range(1, 9):
+    for seed in range(1, 11):
         ar, mlm = hand_made_run("ar", seed, 10.0), hand_made_run("mlm", seed, 12.0)
         ar["best"] = {"iter": 5, "val_loss": 1.0, "final": False, "cluster": None, "finetune": None,
                       "gen": dict(ar["gen"], ppl=15.0)}
@@ -1265,6 +1268,12 @@ def test_an_arm_reads_back_a_studys_runs_and_compares_with_another_study(tmp_pat
     assert row["n_seeds"] == 2 and row["mean_diff"] == pytest.approx(
         np.mean([math.log(ppl["few", s]) - math.log(ppl["main", s]) for s in (1, 2)]))
     assert len(compared["rows_best"]) == len(compared["rows"]) and "early stopping" in capsys.readouterr().out
+    # two runs of one member and seed under the folder: refused, naming them
+    (main / "copy").mkdir()
+    (main / "copy" / "results.json").write_text((main / "ar" / "seed1" / "results.json").read_text())
+    assert L.main(quick + ["--out_dir", str(tmp_path / "other"), "--compare_to", str(main)]) == 2
+    assert "two runs of ar with seed 1" in capsys.readouterr().err
+    (main / "copy" / "results.json").unlink()
     # runs made by other code are refused before anything trains
     path = main / "ar" / "seed1" / "results.json"
     r = json.load(open(path))
@@ -1274,13 +1283,16 @@ def test_an_arm_reads_back_a_studys_runs_and_compares_with_another_study(tmp_pat
     assert "another version of lookaround.py" in capsys.readouterr().err and not (tmp_path / "other").exists()
     assert L.main(quick + ["--out_dir", str(tmp_path / "other"), "--compare_to", str(tmp_path / "none")]) == 2
     assert "--compare_to" in capsys.readouterr().err
+    assert L.main(quick + ["--out_dir", str(main / "arm"), "--compare_to", str(main)]) == 2  # one inside the other
+    assert "one inside the other" in capsys.readouterr().err
 
 
 def test_seeds_take_ranges():
     assert L.parse_args(["--seeds", "9-12"]).seeds == [9, 10, 11, 12]
-    assert L.parse_args(["--seeds", "1,3-4"]).seeds == [1, 3, 4]
-    with pytest.raises(SystemExit):
-        L.parse_args(["--seeds", "3-x"])
+    assert L.parse_args(["--seeds", "1,3-4,3"]).seeds == [1, 3, 4]  # each seed once
+    for bad in ("3-x", "24-9"):
+        with pytest.raises(SystemExit):
+            L.parse_args(["--seeds", bad])
 
 
 def test_default_curve_points():
