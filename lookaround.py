@@ -1088,7 +1088,12 @@ FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weigh
 # from while searching; the evaluation documents are never read), on tuning seeds 101 and 102.
 FINETUNE_GRID = {"learning_rate": [1e-4, 3e-4, 1e-3], "epochs": [5, 10, 20]}
 FINETUNE_VAL_DOCS = 400
-FINETUNE_RECIPES = {}  # name -> {"learning_rate", "epochs"} as the search chose; absent: FINETUNE_RECIPE's
+FINETUNE_RECIPES = {  # name -> the recipe the search chose (the README has its table); absent: FINETUNE_RECIPE's
+    "ar": {"learning_rate": 1e-3, "epochs": 10}, "ar_diverse": {"learning_rate": 3e-4, "epochs": 5},
+    "mlm": {"learning_rate": 1e-3, "epochs": 20}, "mlm_varlen": {"learning_rate": 1e-3, "epochs": 20},
+    "mlm_half": {"learning_rate": 1e-3, "epochs": 20}, "varlen_bert": {"learning_rate": 1e-3, "epochs": 20},
+    "ar_diverse2": {"learning_rate": 3e-4, "epochs": 5}, "ar_diverse8": {"learning_rate": 3e-4, "epochs": 10},
+}
 
 
 def recipe_for(objective):
@@ -3354,12 +3359,12 @@ def evaluate(model, corpus, objective, seed, args, device, final):
 def stored_untrained(args, objective, seed, config):
     """The untrained baselines of a study, each computed once and kept in --out_dir/untrained/, so
     that the other runs and a resumed study read them back. The untrained network depends on the
-    seed and the trunk only: ar and ar_diverse share every baseline (ar_diverse's extra heads are
-    drawn from no random numbers, and no evaluation reads them), and mlm and mlm_varlen share all
-    but the pooled readouts, whose trained readout hides as the objective does (hiding=True). A
-    stored result is used only where its key matches: every setting of the command, and this file's
-    own text (a fork that changes an evaluation recomputes them); fine-tuning's also its recipe (each
-    objective's own)."""
+    seed and the trunk only: ar and ar_diverse share every readout (ar_diverse's extra heads are
+    drawn from no random numbers, and no evaluation reads them), and mlm and mlm_varlen all but the
+    pooled ones, whose trained readout hides as the objective does (hiding=True). A stored result
+    is used only where its key matches: every setting of the command, and this file's own text (a
+    fork that changes an evaluation recomputes them); fine-tuning's also its recipe (each
+    objective's own: the same recipe and attention, the same baseline)."""
     code = CODE["sha256"][:16]
 
     def untrained(part, compute, hiding=False, recipe=None):

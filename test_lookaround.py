@@ -1120,12 +1120,15 @@ def test_a_study_computes_each_untrained_baseline_once_and_reads_it_back(study, 
     out, _, _ = study
     parts = sorted(f.name.split("-")[0] for f in (out / "untrained").iterdir())
     # per seed: the pooled readouts once for ar and ar_diverse (one trunk, one readout) and once per masked
-    # objective (their trained readout hides as each does); per-position and fine-tuning once per attention mode
-    assert parts == ["finetune"] * 4 + ["per_position"] * 4 + ["pooled"] * 6
+    # objective (their trained readout hides as each does); per-position once per attention mode; fine-tuning once
+    # per recipe and attention mode (ar's and ar_diverse's recipes differ, mlm's and mlm_varlen's are one)
+    assert L.recipe_for(OBJ["ar"]) != L.recipe_for(OBJ["ar_diverse"])
+    assert L.recipe_for(OBJ["mlm"]) == L.recipe_for(OBJ["mlm_varlen"])
+    assert parts == ["finetune"] * 6 + ["per_position"] * 4 + ["pooled"] * 6
     monkeypatch.setattr(L, "make_synthetic", small_synthetic)
     args, cpu = L.parse_args(STUDY), torch.device("cpu")
     corpus = L.load_corpus(args, 2)
-    for name in ("ar_diverse", "mlm_varlen"):  # each read back what ar's or mlm's run of seed 2 computed
+    for name in ("ar_diverse", "mlm_varlen"):  # each read back what was computed for it (mlm_varlen: by mlm's run)
         r = json.load(open(out / name / "seed2" / "results.json"))
         objective = L.with_values(OBJ[name], args)
         net = L.initial_model(L.config_from_args(args, objective, corpus.vocab_size), 2, cpu)
