@@ -2053,11 +2053,11 @@ def test_theory_probes_stay_below_bayes_and_coverage_follows_the_visible_lengths
 
 def test_theory_writes_a_deterministic_theory_json(tmp_path, capsys):
     runs = []
-    for seed, out in (("1", "a"), ("1", "b"), ("2", "c")):
-        assert L.main(["--theory", "--theory_worlds", "2", "--seed", seed, "--out_dir", str(tmp_path / out)]) == 0
+    for seed, worlds, out in (("1", "2", "a"), ("1", "2", "b"), ("2", "1", "c")):
+        assert L.main(["--theory", "--theory_worlds", worlds, "--seed", seed, "--out_dir", str(tmp_path / out)]) == 0
         runs.append(json.load(open(tmp_path / out / "theory.json")))
     a, b, c = runs
-    assert a == b and a["worlds"] != c["worlds"]
+    assert a == b and a["worlds"][0] != c["worlds"][0]  # the same seed, the same worlds; another seed, others
     assert set(a) == {"settings", "worlds", "tally"} and len(a["worlds"]) == 2
     own = {k for o in L.OBJECTIVES.values() for k in o.settings}  # every objective's settings
     assert set(a["settings"]) == {"theory_worlds", "theory_vocab", "theory_len", "theory_classes", "theory_alpha",
