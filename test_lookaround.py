@@ -949,7 +949,7 @@ def test_default_style_run_trains_reports_and_writes_results(tmp_path, capsys):
 def test_default_run_learns_below_unigram_entropy(tmp_path):
     # the default model for a short budget: the loss must beat what a context-free model can do
     out = tmp_path / "run"
-    assert L.main(["--max_iters", "120", "--eval_interval", "120", "--no-eval_cluster", "--no-eval_gen",
+    assert L.main(["--max_iters", "60", "--eval_interval", "60", "--no-eval_cluster", "--no-eval_gen",
                    "--no-eval_finetune", "--out_dir", str(out)]) == 0
     r = json.load(open(out / "results.json"))
     corpus = L.make_synthetic(seed=1)
