@@ -409,9 +409,6 @@ class Objective:
     val_values: dict = field(default_factory=dict)  # values the val loss overrides
     patterns: callable = None  # (L, values) -> the theory's training patterns; None: not covered
     problems: callable = None  # (values, args) -> what is wrong with its settings' values
-    # its untrained network's row; None: "random init (as <name>)". Objectives whose untrained networks
-    # read out alike share one (ar and ar_diverse: FutureHeads start at zero), so a summary keeps one
-    baseline: str = None
     values: dict = None  # its settings' values in this run (with_values); None: the defaults
 
     def __post_init__(self):  # an attention mode the evaluations cannot run is refused here
@@ -420,8 +417,6 @@ class Objective:
                              f"{ATTENTIONS}")
         if self.values is None:
             self.values = {name: s.default for name, s in self.settings.items()}
-        if self.baseline is None:
-            self.baseline = f"random init (as {self.name})"
 
 
 @dataclass(frozen=True)
@@ -472,12 +467,12 @@ def varlen_problems(v, args):
 # theory section, which says what a pattern is.
 OBJECTIVES = {o.name: o for o in [
     Objective("ar", ar, attention="causal", learning_rate=1e-3, window_extra=1,
-              patterns=lambda L, v: ar_patterns(L), baseline="random init (causal)"),
+              patterns=lambda L, v: ar_patterns(L)),
     Objective("ar_diverse", ar_diverse, attention="causal", learning_rate=1e-3, window_extra=1,
               settings={"n_future": Setting(4, "future tokens predicted per position")},
               network=lambda v: {"n_future": v["n_future"]},
               patterns=lambda L, v: ar_diverse_patterns(L, v["n_future"]),
-              problems=ar_diverse_problems, baseline="random init (causal)"),
+              problems=ar_diverse_problems),
     Objective("mlm", mlm, attention="bidirectional", learning_rate=1e-3,
               hiding=lambda B, T, v: mlm_hidden(B, T, v["mask_ratio"]),
               settings={"mask_ratio": Setting(0.15, "fraction of positions hidden")},
@@ -554,15 +549,13 @@ def variant_definitions(args):
 def member(name, args):
     """The record one run trains and evaluates: an objective's with its settings' values from the
     flags, or a variant's, its objective's record with the variant's values over those, its own
-    name, its own tuned learning rate where there is one, and an untrained row of its own where it
-    hides (its trained readout hides as it does)."""
+    name and its own tuned learning rate where there is one."""
     if name in OBJECTIVES:
         return with_values(OBJECTIVES[name], args)
     base_name, overrides = variant_definitions(args)[name]
     base = with_values(OBJECTIVES[base_name], args)
     return replace(base, name=name, values={**base.values, **overrides},
-                   learning_rate=VARIANT_LEARNING_RATES.get(name, base.learning_rate),
-                   baseline=base.baseline if base.hiding is None else f"random init (as {name})")
+                   learning_rate=VARIANT_LEARNING_RATES.get(name, base.learning_rate))
 
 
 def members(args):
@@ -1493,6 +1486,13 @@ JUDGE_METRICS = ["grammatical", "topic_kept", "nll", "kl"]  # judge_continuation
 LANGUAGE_ROW, DATA_ROW = "the language itself", "the data itself"
 
 
+def untrained_row(name):
+    """The row of a member's own untrained network. Every member has one: ar's and ar_diverse's
+    frozen readouts are the same numbers (stored_untrained computes them once), but each fine-tunes
+    by its own member's recipe, so their fine-tuned rows differ."""
+    return f"random init (as {name})"
+
+
 def summarize(all_results):
     """The paper-style comparison: objectives and baselines as rows; as columns the frozen readouts
     (k-means and probe on trained and clean, the per-position probe), fine-tuned accuracy per n and
@@ -1525,10 +1525,10 @@ def summarize(all_results):
             if bayes["samples"]:
                 rows.setdefault(DATA_ROW, {}).setdefault(r["seed"], {
                     f"left_to_right {k}": bayes["samples"][k] for k in JUDGE_METRICS})
-        if c or f:  # baselines: one per seed; every run of that seed that reads out alike computed the same one
+        if c or f:  # the run's own untrained network, read out and fine-tuned as the run is
             untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
                                        f and f["baselines"]["random_init"])
-            rows.setdefault(r["baseline"], {}).setdefault(r["seed"], untrained)
+            rows.setdefault(untrained_row(obj), {})[r["seed"]] = untrained
         if c:
             tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
             rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
@@ -3411,7 +3411,7 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
         train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
         base, overrides = variant_definitions(args).get(name, (None, None))
         variant = base and {"of": base, "values": overrides, "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
-        results = {"objective": name, "variant": variant, "values": objective.values, "baseline": objective.baseline,
+        results = {"objective": name, "variant": variant, "values": objective.values,
                    "seed": seed, "data": args.data, "code": CODE, "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
                    "gen": final["gen"], "best": best_point, "bayes": language_limits(corpus, args),
@@ -3458,7 +3458,7 @@ def print_report(results, corpus, args):
         print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
               f"(trained readout: {trained}):")
         untrained = {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS + ["per_position"]}
-        rows = [(objective, c["readouts"]), (record.baseline, untrained),
+        rows = [(objective, c["readouts"]), (untrained_row(objective), untrained),
                 ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS})]
         print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in READOUTS) + "per-position")
         print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in READOUTS)
@@ -3476,7 +3476,7 @@ def print_report(results, corpus, args):
         print(f"fine-tuning the network and a linear head on n labelled training documents ({args.finetune_draws} "
               f"draws; held-out accuracy, mean ± std; {f['seconds']:.1f} s):")
         print(" " * 30 + "".join(f"{f'n={n}':>14}" for n in args.finetune_labels))
-        for name, r in ((objective, f), (record.baseline, f["baselines"]["random_init"])):
+        for name, r in ((objective, f), (untrained_row(objective), f["baselines"]["random_init"])):
             print(f"  {name:<28}" + "".join(f"{r[str(n)]['acc']:>8.3f} ±{r[str(n)]['acc_std']:.3f}"
                                             for n in args.finetune_labels))
     if results["gen"]:
