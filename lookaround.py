@@ -1629,7 +1629,7 @@ def search_table(all_results):
 PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary rows: fine-tuned accuracy at n = 128
 
 
-def present(value):
+def none_if_missing(value):
     """value(run), or None where the run lacks what it reads (an evaluation that did not run, an
     objective without that form, a run made before the metric existed)."""
     def read(r):
@@ -1641,17 +1641,18 @@ def present(value):
 
 
 def cluster_value(readout, key):
-    return present(lambda r: r["cluster"]["readouts"][readout][key])
+    return none_if_missing(lambda r: r["cluster"]["readouts"][readout][key])
 
 
 def finetune_value(n):
-    return present(lambda r: r["finetune"][str(n)]["acc"])
+    return none_if_missing(lambda r: r["finetune"][str(n)]["acc"])
 
 
 def log_ppl(prefix=None):
-    return present(lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]))
+    return none_if_missing(lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]))
 
 
+@none_if_missing
 def log_ppl_short_prefixes(r):
     """log ppl over prefix lengths 1..T/4: the mean next-token loss where the prefix is short, the
     regime of the variable-length claim."""
@@ -1668,20 +1669,20 @@ def judged(key, order="left_to_right"):
         any_order = [name for name in samples if name.startswith("any/")] if order == "any" else []
         return samples[max(any_order, key=lambda name: int(name.split("/")[1])) if any_order
                        else "left_to_right"][key]
-    return present(value)
+    return none_if_missing(value)
 
 
 # the short-input form and the likelihood bound where the run has them, else the left-to-right chain
-log_ppl_short_input = present(lambda r: math.log(r["gen"]["ppl_short_input"] or r["gen"]["ppl"]))
-nll_bound = present(lambda r: (r["gen"]["elbo"] or {}).get("nll", r["gen"]["chain_nll"]))
+log_ppl_short_input = none_if_missing(lambda r: math.log(r["gen"]["ppl_short_input"] or r["gen"]["ppl"]))
+nll_bound = none_if_missing(lambda r: (r["gen"]["elbo"] or {}).get("nll", r["gen"]["chain_nll"]))
 
 
 def baseline_of(readout, key):
     """For a row's metric, the untrained network's value of it (None: the metric has no baseline)."""
     if readout is not None:
-        return present(lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
+        return none_if_missing(lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
     if key and key.startswith("finetune@"):
-        return present(lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
+        return none_if_missing(lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
     return None
 
 
@@ -1691,67 +1692,74 @@ def finetune_gain(n):
     return lambda r: None if untrained(r) is None or trained(r) is None else trained(r) - untrained(r)
 
 
+@dataclass(frozen=True)
+class ClaimRow:
+    """One row of the verdict table: value(a's run) - value(b's run), paired by seed."""
+    claim: str  # the paper's claim it bears on
+    metric: str  # its name: what is compared, "... a - b"
+    a: str
+    b: str
+    value: callable  # run -> the metric; None where the run lacks it (none_if_missing)
+    primary: bool = False  # one of the seven rows fixed in advance, judged with a verdict
+    readout: str = None  # the frozen readout a clustering metric reads; None: not a readout
+    baseline_key: str = None  # the metric's name for its untrained value (baseline_of); None: none
+
+
 def claim_rows(label_counts):
-    """(claim, metric, readout, a, b, value, primary, key) for every row, key naming the metric for
-    its untrained baseline (baseline_of); label_counts: the fine-tuning n's that ran."""
+    """Every row of the verdict table, primary and secondary; label_counts: the fine-tuning n's
+    that ran (the primary n first)."""
     n0, rows = PRIMARY_FINETUNE_LABELS, []
     diverse = "diversity-enhanced AR clusters better than AR"
     for claim, a in (("masked clusters better than AR", "mlm"), (diverse, "ar_diverse")):
-        rows.append((claim, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), True,
-                     f"finetune@{n0}"))
-        rows += [(claim, f"fine-tuned acc n={n} {a} - ar", None, a, "ar", finetune_value(n), False, f"finetune@{n}")
-                 for n in label_counts if n != n0]
-        rows += [(claim, f"fine-tuned gain over untrained n={n} {a} - ar", None, a, "ar", finetune_gain(n), False,
-                  None) for n in label_counts]
-        rows += [(claim, f"{label} {a} - ar", ro, a, "ar", cluster_value(ro, key), False, key)
+        rows += [ClaimRow(claim, f"fine-tuned acc n={n} {a} - ar", a, "ar", finetune_value(n), primary=n == n0,
+                          baseline_key=f"finetune@{n}") for n in [n0] + [n for n in label_counts if n != n0]]
+        rows += [ClaimRow(claim, f"fine-tuned gain over untrained n={n} {a} - ar", a, "ar", finetune_gain(n))
+                 for n in label_counts]
+        rows += [ClaimRow(claim, f"{label} {a} - ar", a, "ar", cluster_value(ro, key), readout=ro,
+                          baseline_key=key)
                  for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS]
-        rows.append((claim, f"probe acc {a} - ar", "per_position", a, "ar", cluster_value("per_position", "probe_acc"),
-                     False, "probe_acc"))
+        rows.append(ClaimRow(claim, f"probe acc {a} - ar", a, "ar", cluster_value("per_position", "probe_acc"),
+                             readout="per_position", baseline_key="probe_acc"))
     for a in ("ar_diverse2", "ar_diverse8"):  # the dose-response: 2 and 8 future tokens beside ar_diverse's 4
-        rows += [(diverse, f"fine-tuned acc n={n0} {a} - ar", None, a, "ar", finetune_value(n0), False,
-                  f"finetune@{n0}"),
-                 (diverse, f"fine-tuned gain over untrained n={n0} {a} - ar", None, a, "ar", finetune_gain(n0), False,
-                  None)]
+        rows += [ClaimRow(diverse, f"fine-tuned acc n={n0} {a} - ar", a, "ar", finetune_value(n0),
+                          baseline_key=f"finetune@{n0}"),
+                 ClaimRow(diverse, f"fine-tuned gain over untrained n={n0} {a} - ar", a, "ar", finetune_gain(n0))]
     gen = "AR generates better than masked"
-    rows += [(gen, "log ppl mlm - ar", None, "mlm", "ar", log_ppl(), True, None),
-             (gen, "grammatical, left to right, ar - mlm", None, "ar", "mlm", judged("grammatical"), True, None),
-             (gen, "log ppl, short input, mlm - ar", None, "mlm", "ar", log_ppl_short_input, False, None),
-             (gen, "NLL, mlm's ELBO - ar's chain", None, "mlm", "ar", nll_bound, False, None),
-             (gen, "grammatical, ar left to right - mlm any order", None, "ar", "mlm", judged("grammatical", "any"),
-              False, None),
-             (gen, "log ppl mlm_varlen - ar", None, "mlm_varlen", "ar", log_ppl(), False, None),
-             (gen, "grammatical, left to right, ar - mlm_varlen", None, "ar", "mlm_varlen", judged("grammatical"),
-              False, None)]
+    rows += [ClaimRow(gen, "log ppl mlm - ar", "mlm", "ar", log_ppl(), primary=True),
+             ClaimRow(gen, "grammatical, left to right, ar - mlm", "ar", "mlm", judged("grammatical"), primary=True),
+             ClaimRow(gen, "log ppl, short input, mlm - ar", "mlm", "ar", log_ppl_short_input),
+             ClaimRow(gen, "NLL, mlm's ELBO - ar's chain", "mlm", "ar", nll_bound),
+             ClaimRow(gen, "grammatical, ar left to right - mlm any order", "ar", "mlm", judged("grammatical", "any")),
+             ClaimRow(gen, "log ppl mlm_varlen - ar", "mlm_varlen", "ar", log_ppl()),
+             ClaimRow(gen, "grammatical, left to right, ar - mlm_varlen", "ar", "mlm_varlen", judged("grammatical"))]
     varlen = "variable-length masked generates better than masked, most at short prefixes"
     short = "log ppl, prefixes 1..T/4,"
-    rows += [(varlen, f"{short} mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl_short_prefixes, True, None),
-             (varlen, f"{short} mlm_half - varlen_bert", None, "mlm_half", "varlen_bert", log_ppl_short_prefixes,
-              True, None),
-             (varlen, "grammatical, left to right, mlm_varlen - mlm", None, "mlm_varlen", "mlm",
-              judged("grammatical"), True, None),
-             (varlen, "log ppl@1/8 mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl("0.125"), False, None),
-             (varlen, "log ppl mlm - mlm_varlen", None, "mlm", "mlm_varlen", log_ppl(), False, None),
-             (varlen, "log ppl mlm_half - varlen_bert", None, "mlm_half", "varlen_bert", log_ppl(), False, None),
-             (varlen, "grammatical, left to right, varlen_bert - mlm_half", None, "varlen_bert", "mlm_half",
-              judged("grammatical"), False, None)]
-    return [(c, m, ro, a, b, present(v), p, k) for c, m, ro, a, b, v, p, k in rows]
+    rows += [ClaimRow(varlen, f"{short} mlm - mlm_varlen", "mlm", "mlm_varlen", log_ppl_short_prefixes, primary=True),
+             ClaimRow(varlen, f"{short} mlm_half - varlen_bert", "mlm_half", "varlen_bert", log_ppl_short_prefixes,
+                      primary=True),
+             ClaimRow(varlen, "grammatical, left to right, mlm_varlen - mlm", "mlm_varlen", "mlm",
+                      judged("grammatical"), primary=True),
+             ClaimRow(varlen, "log ppl@1/8 mlm - mlm_varlen", "mlm", "mlm_varlen", log_ppl("0.125")),
+             ClaimRow(varlen, "log ppl mlm - mlm_varlen", "mlm", "mlm_varlen", log_ppl()),
+             ClaimRow(varlen, "log ppl mlm_half - varlen_bert", "mlm_half", "varlen_bert", log_ppl()),
+             ClaimRow(varlen, "grammatical, left to right, varlen_bert - mlm_half", "varlen_bert", "mlm_half",
+                      judged("grammatical"))]
+    return rows
 
 
-def paired_verdict(diffs):
-    """Mean paired difference, its 95% t-interval, the two-sided paired t-test's p-value, and the
-    interval's verdict: reproduced (the interval lies above 0), contradicted (below 0) or
-    inconclusive. One seed gives a difference but no interval, no p-value and no verdict."""
+def paired_t(diffs):
+    """Mean paired difference, its 95% t-interval and the two-sided paired t-test's p-value. One
+    seed gives a difference but no interval and no p-value."""
     from scipy import stats
     mean = float(np.mean(diffs))
     if len(diffs) < 2:
-        return mean, None, None, None
+        return mean, None, None
     sd = float(np.std(diffs, ddof=1))
     half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
     # identical differences (sd 0 up to rounding) have no spread to test against: p is 0, or 1 if
     # they are all 0
     p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 1e-12 * max(1.0, abs(mean)) else float(mean == 0)
-    lo, hi = mean - half, mean + half
-    return mean, [lo, hi], p, "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+    return mean, [mean - half, mean + half], p
 
 
 def sign_flip_p(diffs):
@@ -1814,19 +1822,23 @@ def claims_table(all_results, verbose=True):
     seeds = sorted({r["seed"] for r in all_results})
     label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
     claims, spread = [], []
-    for claim, metric, readout, a, b, value, primary, key in claim_rows(label_counts):
-        runs = [(by_run[a, s], by_run[b, s]) for s in seeds if (a, s) in by_run and (b, s) in by_run]
+    for row in claim_rows(label_counts):
+        value, primary = row.value, row.primary
+        runs = [(by_run[row.a, s], by_run[row.b, s]) for s in seeds if (row.a, s) in by_run and (row.b, s) in by_run]
         pairs = [(ra, rb) for ra, rb in runs if value(ra) is not None and value(rb) is not None]
         diffs = [value(ra) - value(rb) for ra, rb in pairs]
         if not diffs:
             continue
-        mean, ci, p_t, _ = paired_verdict(diffs)
-        flag, untrained = None, baseline_of(readout, key)
-        for name, side in ((a, 0), (b, 1)) if untrained else ():
+        mean, ci, p_t = paired_t(diffs)
+        untrained, failing = baseline_of(row.readout, row.baseline_key), []
+        for name, side in ((row.a, 0), (row.b, 1)) if untrained else ():
             base = [untrained(pair[side]) for pair in pairs]
             if None not in base and np.mean([value(pair[side]) for pair in pairs]) <= np.mean(base):
-                flag = f"does not measure pretraining: {name} does not beat its untrained network"
-        claims.append({"claim": claim, "metric": metric, "readout": readout, "primary": primary,
+                failing.append(name)
+        flag = failing and ("does not measure pretraining: " + (
+            f"{failing[0]} does not beat its untrained network" if len(failing) == 1
+            else f"{' and '.join(failing)} do not beat their untrained networks")) or None
+        claims.append({"claim": row.claim, "metric": row.metric, "readout": row.readout, "primary": primary,
                        "mean_diff": mean, "ci95": ci, "p_value": sign_flip_p(diffs) if primary and ci else None,
                        "p_t": p_t, "p_holm": None, "detectable": None, "n_seeds": len(diffs),
                        "n_expected_sign": sum(d > 0 for d in diffs), "verdict": None if primary else interval_words(ci),
@@ -1835,7 +1847,7 @@ def claims_table(all_results, verbose=True):
     tested = [i for i, c in enumerate(claims) if c["primary"] and c["p_value"] is not None]
     # the family is every primary row claim_rows defines, whether it ran or not: one that did not run (its
     # members absent) counts as p = 1, so a study of fewer members, or an arm, is never judged more leniently
-    family = sum(row[6] for row in claim_rows([PRIMARY_FINETUNE_LABELS]))
+    family = sum(row.primary for row in claim_rows([PRIMARY_FINETUNE_LABELS]))
     for rank, i in enumerate(sorted(tested, key=lambda i: claims[i]["p_value"])):  # Holm's level at each rank
         claims[i]["detectable"] = detectable_difference(spread[i], claims[i]["n_seeds"], 0.05 / (family - rank))
     p_tested = [claims[i]["p_value"] for i in tested]
@@ -1905,7 +1917,7 @@ def at_best(r):
 ARM_METRICS = [("fine-tuned acc n=32", finetune_value(32)), ("fine-tuned acc n=128", finetune_value(128)),
                ("probe acc (clean)", cluster_value("clean", "probe_acc")),
                ("NMI (clean)", cluster_value("clean", "nmi")),
-               ("log ppl", log_ppl()), ("log ppl, prefixes 1..T/4", present(log_ppl_short_prefixes)),
+               ("log ppl", log_ppl()), ("log ppl, prefixes 1..T/4", log_ppl_short_prefixes),
                ("grammatical, left to right", judged("grammatical"))]
 
 
@@ -1940,7 +1952,7 @@ def arm_rows(all_results, others, read, verbose=True):
         for metric, value in ARM_METRICS:
             diffs = [value(a) - value(b) for a, b in pairs if a and b and None not in (value(a), value(b))]
             if diffs:
-                mean, ci, _, _ = paired_verdict(diffs)
+                mean, ci, _ = paired_t(diffs)
                 rows.append({"member": name, "metric": metric, "mean_diff": mean, "ci95": ci, "n_seeds": len(diffs),
                              "n_positive": sum(d > 0 for d in diffs), "words": interval_words(ci)})
     if verbose and rows:
@@ -1987,7 +1999,7 @@ def plot_summary(all_results, path):
                lambda p, f=f: p["gen"] and p["gen"]["ppl_by_prefix"][str(f)]) for f in PREFIX_FRACTIONS]
     panels.append((f"fine-tuned accuracy, n = {n}", "curve", lambda p: p["finetune"] and p["finetune"][str(n)]["acc"]))
     panels.append(("grammatical rate, left-to-right samples", "curve",
-                   present(lambda p: p["gen"]["samples"]["left_to_right"]["grammatical"])))
+                   none_if_missing(lambda p: p["gen"]["samples"]["left_to_right"]["grammatical"])))
     panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"]))
     panels.append(("perplexity by prefix length, end of training", "length", lambda r: r["gen"]))
 

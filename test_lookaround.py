@@ -560,14 +560,15 @@ def test_batched_generation_scoring_equals_one_position_at_a_time(name):
             assert abs(fast[n, j].item() - ref.item()) < 1e-4
 
 
-def test_paired_verdicts_on_hand_made_differences():
-    mean, ci, p, verdict = L.paired_verdict([1.0, 2.0, 3.0])  # mean 2, sd 1: half-width t(0.975, 2)/sqrt(3) = 2.484
-    assert mean == 2.0 and ci == pytest.approx([2 - 2.4841, 2 + 2.4841], abs=1e-4) and verdict == "inconclusive"
+def test_paired_t_intervals_on_hand_made_differences():
+    mean, ci, p = L.paired_t([1.0, 2.0, 3.0])  # mean 2, sd 1: half-width t(0.975, 2)/sqrt(3) = 2.484
+    assert mean == 2.0 and ci == pytest.approx([2 - 2.4841, 2 + 2.4841], abs=1e-4)
     assert p == pytest.approx(0.0742, abs=1e-4)  # t = 2 / (1 / sqrt 3) = 3.464 on 2 degrees of freedom, two-sided
-    assert L.paired_verdict([0.10, 0.12, 0.11, 0.09, 0.13])[3] == "reproduced"  # a clear win
-    assert L.paired_verdict([-0.10, -0.12, -0.11, -0.09, -0.13])[3] == "contradicted"  # a clear loss
-    assert L.paired_verdict([0.2, -0.1, 0.15, -0.2, 0.05])[3] == "inconclusive"  # an overlap
-    assert L.paired_verdict([0.3]) == (0.3, None, None, None)  # one seed: a difference, no interval, no verdict
+    words = {d: L.interval_words(L.paired_t(d)[1]) for d in [(0.10, 0.12, 0.11, 0.09, 0.13),
+                                                             (-0.10, -0.12, -0.11, -0.09, -0.13),
+                                                             (0.2, -0.1, 0.15, -0.2, 0.05)]}
+    assert list(words.values()) == ["interval above 0", "interval below 0", "interval spans 0"]
+    assert L.paired_t([0.3]) == (0.3, None, None)  # one seed: a difference, no interval, no p
 
 
 def test_holm_adjustment_on_a_textbook_example():
@@ -579,10 +580,9 @@ def test_holm_adjustment_on_a_textbook_example():
 
 def test_the_seven_primary_rows_fixed_in_advance():
     rows = L.claim_rows([32, 128, 512])
-    claims = {row[0] for row in rows}
+    claims = {row.claim for row in rows}
     assert len(claims) == 4
-    assert all(len(row) == 8 for row in rows)
-    primary = [(row[1], row[3], row[4]) for row in rows if row[6]]
+    primary = [(row.metric, row.a, row.b) for row in rows if row.primary]
     assert primary == [("fine-tuned acc n=128 mlm - ar", "mlm", "ar"),
                        ("fine-tuned acc n=128 ar_diverse - ar", "ar_diverse", "ar"),
                        ("log ppl mlm - ar", "mlm", "ar"),
@@ -590,8 +590,9 @@ def test_the_seven_primary_rows_fixed_in_advance():
                        ("log ppl, prefixes 1..T/4, mlm - mlm_varlen", "mlm", "mlm_varlen"),
                        ("log ppl, prefixes 1..T/4, mlm_half - varlen_bert", "mlm_half", "varlen_bert"),
                        ("grammatical, left to right, mlm_varlen - mlm", "mlm_varlen", "mlm")]
-    assert len({row[1:3] for row in rows}) == len(rows)  # no row twice
-    assert {row[1] for row in L.claim_rows([8])} >= {"fine-tuned acc n=8 mlm - ar", "fine-tuned acc n=128 mlm - ar"}
+    assert len({(row.metric, row.readout) for row in rows}) == len(rows)  # no row twice
+    assert all(row.a in row.metric and row.b in row.metric for row in rows)  # each row names its two members
+    assert {row.metric for row in L.claim_rows([8])} >= {"fine-tuned acc n=8 mlm - ar", "fine-tuned acc n=128 mlm - ar"}
 
 
 def hand_made_run(objective, seed, ppl, nmi=None, finetune=None):
@@ -683,6 +684,10 @@ def test_a_row_whose_model_does_not_beat_its_untrained_network_is_flagged():
         "does not measure pretraining: mlm does not beat its untrained network"
     gain = claims["fine-tuned gain over untrained n=128 mlm - ar"]
     assert gain["mean_diff"] == pytest.approx(-0.1) and gain["flag"] is None and not gain["primary"]
+    for r in runs:  # raise every untrained network above ar too: the flag names both
+        r["finetune"]["baselines"]["random_init"]["128"]["acc"] += 0.1
+    assert {c["metric"]: c for c in L.claims_table(runs, verbose=False)}["fine-tuned acc n=128 mlm - ar"]["flag"] \
+        == "does not measure pretraining: mlm and ar do not beat their untrained networks"
 
 
 def labelled_corpus(kind, n_train=64, n_eval=40, T=16, V=20, seed=0):
