@@ -13,12 +13,12 @@ two objectives: diversity-enhanced AR (predict several future tokens) and variab
 Read top to bottom: the model, then the four objectives, which differ in the attention mode, the
 positions hidden and the tokens that are targets (and, as each says, in small details: mlm's BERT
 corruption, ar_diverse's heads), each with its record in OBJECTIVES (a fifth objective is one
-function and one record); then the built-in corpus, the evaluations, the exact theory, and
-the machinery (training loop, real text, benchmark, flags and main).
+function and one record); then the built-in corpus, the evaluations, the verdicts across runs,
+the exact theory, and the machinery (training loop, real text, benchmark, flags and main).
 
-    python lookaround.py                                    # built-in corpus, one objective; ~5 min on a laptop CPU
-    python lookaround.py --objective all --seeds 1-5        # the four objectives, paired by seed
-    python lookaround.py --theory                           # the comparison computed exactly, no training; < 1 min
+    python lookaround.py                               # ar on the built-in corpus: ~5 min, 2 CPU cores
+    python lookaround.py --objective all --seeds 1-5   # the four objectives, paired by seed: ~3 hours
+    python lookaround.py --theory                      # the comparison computed exactly: under a minute
 """
 import argparse
 import contextlib
@@ -360,6 +360,8 @@ def mlm_varlen(model, idx, varlen_min, varlen_max, varlen_weight, varlen_corrupt
     masked diffusion LMs (MDLM, Sahoo et al., 2024; LLaDA, Nie et al., 2025). The paper states none;
     "token" is the plain masked loss."""
     B, T = idx.shape
+    # What differs from mlm is this line (a count per row, not one for all), the corruption and the
+    # weighting at the end; the rest packs the rows' hidden positions for speed
     n_hidden = varlen_hidden(B, T, varlen_min, varlen_max, idx.device)
     # The shapes: the most each stratum can hide (u -> 1), whatever is drawn: no recompiles
     most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), varlen_min, varlen_max), T)
@@ -399,7 +401,8 @@ class Objective:
     learning_rate: float  # peak AdamW learning rate (how it was chosen: see OBJECTIVES)
     # how it hides, (B, T, values) -> hidden count per row, the draw its loss makes: its "trained"
     # readout hides so, and the evaluations read its predictions in place, at [MASK]. None: it hides
-    # nothing, and the state at t predicts x[t+1] (the trained positions are all but the last)
+    # nothing, and the state at t predicts x[t+1] (in an evaluation window, with no extra token,
+    # the last state has no target, so its trained readout pools all positions but the last)
     hiding: callable = None
     # training windows hold block_size + window_extra tokens (1: inputs idx[:-1], last target idx[-1],
     # as nanoGPT's x and y, so every one of the block_size positions has a target and is trained)
@@ -862,10 +865,11 @@ def language_next_probs(language, tokens):
 # linear probes, fine-tuning)? Generation: how well does the model continue prefixes of different
 # lengths?
 #
-# How a document becomes a vector is a choice that can flip the clustering comparison, so every run
-# reports three readouts side by side; the first two are each a mean of final hidden states:
 # Here a "causal" (next-token) model is one whose objective hides nothing (its record's hiding is
 # None), a "masked" one one that hides.
+#
+# How a document becomes a vector is a choice that can flip the clustering comparison, so every run
+# reports three readouts side by side; the first two are each a mean of final hidden states:
 # - "trained": the states at the positions the objective trains. A causal model's state at every
 #   position but the last predicts the next token, so: the mean over those. A masked model is
 #   trained only where it hides (its visible positions are never asked to predict anything), so:
@@ -1026,9 +1030,12 @@ def probe_accuracy(features, labels, seed, choose_c=False):
 
 
 
-def compute_now(part, compute, hiding=False, recipe=None):
+def compute_now(part, compute, depends_on_hiding=False, recipe=None):
     """The untrained baselines computed where they are asked for (no study folder to keep them in);
-    stored_untrained is the study's version."""
+    stored_untrained is the study's version. An evaluation calls untrained(part, compute, ...) for
+    each baseline: compute() makes its value; depends_on_hiding says that it reads out as the
+    objective hides (so objectives that hide differently cannot share it), recipe the fine-tuning
+    recipe it used."""
     return compute()
 
 
@@ -1054,7 +1061,7 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, untrained
     if untrained is not None:
         def net():
             return initial_model(model.config, seed, device)
-        base = dict(untrained("pooled", lambda: pooled(net()), hiding=True),
+        base = dict(untrained("pooled", lambda: pooled(net()), depends_on_hiding=True),
                     per_position=untrained("per_position", lambda: per_position(net())))
         tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
         for name in READOUTS:
@@ -1076,11 +1083,12 @@ def own_rng(device):
 # chosen by one rule (FINETUNE_RECIPES); the untrained baseline fine-tunes with the recipe of the
 # objective it stands beside.
 FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.01}
-# The rule: the highest mean held-out accuracy at n = 128 over this grid (--finetune_search), on a
+# The rule: the highest mean validation accuracy at n = 128 over this grid (--finetune_search), on a
 # validation split of the labelled training documents (their last FINETUNE_VAL_DOCS, never drawn
 # from while searching; the evaluation documents are never read), on tuning seeds 101 and 102.
 FINETUNE_GRID = {"learning_rate": [1e-4, 3e-4, 1e-3], "epochs": [5, 10, 20]}
 FINETUNE_VAL_DOCS = 400
+PRIMARY_FINETUNE_LABELS = 128  # the n the recipe search uses, and the classification claims' primary rows
 FINETUNE_RECIPES = {  # name -> the recipe the search chose (the README has its table); absent: FINETUNE_RECIPE's
     "ar": {"learning_rate": 1e-3, "epochs": 10}, "ar_diverse": {"learning_rate": 3e-4, "epochs": 5},
     "mlm": {"learning_rate": 1e-3, "epochs": 20}, "mlm_varlen": {"learning_rate": 1e-3, "epochs": 20},
@@ -1166,7 +1174,7 @@ def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draw
 
 
 def finetune_search(model, corpus, objective, seed, device, draws):
-    """--finetune_search: held-out accuracy at n = PRIMARY_FINETUNE_LABELS for every recipe of
+    """--finetune_search: validation accuracy at n = PRIMARY_FINETUNE_LABELS for every recipe of
     FINETUNE_GRID, "learning_rate/epochs" -> mean over draws, on the validation split of the
     labelled training documents (the draws come from the others). Reads no evaluation document."""
     if corpus.train_labels is None or len(corpus.train_docs) < FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS:
@@ -1330,14 +1338,20 @@ def masked_elbo(logits_fn, seqs, mask_id, draws, generator):
             "draws": draws}
 
 
+def judged_prefix_len(T):
+    """Generation is judged on continuations of held-out prefixes a quarter of a window long."""
+    return T // 4
+
+
 def samplers(objective, args, T):
     """The samplers the judge runs, by name. Every model: left to right (a next-token model has no
     other way). A masked model also unmasks in any order as MDLM and LLaDA do, with --remask: one
-    token a step, and in 4 steps (faster, and the field finds worse); and in --gen_steps steps if
-    --gen_order any asks for another number."""
+    token a step (as many steps as the continuation after judged_prefix_len has tokens), and in 4
+    steps (faster, and the field finds worse); and in --gen_steps steps if --gen_order any asks for
+    another number."""
     out = {"left_to_right": ("left_to_right", None, None)}
     if objective.hiding is not None:
-        steps = [T - T // 4, 4] + ([args.gen_steps] if args.gen_order == "any" and args.gen_steps else [])
+        steps = [T - judged_prefix_len(T), 4] + ([args.gen_steps] if args.gen_order == "any" and args.gen_steps else [])
         out.update({f"any/{s}/{args.remask}": ("any", s, args.remask) for s in steps})
     return out
 
@@ -1408,7 +1422,7 @@ def judge_samples(model, objective, corpus, n, sampler, generator):
     """n held-out windows' first quarter continued by the model's sampler at temperature 1 without
     top-k, each continuation judged by the language (judge_continuations)."""
     seqs = gen_windows(corpus, model.config.block_size, n)
-    l = model.config.block_size // 4
+    l = judged_prefix_len(model.config.block_size)
     blocks, log_q = generate(model, objective, seqs[:, :l], sampler, generator=generator)
     return judge_continuations(corpus.language, blocks.cpu(), l, corpus.eval_labels[:len(seqs)], log_q)
 
@@ -1468,12 +1482,13 @@ def language_limits(corpus, args):
     scores["nll"] = scores.pop("chain_nll")  # its exact NLL per token: the chain rule is exact for it
     return {**scores,
             "acc": float(np.mean(np.asarray(topics) == corpus.eval_labels)),
-            "samples": None if data is None else judge_continuations(language, data, T // 4,
+            "samples": None if data is None else judge_continuations(language, data, judged_prefix_len(T),
                                                                      corpus.eval_labels[:len(data)])}
 
 
-# Across runs: several seeds and objectives become one summary table and one verdict per claim
-# (summary.json).
+# -----------------------------------------------------------------------------------------------------
+# Across runs: several seeds and objectives become one summary table (summarize) and one row per
+# claim and metric, paired by seed (claims_table), seven of them judged with a verdict: summary.json.
 
 
 def fmt(x, digits=3):
@@ -1626,7 +1641,6 @@ def search_table(all_results):
 # a fixed against a variable ratio). Their verdicts are corrected for testing seven (Holm). Every
 # other row is secondary: evidence to read beside them, with its interval, and no verdict of its
 # own that could be cherry-picked.
-PRIMARY_FINETUNE_LABELS = 128  # the classification claims' primary rows: fine-tuned accuracy at n = 128
 
 
 def none_if_missing(value):
@@ -3373,16 +3387,17 @@ def stored_untrained(args, objective, seed, config):
     that the other runs and a resumed study read them back. The untrained network depends on the
     seed and the trunk only: ar and ar_diverse share every readout (ar_diverse's extra heads are
     drawn from no random numbers, and no evaluation reads them), and mlm and mlm_varlen all but the
-    pooled ones, whose trained readout hides as the objective does (hiding=True). A stored result
+    pooled ones, whose trained readout hides as the objective does (depends_on_hiding). A stored result
     is used only where its key matches: every setting of the command, and this file's own text (a
     fork that changes an evaluation recomputes them); fine-tuning's also its recipe (each
     objective's own: the same recipe and attention, the same baseline)."""
     code = CODE["sha256"][:16]
 
-    def untrained(part, compute, hiding=False, recipe=None):
+    def untrained(part, compute, depends_on_hiding=False, recipe=None):
         key = {"part": part, "seed": seed, "settings": run_settings(args), "code": code, "recipe": recipe,
                "attention": objective.attention, "in_place": objective.hiding is not None,
-               "hiding": [objective.name, objective.values] if hiding and objective.hiding is not None else None,
+               "hiding": ([objective.name, objective.values]
+                          if depends_on_hiding and objective.hiding is not None else None),
                "trunk": {k: v for k, v in asdict(config).items() if k != "n_future"}}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = os.path.join(args.out_dir, "untrained", f"{part}-{digest}.json")
@@ -3528,7 +3543,7 @@ def print_samples(model, objective, corpus, args, seed):
     """--sample: continuations of held-out prefixes a quarter of a block long, by the sampler
     --gen_order, --gen_steps and --remask configure (a model that hides nothing: left to right)."""
     seqs = gen_windows(corpus, args.block_size, args.sample)
-    prefix_len = args.block_size // 4
+    prefix_len = judged_prefix_len(args.block_size)
     sampler = ("left_to_right", None, None)
     if args.gen_order == "any" and objective.hiding is not None:
         sampler = ("any", args.gen_steps or args.block_size - prefix_len, args.remask)
