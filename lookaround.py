@@ -882,8 +882,9 @@ def language_next_probs(language, tokens):
 #   little).
 
 PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
-READOUTS = ["trained", "clean"]
-CLUSTER_METRICS = ["nmi", "ari", "acc", "probe_acc"]
+POOLED_READOUTS = ["trained", "clean"]  # a vector per document; per_position, the third, is probed only
+KMEANS_METRICS = ["nmi", "ari", "acc"]  # k-means's clusters against the labels (TF-IDF's too)
+CLUSTER_METRICS = KMEANS_METRICS + ["probe_acc"]  # and a linear probe: every pooled readout's scores
 
 
 @torch.no_grad()
@@ -894,7 +895,7 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
     so a run is repeatable and an untrained model read out with the same seed sees the same
     hidings."""
     model.eval()
-    features = {name: [None] * len(docs) for name in READOUTS}
+    features = {name: [None] * len(docs) for name in POOLED_READOUTS}
     with torch.random.fork_rng(devices=[]):  # hidings drawn on the CPU; training's streams untouched
         torch.manual_seed(seed)
         for chunk in length_batches(docs, batch_size):
@@ -906,7 +907,7 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
             else:
                 hidings = [hidden_state_mean(model, x, objective, device) for _ in range(views)]
                 pooled["trained"] = torch.stack(hidings).mean(dim=0)
-            for name in READOUTS:
+            for name in POOLED_READOUTS:
                 for i, f in zip(chunk, pooled[name].cpu().numpy()):
                     features[name][i] = f
     return {name: np.stack(f) for name, f in features.items()}
@@ -1050,7 +1051,7 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, untrained
     def pooled(m):  # trained and clean
         features = embed_documents(m, corpus.eval_docs, objective, device, views, seed)
         return {name: dict(cluster_scores(features[name], labels, seed),
-                           probe_acc=probe_accuracy(features[name], labels, seed)) for name in READOUTS}
+                           probe_acc=probe_accuracy(features[name], labels, seed)) for name in POOLED_READOUTS}
 
     def per_position(m):
         features = per_position_features(m, corpus.eval_docs, objective, device)
@@ -1064,7 +1065,7 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, untrained
         base = dict(untrained("pooled", lambda: pooled(net()), depends_on_hiding=True),
                     per_position=untrained("per_position", lambda: per_position(net())))
         tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
-        for name in READOUTS:
+        for name in POOLED_READOUTS:
             ours[name]["baselines"] = {"random_init": base[name], "tfidf": tfidf}
         ours["per_position"]["baselines"] = {"random_init": base["per_position"]}
     return dict(ours["clean"], readouts=ours)
@@ -1515,7 +1516,7 @@ def summarize(all_results):
     rows = {}
 
     def classification(readouts, finetune):  # the trained model's numbers, or its untrained baseline's
-        values = {f"{ro}_{k}": readouts[ro][k] for ro in READOUTS for k in CLUSTER_METRICS} if readouts else {}
+        values = {f"{ro}_{k}": readouts[ro][k] for ro in POOLED_READOUTS for k in CLUSTER_METRICS} if readouts else {}
         if readouts:
             values["per_position_probe_acc"] = readouts["per_position"]["probe_acc"]
         values.update({f"finetune@{n}": v["acc"] for n, v in (finetune or {}).items() if n.isdigit()})
@@ -1532,7 +1533,8 @@ def summarize(all_results):
         rows.setdefault(obj, {})[r["seed"]] = values
         bayes = r.get("bayes")
         if bayes:  # the language's limit in every column it has one for: one per seed (the corpus is the seed's)
-            accuracy = [f"{ro}_{k}" for ro in READOUTS for k in ("acc", "probe_acc")] + ["per_position_probe_acc"]
+            accuracy = [f"{ro}_{k}" for ro in POOLED_READOUTS for k in ("acc", "probe_acc")]
+            accuracy.append("per_position_probe_acc")
             limit = {col: bayes["acc"] for col in accuracy + [f"finetune@{n}" for n in (f or {}) if n.isdigit()]}
             limit.update({f"ppl@{frac}": v for frac, v in bayes["ppl_by_prefix"].items()}, ppl=bayes["ppl"],
                          chain_nll=bayes.get("nll", bayes.get("chain_nll")))
@@ -1545,7 +1547,7 @@ def summarize(all_results):
                                        f and f["baselines"]["random_init"])
             rows.setdefault(untrained_row(obj), {})[r["seed"]] = untrained
         if c:
-            tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in READOUTS for k in CLUSTER_METRICS[:3]}
+            tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in POOLED_READOUTS for k in KMEANS_METRICS}
             rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
     finetune_cols = sorted({col for by_seed in rows.values() for v in by_seed.values() for col in v
                             if col.startswith("finetune@")}, key=lambda col: int(col.split("@")[1]))
@@ -1554,7 +1556,7 @@ def summarize(all_results):
     table = {}
     for name, by_seed in rows.items():
         table[name] = {}
-        for col in [f"{ro}_{k}" for ro in READOUTS for k in CLUSTER_METRICS] + ["per_position_probe_acc"] \
+        for col in [f"{ro}_{k}" for ro in POOLED_READOUTS for k in CLUSTER_METRICS] + ["per_position_probe_acc"] \
                 + finetune_cols + GEN_METRICS + LIKELIHOOD_METRICS + judge_cols:
             vals = [v[col] for v in by_seed.values() if v.get(col) is not None]
             if vals:
@@ -1573,11 +1575,11 @@ def summarize(all_results):
     print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
     if any(c.startswith("clean_") for row in table.values() for c in row):
         print(("clustering of held-out documents" + " " * 6
-               + "".join(f"{ro + ' readout':<{4 * width}}" for ro in READOUTS)).rstrip())
-        print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(READOUTS)))
+               + "".join(f"{ro + ' readout':<{4 * width}}" for ro in POOLED_READOUTS)).rstrip())
+        print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(POOLED_READOUTS)))
         for name in order:
             print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
-                                          for ro in READOUTS for k in CLUSTER_METRICS))
+                                          for ro in POOLED_READOUTS for k in CLUSTER_METRICS))
     if any("per_position_probe_acc" in row or any(c in row for c in finetune_cols) for row in table.values()):
         print("classification: per-position probe, and fine-tuned accuracy with n labelled documents")
         cols = ["per_position_probe_acc"] + finetune_cols
@@ -1731,7 +1733,7 @@ def claim_rows(label_counts):
                  for n in label_counts]
         rows += [ClaimRow(claim, f"{label} {a} - ar", a, "ar", cluster_value(ro, key), readout=ro,
                           baseline_key=key)
-                 for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in READOUTS]
+                 for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in POOLED_READOUTS]
         rows.append(ClaimRow(claim, f"probe acc {a} - ar", a, "ar", cluster_value("per_position", "probe_acc"),
                              readout="per_position", baseline_key="probe_acc"))
     for a in ("ar_diverse2", "ar_diverse8"):  # the dose-response: 2 and 8 future tokens beside ar_diverse's 4
@@ -3484,15 +3486,15 @@ def print_report(results, corpus, args):
         trained = f"{args.readout_views} hidings" if record.hiding else "positions that predict"
         print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
               f"(trained readout: {trained}):")
-        untrained = {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in READOUTS + ["per_position"]}
+        untrained = {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in POOLED_READOUTS + ["per_position"]}
         rows = [(objective, c["readouts"]), (untrained_row(objective), untrained),
-                ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in READOUTS})]
-        print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in READOUTS) + "per-position")
-        print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in READOUTS)
+                ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in POOLED_READOUTS})]
+        print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in POOLED_READOUTS) + "per-position")
+        print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in POOLED_READOUTS)
               + f"{'probe':>9}")
         for name, r in rows:
             print(f"  {name:<28}" + "  ".join("".join(f"{fmt(r[ro].get(k)):>7}" for k in CLUSTER_METRICS)
-                                              for ro in READOUTS)
+                                              for ro in POOLED_READOUTS)
                   + f"{fmt(r.get('per_position', {}).get('probe_acc')):>9}")
         if "note" in c["readouts"]["per_position"]:
             print(f"  per-position: {c['readouts']['per_position']['note']}")

@@ -597,7 +597,7 @@ def test_the_seven_primary_rows_fixed_in_advance():
 
 def hand_made_run(objective, seed, ppl, nmi=None, finetune=None):
     scores = {"nmi": nmi, "ari": 0.0, "acc": 0.5, "probe_acc": 0.5}
-    readouts = dict({ro: dict(scores) for ro in L.READOUTS}, per_position={"probe_acc": 0.5})
+    readouts = dict({ro: dict(scores) for ro in L.POOLED_READOUTS}, per_position={"probe_acc": 0.5})
     cluster = None if nmi is None else dict(scores, readouts=readouts)
     return {"objective": objective, "seed": seed, "cluster": cluster,
             "finetune": None if finetune is None else {"128": {"acc": finetune, "acc_std": 0.0}},
