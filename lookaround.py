@@ -1564,8 +1564,9 @@ def summarize(all_results):
                                     "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
     limits = [n for n in (LANGUAGE_ROW, DATA_ROW) if n in table]
-    others = sorted(n for n in table if n not in OBJECTIVES and n not in limits)
-    order = [n for n in OBJECTIVES if n in table] + others + limits
+    members = list(dict.fromkeys(r["objective"] for r in all_results))  # the study's order, variants last
+    untrained = [untrained_row(m) for m in members if untrained_row(m) in table]
+    order = members + untrained + [n for n in table if n not in members + untrained + limits] + limits
 
     def cell(name, col, digits, width):
         v = table[name].get(col)

@@ -1089,6 +1089,10 @@ def test_objective_all_with_seeds_runs_end_to_end(study):
         "tf-idf + k-means", L.LANGUAGE_ROW, L.DATA_ROW}
     # every member's untrained row is its own: ar's and ar_diverse's frozen readouts are the same network's,
     # but each fine-tunes by its own recipe, and the row holds that member's runs' own numbers
+    clustering = text.split("summary over 2 seed(s)")[1].split("classification:")[0]  # the printed summary's rows:
+    rows = [clustering.index(f"\n{name} ") for name in list(L.OBJECTIVES)  # members, then their untrained twins
+            + [L.untrained_row(o) for o in L.OBJECTIVES] + ["tf-idf + k-means"]]
+    assert rows == sorted(rows)
     twin = {o: summary["table"][L.untrained_row(o)] for o in ("ar", "ar_diverse")}
     assert twin["ar"]["clean_probe_acc"] == twin["ar_diverse"]["clean_probe_acc"]
     for o in ("ar", "ar_diverse"):
