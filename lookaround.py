@@ -1649,6 +1649,7 @@ def search_table(all_results):
 def none_if_missing(value):
     """value(run), or None where the run lacks what it reads (an evaluation that did not run, an
     objective without that form, a run made before the metric existed)."""
+    @functools.wraps(value)
     def read(r):
         try:
             return value(r)
@@ -1724,7 +1725,7 @@ class ClaimRow:
 
 def claim_rows(label_counts):
     """Every row of the verdict table, primary and secondary; label_counts: the fine-tuning n's
-    that ran (the primary n first)."""
+    that ran (the rows list the primary n first, whether or not it ran)."""
     n0, rows = PRIMARY_FINETUNE_LABELS, []
     diverse = "diversity-enhanced AR clusters better than AR"
     for claim, a in (("masked clusters better than AR", "mlm"), (diverse, "ar_diverse")):
@@ -3228,8 +3229,9 @@ def check_args(args):
     if args.eval_samples < 0 or args.gen_steps < 0 or args.elbo_draws < 2:
         problems.append("--eval_samples and --gen_steps cannot be negative, and --elbo_draws must be at least 2 "
                         "(its standard error needs two).")
-    if args.gen_steps > args.block_size - args.block_size // 4:
-        problems.append(f"--gen_steps {args.gen_steps}: a continuation has {args.block_size - args.block_size // 4} "
+    continuation = args.block_size - judged_prefix_len(args.block_size)
+    if args.gen_steps > continuation:
+        problems.append(f"--gen_steps {args.gen_steps}: a continuation has {continuation} "
                         "positions, and a step reveals at least one.")
     if args.gen_order == "any" and args.objective != "all" and member(args.objective, args).hiding is None:
         problems.append(f"--gen_order any: {args.objective} hides nothing, so it can only generate left to right.")
