@@ -1595,6 +1595,7 @@ def test_cuda_requested_but_absent_is_a_clear_error(tmp_path, capsys):
     (["--pos_emb", "rope", "--n_embd", "36", "--n_head", "4"], "even"),
     (["--learning_rate", "0"], "--learning_rate"),
     (["--objective", "ar_diverse", "--n_future", "1"], "--n_future"),
+    (["--gen_steps", "49"], "--gen_steps 49: a continuation has 48 positions"),  # block 64, a prefix of 16
 ])
 def test_impossible_flag_combinations_are_refused(flags, words, tmp_path, capsys):
     assert L.main(flags + ["--out_dir", str(tmp_path / "x")]) == 2
