@@ -3449,6 +3449,7 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
                    "gen": final["gen"], "best": best_point, "bayes": language_limits(corpus, args),
                    "finetune_search": args.finetune_search and finetune_search(model, corpus, objective, seed,
                                                                                device, args.finetune_draws) or None,
+                   # two curves: train's holds the val loss at every eval; this one every metric at --curve_iters
                    "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "results.json"), results)
