@@ -176,6 +176,10 @@ def test_varlen_ratios_are_uniform_per_row_and_stratified_per_batch():
     # and the test can fail: without the permutation, row 0 always sits in the lowest stratum
     unshuffled = torch.stack([L.varlen_mask_ratios(torch.arange(B), torch.rand(()), lo, hi) for _ in range(2000)])
     assert kstest(unshuffled[:, 0].numpy(), "uniform", args=uniform).pvalue < 1e-6
+    # and mlm_varlen's draw shuffles the strata: its row 0 hides 32 of 64 on average (unshuffled: at most 10),
+    # anywhere up to 61
+    first = torch.stack([L.varlen_hidden(B, 64, lo, hi) for _ in range(2000)])[:, 0].float()
+    assert abs(first.mean() - 32) < 2 and first.max() > 48
 
 
 def test_mlm_varlen_batch_total_stays_within_its_bound(monkeypatch):
@@ -210,6 +214,11 @@ def test_mlm_bert_corruption_keeps_targets_out_of_the_input_except_the_keep_case
     assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.02, (frac_mask, frac_same)
     unhidden = torch.ones_like(idx, dtype=torch.bool).scatter(1, positions, False)
     assert (inputs[unhidden] == idx[unhidden]).all()
+    # the hidden positions are drawn per row, uniformly: rows differ, and each of the 64 positions is hidden
+    # about 256 * 10 / 64 = 40 times (within 4 standard deviations)
+    assert (positions != positions[:1]).any(1).float().mean() > 0.9
+    hits = torch.bincount(positions.flatten(), minlength=64).float()
+    assert ((hits - 40).abs() < 4 * 40 ** 0.5).all()
 
 
 @pytest.mark.parametrize("name", ["mlm", "mlm_varlen"])
@@ -416,9 +425,10 @@ def test_mlm_varlen_weighting_equals_a_per_sequence_loop_reference(weight, monke
 def test_ar_loss_is_next_token_cross_entropy():
     model = tiny_model()
     idx = random_ids(T=33)  # block_size + 1 tokens: every one of the 32 positions has a target
-    logits = model(idx[:, :-1])
-    reference = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
-    assert torch.allclose(L.ar(model, idx), reference, atol=1e-5)
+    # the reference: at each t, the model run on the prefix x[..t] alone, its last logits scored against x[t+1]
+    alone = torch.stack([F.cross_entropy(model(idx[:, :t + 1], attention="causal")[:, -1], idx[:, t + 1],
+                                         reduction="none") for t in range(32)], 1)
+    assert torch.allclose(L.ar(model, idx), alone.mean(), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(L.OBJECTIVES))
@@ -489,10 +499,11 @@ def test_cluster_metrics_on_known_clusters():
 def test_embeddings_ignore_nothing_and_pad_nothing():
     model = tiny_model()
     docs = [np.arange(10), np.arange(20), np.arange(5, 15)]
-    for objective in ("ar", "mlm"):
+    for objective in ("ar", "mlm"):  # every document embedded exactly as on its own (0 and 2 share a batch)
         feats = L.embed_documents(model, docs, L.OBJECTIVES[objective], torch.device("cpu"))
-        alone = model.features(torch.arange(20)[None], L.OBJECTIVES[objective].attention)[0].detach()
-        assert np.allclose(feats["clean"][1], alone.mean(0).numpy(), atol=1e-5)  # embedded exactly as on its own
+        for i, doc in enumerate(docs):
+            alone = model.features(torch.tensor(doc)[None], L.OBJECTIVES[objective].attention)[0].detach()
+            assert np.allclose(feats["clean"][i], alone.mean(0).numpy(), atol=1e-5)
     # the causal trained readout: the positions that predict a next token, i.e. all but the last
     alone = model.features(torch.arange(20)[None], attention="causal")[0].detach()
     trained = L.embed_documents(model, docs, L.OBJECTIVES["ar"], torch.device("cpu"))["trained"][1]
@@ -526,6 +537,21 @@ def test_masked_trained_readout_reads_only_hidden_positions(objective, monkeypat
 
 
 @pytest.mark.parametrize("objective", ["mlm", "mlm_varlen"])
+def test_masked_trained_readout_is_the_mean_state_at_the_hidden_positions(objective, monkeypatch):
+    model, x, hidings = tiny_model(), random_ids(B=6), []
+    real = L.hide_tokens
+    monkeypatch.setattr(L, "hide_tokens", lambda *a, **k: hidings.append(real(*a, **k)) or hidings[-1])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        got = L.hidden_state_mean(model, x, L.OBJECTIVES[objective], torch.device("cpu"))
+        inputs, positions, targets = hidings[0]
+        h = model.features(inputs, "bidirectional")
+    assert (inputs.gather(1, positions)[targets >= 0] == model.config.vocab_size).all()  # all [MASK]
+    for b in range(6):  # row by row: the mean of its final states where it was hidden
+        assert torch.allclose(got[b], h[b, positions[b][targets[b] >= 0]].mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mlm_varlen"])
 def test_masked_trained_readout_hides_as_the_objective_does(objective, monkeypatch):
     calls = capture_hiding(monkeypatch)
     model = tiny_model()
@@ -547,7 +573,7 @@ def test_batched_generation_scoring_equals_one_position_at_a_time(name):
     model = tiny_model().eval()
     seqs = random_ids(B=3)
     positions = [p for ps in L.scored_positions(32).values() for p in ps]
-    fast = L.next_token_nll(model, seqs, positions, L.OBJECTIVES[name], batch_size=7)
+    fast = L.next_token_nll(model, seqs, positions, L.OBJECTIVES[name], batch_size=2)  # several batches
     V = 97
     for n in range(3):
         for j, p in enumerate(positions):
