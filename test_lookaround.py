@@ -898,6 +898,25 @@ def test_confidence_remasking_reveals_the_surest_positions_first():
             assert sorted(order) == [3, 4, 5, 6, 7] and order != [4, 6, 7, 3, 5]
 
 
+def test_draw_tokens_divides_by_the_temperature_and_keeps_the_top_k():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    logits, g = p.log().expand(20000, 3), torch.Generator().manual_seed(0)
+    for temperature, top_k, q in ((1.0, 2, torch.tensor([0.625, 0.375, 0.0])),  # renormalised over the top 2
+                                  (2.0, None, p.sqrt() / p.sqrt().sum())):  # p^(1/T), renormalised
+        tokens, log_q = L.draw_tokens(logits, temperature, top_k, g)
+        assert torch.allclose(log_q, q[tokens].log(), atol=1e-6)  # each draw's log-probability under q
+        share = torch.bincount(tokens, minlength=3) / len(tokens)
+        assert torch.allclose(share, q, atol=0.015)  # 4 standard errors of a share near 0.5 over 20,000 draws
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    args = L.parse_args(["--warmup_iters", "10", "--max_iters", "110"])
+    lr = [L.learning_rate(it, args, 1.0) for it in (0, 9, 10, 60, 110, 500)]
+    assert lr == pytest.approx([1 / 11, 10 / 11, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1])  # halfway: cos(pi/2) = 0
+    longer = L.parse_args(["--warmup_iters", "10", "--max_iters", "110", "--lr_decay_iters", "210"])
+    assert L.learning_rate(110, longer, 1.0) == pytest.approx(0.55)  # decays to lr_decay_iters, not max_iters
+
+
 def check_results_schema(r):
     assert set(r) == {"objective", "variant", "values", "seed", "data", "code", "settings", "train",
                       "cluster", "finetune", "gen", "best", "bayes", "finetune_search", "curve"}
@@ -2090,6 +2109,11 @@ def test_theory_probes_stay_below_bayes_and_coverage_follows_the_visible_lengths
         pooled, per_position, _ = L.exact_optimum(tokens, p_xc.sum(1), L.training_patterns(record(name), 3), 2)
         for features in (pooled, per_position):
             assert L.exact_probe_accuracy(features, p_xc) <= bayes + 1e-12, name
+    # and the probe reaches it: the log posterior is linear in itself, so a probe of it is the Bayes classifier;
+    # constant features leave it the prior's guess, 1/2 here
+    posterior = np.log(p_xc / p_xc.sum(1, keepdims=True))
+    assert L.exact_probe_accuracy(posterior, p_xc) == pytest.approx(bayes, abs=1e-9)
+    assert L.exact_probe_accuracy(np.ones((len(p_xc), 1)), p_xc) == pytest.approx(0.5, abs=1e-9)
     assert L.covered_prefixes(L.training_patterns(record("ar"), 3), 3) == {"1": True, "2": True}
     assert L.covered_prefixes(L.training_patterns(record("mlm"), 3), 3) == {"1": False, "2": True}  # only l = L - m
     assert L.covered_prefixes(L.training_patterns(record("mlm", mask_ratio=0.6), 3), 3) == {"1": True, "2": False}
