@@ -2279,6 +2279,17 @@ def test_the_elbo_is_tight_for_exact_conditionals_and_its_error_shrinks_with_dra
     assert many["se"] < 0.5 * few["se"]
 
 
+def test_the_language_limits_score_each_prefix_length_by_its_next_token_distribution():
+    corpus = L.make_synthetic(n_train_docs=8, n_val_docs=2, n_eval_docs=6, block_size=32)
+    limits = L.language_limits(corpus, L.parse_args(["--block_size", "32", "--gen_seqs", "6", "--eval_samples", "0"]))
+    windows = L.gen_windows(corpus, 32, 6)
+    # another path to the same numbers: P(x[l] | x[<l]) from the next-token distribution, l = 1..31
+    nll = np.stack([-np.log(L.language_next_probs(corpus.language, w.tolist())[np.arange(1, 32), w[1:]])
+                    for w in windows])
+    assert limits["ppl_by_length"] == pytest.approx(np.exp(nll.mean(0)).tolist(), rel=1e-9)
+    assert limits["nll"] == pytest.approx(nll.mean(), rel=1e-9) and limits["samples"] is None
+
+
 def test_text_corpora_have_no_language_limits_and_no_sample_judge():
     args = L.parse_args([])
     text = dataclasses.replace(L.make_synthetic(n_train_docs=8, n_val_docs=2, n_eval_docs=4), language=None)
@@ -2426,3 +2437,7 @@ def test_ppl_by_length_agrees_with_the_bands_and_the_short_input_form(name):
         assert torch.allclose(short, nll, atol=1e-5)
     else:  # the prefix and one [MASK] is another input than the prefix and 32 - l of them; the last length agrees
         assert not torch.allclose(short, nll, atol=1e-3) and torch.allclose(short[:, -1], nll[:, -1], atol=1e-5)
+        for l in (1, 5):  # by hand: the prefix of l tokens and one [MASK], read at the [MASK]
+            x = torch.cat([seqs[:, :l], torch.full((5, 1), model.config.vocab_size)], 1)
+            ref = F.cross_entropy(model(x, attention="bidirectional")[:, l], seqs[:, l], reduction="none")
+            assert torch.allclose(short[:, l - 1], ref, atol=1e-5)
