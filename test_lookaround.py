@@ -909,6 +909,19 @@ def test_draw_tokens_divides_by_the_temperature_and_keeps_the_top_k():
         assert torch.allclose(share, q, atol=0.015)  # 4 standard errors of a share near 0.5 over 20,000 draws
 
 
+def test_accumulated_micro_batches_give_the_gradient_of_their_union():
+    stream, cpu = np.random.default_rng(0).integers(97, size=2000), torch.device("cpu")
+    grads = {}
+    for steps, batch in ((2, 4), (1, 8)):  # two micro-batches of 4 windows, or the same 8 windows at once
+        model = tiny_model()
+        args = L.parse_args(["--gradient_accumulation_steps", str(steps), "--batch_size", str(batch)])
+        losses = L.forward_backward(model, L.ar, stream, np.random.default_rng(1), 33, args, cpu,
+                                    contextlib.nullcontext(), None, False)
+        assert len(losses) == steps
+        grads[steps] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(grads[2], grads[1], atol=1e-6)
+
+
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
     args = L.parse_args(["--warmup_iters", "10", "--max_iters", "110"])
     lr = [L.learning_rate(it, args, 1.0) for it in (0, 9, 10, 60, 110, 500)]
