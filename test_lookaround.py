@@ -909,6 +909,22 @@ def test_draw_tokens_divides_by_the_temperature_and_keeps_the_top_k():
         assert torch.allclose(share, q, atol=0.015)  # 4 standard errors of a share near 0.5 over 20,000 draws
 
 
+def test_the_val_loss_is_repeatable_weighs_tokens_alike_and_leaves_the_training_stream_alone():
+    corpus = L.make_synthetic(n_train_docs=20, n_val_docs=20, n_eval_docs=4, block_size=32)
+    model, cpu = tiny_model(vocab_size=corpus.vocab_size), torch.device("cpu")
+    val = {}
+    for weight in ("sequence", "token"):
+        args = L.parse_args(TINY + ["--varlen_weight", weight])
+        objective = L.member("mlm_varlen", args)
+        torch.manual_seed(5)
+        val[weight] = [L.estimate_val_loss(model, objective, corpus, args, cpu, seed=7) for _ in range(2)]
+        after = torch.rand(1)
+        torch.manual_seed(5)
+        assert torch.equal(after, torch.rand(1))  # the training run's random stream is where it was
+    assert val["sequence"][0] == val["sequence"][1]  # the same batches and the same masks every time
+    assert val["sequence"] == val["token"]  # the val loss is the token mean under either training weighting
+
+
 def test_accumulated_micro_batches_give_the_gradient_of_their_union():
     stream, cpu = np.random.default_rng(0).integers(97, size=2000), torch.device("cpu")
     grads = {}
