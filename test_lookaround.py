@@ -2096,6 +2096,23 @@ def test_theory_matched_per_position_tally_by_hand(tmp_path):
         ar_rel = ar["probe_acc_per_position"] / w["bayes_acc_causal"]
         by_hand += mlm_rel > ar_rel + 1e-9
     assert tally["mlm>ar_per_position_matched"] == by_hand
+    # every other count from theory.json's worlds, and each sign test over the worlds that differ
+    def count(a, b, key):
+        return sum(w["objectives"][a][key] > w["objectives"][b][key] + 1e-9 for w in worlds)
+    lost = {"mlm>ar_per_position_matched": sum(w["objectives"]["ar"]["probe_rel_per_position_causal"]
+                                               > w["objectives"]["mlm"]["probe_rel_per_position"] + 1e-9
+                                               for w in worlds)}
+    for a, key, name in (("mlm", "probe_acc", "mlm>ar"), ("ar_diverse", "probe_acc", "ar_diverse>ar"),
+                         ("mlm", "probe_acc_per_position", "mlm>ar_per_position"),
+                         ("ar_diverse", "probe_acc_per_position", "ar_diverse>ar_per_position")):
+        assert tally[name] == count(a, "ar", key), name
+        lost[name] = count("ar", a, key)
+    for name, losses in lost.items():
+        n = tally[name] + losses
+        by_hand_p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(tally[name], losses) + 1)) / 2 ** n)
+        assert tally["sign_test_p"][name] == pytest.approx(by_hand_p), name
+    coverage = [sum(w["objectives"][o]["coverage"].values()) for w in worlds for o in ("mlm_varlen", "mlm")]
+    assert tally["mlm_varlen_covers_more"] == sum(a > b for a, b in zip(coverage[::2], coverage[1::2]))
 
 
 def test_theory_enumeration_sums_to_one_and_p_star_matches_a_brute_force_count():
