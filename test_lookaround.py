@@ -2132,6 +2132,16 @@ def test_theory_enumeration_sums_to_one_and_p_star_matches_a_brute_force_count()
                 assert np.exp(pooled[i]) == pytest.approx(np.array(counts) / sum(counts))
 
 
+def test_theory_next_token_perplexity_by_hand():
+    tokens, p_xc = hand_world()
+    # P(x0, x1) by hand: (1/2) start_c(x0) transition_c(x0 -> x1), summed over the two classes
+    joint = {(0, 0): 0.5 * (0.5 * 0.9 + 0.8 * 0.3), (0, 1): 0.5 * (0.5 * 0.1 + 0.8 * 0.7),
+             (1, 0): 0.5 * (0.5 * 0.2 + 0.2 * 0.6), (1, 1): 0.5 * (0.5 * 0.8 + 0.2 * 0.4)}
+    first = {a: joint[a, 0] + joint[a, 1] for a in (0, 1)}
+    entropy = -sum(p * math.log(p / first[a]) for (a, _), p in joint.items())  # H(x1 | x0)
+    assert L.next_token_perplexity(tokens, p_xc.sum(1), 1, 2) == pytest.approx(math.exp(entropy))
+
+
 def test_theory_patterns_are_weighted_like_the_objectives_sample():
     for name in list(L.OBJECTIVES):
         assert sum(w for _, _, w in L.training_patterns(L.OBJECTIVES[name], 6)) == pytest.approx(1.0), name
