@@ -310,10 +310,12 @@ def test_plateau_exit_is_the_first_evaluation_a_quarter_nat_below_the_unigram_en
     assert L.plateau_exit_iter(curve, 3.2) is None and L.plateau_exit_iter([], 4.2) is None
 
 
-@pytest.mark.parametrize("name", list(L.OBJECTIVES))
+@pytest.mark.parametrize("name", ["ar", "ar_diverse"])
 def test_every_position_the_readouts_read_is_trained(name):
     # the clean readout averages every position of a block: each must be a position some target trains. A causal
-    # window of block_size + 1 tokens gives the last position a target too (with block_size tokens it had none)
+    # window of block_size + 1 tokens gives the last position a target too (with block_size tokens it had none).
+    # (A masked model's every position reaches its targets through attention, so this cannot fail for it; that
+    # every position is hidden alike is the BERT-corruption test's.)
     corpus = L.make_synthetic(n_train_docs=50, n_val_docs=2, n_eval_docs=4, block_size=32)
     model = tiny_model(vocab_size=corpus.vocab_size, pos_emb="learned")  # a position table: one row per position
     idx = L.get_batch(corpus.train, np.random.default_rng(0), 16, window(name), torch.device("cpu"))
