@@ -551,6 +551,13 @@ def test_masked_trained_readout_is_the_mean_state_at_the_hidden_positions(object
     assert (inputs.gather(1, positions)[targets >= 0] == model.config.vocab_size).all()  # all [MASK]
     for b in range(6):  # row by row: the mean of its final states where it was hidden
         assert torch.allclose(got[b], h[b, positions[b][targets[b] >= 0]].mean(0), atol=1e-5)
+    # and the trained readout averages --readout_views such hidings, drawn from its seed
+    feats = L.embed_documents(model, list(x.numpy()), L.OBJECTIVES[objective], torch.device("cpu"), views=3, seed=4)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        views = [L.hidden_state_mean(model, x, L.OBJECTIVES[objective], torch.device("cpu")) for _ in range(3)]
+    assert np.allclose(feats["trained"], torch.stack(views).mean(0).numpy(), atol=1e-5)
+    assert not np.allclose(feats["trained"], views[0].numpy(), atol=1e-3)  # three hidings, not one
 
 
 @pytest.mark.parametrize("objective", ["mlm", "mlm_varlen"])
