@@ -1881,13 +1881,14 @@ def claims_table(all_results, verbose=True):
           f"{family} primary rows ({len(tested)} ran here;\none that did not counts as p = 1; the t-test's p beside "
           "it; 'detectable': the smallest difference it had 80% power to detect);\nthe other rows are secondary "
           "evidence: where their interval lies.")
-    print(f"  {'metric':<48}{'readout':<13}{'mean diff':>10}{'95% interval':>20}{'p flip':>8}{'Holm':>7}{'p t':>7}"
+    width = max(len(c["metric"]) for c in claims) + 2  # the longest name, then two spaces
+    print(f"  {'metric':<{width}}{'readout':<13}{'mean diff':>10}{'95% interval':>20}{'p flip':>8}{'Holm':>7}{'p t':>7}"
           f"{'detectable':>11}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
         if i == 0 or c["claim"] != claims[i - 1]["claim"]:
             print(c["claim"])
         ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        print(f"{'*' if c['primary'] else ' '} {c['metric']:<48}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
+        print(f"{'*' if c['primary'] else ' '} {c['metric']:<{width}}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
               f"{ci:>20}{fmt(c['p_value']):>8}{fmt(c['p_holm']):>7}{fmt(c['p_t']):>7}{fmt(c['detectable']):>11}"
               f"{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
         if c["flag"]:
