@@ -1911,11 +1911,12 @@ def claims_by_iter(all_results):
     metrics = list(dict.fromkeys(c["metric"] for rows in by_iter.values() for c in rows))
     if metrics:
         print("\nthe primary rows' verdicts by training budget (iterations), with the mean difference:")
-        print(f"  {'primary row':<48}" + "".join(f"{it:>22}" for it in by_iter))
+        width = max(map(len, metrics)) + 2
+        print(f"  {'primary row':<{width}}" + "".join(f"{it:>22}" for it in by_iter))
         for metric in metrics:
             cells = [next((f"{c['verdict'] or '-'} {c['mean_diff']:+.3f}" for c in rows if c["metric"] == metric), "-")
                      for rows in by_iter.values()]
-            print(f"  {metric:<48}" + "".join(f"{cell:>22}" for cell in cells))
+            print(f"  {metric:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
     return by_iter
 
 
