@@ -1568,9 +1568,10 @@ def summarize(all_results):
     untrained = [untrained_row(m) for m in members if untrained_row(m) in table]
     order = members + untrained + [n for n in table if n not in members + untrained + limits] + limits
 
-    def cell(name, col, digits, width):
+    def cell(name, col, digits, width):  # fewer seeds than the study's (a metric a seed lacks) say how many
         v = table[name].get(col)
-        text = "-" if v is None else f"{v['mean']:.{digits}f}" + (f"±{v['std']:.{digits}f}" if n_seeds > 1 else "")
+        spread = f"±{v['std']:.{digits}f}" if v and v["n"] > 1 else f" (n={v['n']})" if v and n_seeds > 1 else ""
+        text = "-" if v is None else f"{v['mean']:.{digits}f}" + spread
         return f"{text:>{width}}"
     width = 13 if n_seeds > 1 else 8
     print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
@@ -1578,7 +1579,7 @@ def summarize(all_results):
         print(("clustering of held-out documents" + " " * 6
                + "".join(f"{ro + ' readout':<{4 * width}}" for ro in POOLED_READOUTS)).rstrip())
         print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(POOLED_READOUTS)))
-        for name in order:
+        for name in (n for n in order if any(c.split("_")[0] in POOLED_READOUTS for c in table[n])):
             print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
                                           for ro in POOLED_READOUTS for k in CLUSTER_METRICS))
     if any("per_position_probe_acc" in row or any(c in row for c in finetune_cols) for row in table.values()):

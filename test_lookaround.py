@@ -641,6 +641,17 @@ def hand_made_run(objective, seed, ppl, nmi=None, finetune=None):
             "gen": {"ppl": ppl, "ppl_by_prefix": {str(f): ppl for f in L.PREFIX_FRACTIONS}}}
 
 
+def test_the_summary_says_where_a_cell_has_fewer_seeds_than_the_study(capsys):
+    runs = [hand_made_run("ar", seed, 10.0 + seed) for seed in (1, 2)]
+    for r, nll in zip(runs, (2.9, None)):  # seed 2's samples had no possible continuation: no NLL
+        r["finetune"], r["gen"]["samples"] = None, {"left_to_right": {"grammatical": 0.8, "topic_kept": 0.5,
+                                                                      "nll": nll, "kl": None}}
+    table = L.summarize(runs)
+    assert table["ar"]["left_to_right nll"] == {"mean": 2.9, "n": 1, "std": 0.0}
+    out = capsys.readouterr().out
+    assert "2.900 (n=1)" in out and "0.800±0.000" in out and "11.50±0.71" in out  # ppl 11 and 12
+
+
 def test_claims_are_paired_by_seed(capsys):
     # seeds differ a lot from each other, but within every seed mlm's perplexity is 10% above ar's: pairing
     # sees a clear result where comparing the two means over seeds could not
