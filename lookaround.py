@@ -1568,21 +1568,25 @@ def summarize(all_results):
     untrained = [untrained_row(m) for m in members if untrained_row(m) in table]
     order = members + untrained + [n for n in table if n not in members + untrained + limits] + limits
 
-    def cell(name, col, digits, width):  # fewer seeds than the study's (a metric a seed lacks) say how many
+    def cell(name, col, digits, width):  # fewer seeds than the study's (a metric some lack): how many, no spread
         v = table[name].get(col)
-        spread = f"±{v['std']:.{digits}f}" if v and v["n"] > 1 else f" (n={v['n']})" if v and n_seeds > 1 else ""
+        if v is None or n_seeds == 1:
+            spread = ""
+        else:
+            spread = f" (n={v['n']})" if v["n"] < n_seeds else f"±{v['std']:.{digits}f}"
         text = "-" if v is None else f"{v['mean']:.{digits}f}" + spread
         return f"{text:>{width}}"
     width = 13 if n_seeds > 1 else 8
     print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
-    if any(c.startswith("clean_") for row in table.values() for c in row):
+    measured = [n for n in order if n not in limits]  # a block prints where a run measured its columns
+    if any(c.startswith("clean_") for n in measured for c in table[n]):
         print(("clustering of held-out documents" + " " * 6
                + "".join(f"{ro + ' readout':<{4 * width}}" for ro in POOLED_READOUTS)).rstrip())
         print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(POOLED_READOUTS)))
-        for name in (n for n in order if any(c.split("_")[0] in POOLED_READOUTS for c in table[n])):
-            print(f"{name:<28}" + "".join(cell(name, f"{ro}_{k}", 3, width)
-                                          for ro in POOLED_READOUTS for k in CLUSTER_METRICS))
-    if any("per_position_probe_acc" in row or any(c in row for c in finetune_cols) for row in table.values()):
+        readout_cols = [f"{ro}_{k}" for ro in POOLED_READOUTS for k in CLUSTER_METRICS]
+        for name in (n for n in order if any(c in table[n] for c in readout_cols)):
+            print(f"{name:<28}" + "".join(cell(name, col, 3, width) for col in readout_cols))
+    if any("per_position_probe_acc" in table[n] or any(c in table[n] for c in finetune_cols) for n in measured):
         print("classification: per-position probe, and fine-tuned accuracy with n labelled documents")
         cols = ["per_position_probe_acc"] + finetune_cols
         heads = ["per-pos"] + [f"n={c.split('@')[1]}" for c in finetune_cols]
@@ -2010,7 +2014,7 @@ def plot_summary(all_results, path):
     accuracy), the grammatical rate of left-to-right samples and the val loss; and at the end of
     training, the perplexity by prefix length, beside the language's own where it is known.
     Perplexities are averaged and banded in log space, as the claims compare them, on a log axis:
-    a masked model's perplexity after a very short prefix can be a hundred times the others'."""
+    a masked model's perplexity after a very short prefix can be ten times the others' or more."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -2057,7 +2061,8 @@ def plot_summary(all_results, path):
             ax.set_yscale("log")
             low, high = ax.get_ylim()
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            if high < 10 * low:
+            if high < 10 * low:  # minor ticks every half unit of the decade (15, 20, 25, ...), labelled
+                ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=np.arange(1, 10, 0.5)))
                 ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel("prefix length" if source == "length" else "iteration")
         ax.grid(alpha=0.3)

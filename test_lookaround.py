@@ -646,10 +646,14 @@ def test_the_summary_says_where_a_cell_has_fewer_seeds_than_the_study(capsys):
     for r, nll in zip(runs, (2.9, None)):  # seed 2's samples had no possible continuation: no NLL
         r["finetune"], r["gen"]["samples"] = None, {"left_to_right": {"grammatical": 0.8, "topic_kept": 0.5,
                                                                       "nll": nll, "kl": None}}
+        r["bayes"] = {"ppl": 9.0, "ppl_by_prefix": {str(f): 9.0 for f in L.PREFIX_FRACTIONS}, "nll": 2.2, "acc": 1.0,
+                      "samples": None}  # the language's limits: accuracy columns too, though no run measured them
     table = L.summarize(runs)
     assert table["ar"]["left_to_right nll"] == {"mean": 2.9, "n": 1, "std": 0.0}
     out = capsys.readouterr().out
     assert "2.900 (n=1)" in out and "0.800±0.000" in out and "11.50±0.71" in out  # ppl 11 and 12
+    assert "clustering" not in out and "classification" not in out  # no block of the language's row alone
+    assert "the language itself" in out
 
 
 def test_claims_are_paired_by_seed(capsys):
