@@ -2012,7 +2012,7 @@ def plot_summary(all_results, path):
     """summary.png: per objective, the mean over seeds and its 95% t-band, against iterations, of
     the generation perplexity at each prefix fraction, the primary classification metric (fine-tuned
     accuracy), the grammatical rate of left-to-right samples and the val loss; and at the end of
-    training, the perplexity by prefix length, beside the language's own where it is known.
+    training, the perplexity by prefix length; each perplexity beside the language's own where it is known.
     Perplexities are averaged and banded in log space, as the claims compare them, on a log axis:
     a masked model's perplexity after a very short prefix can be ten times the others' or more."""
     import matplotlib
@@ -2023,21 +2023,24 @@ def plot_summary(all_results, path):
     ns = sorted({int(n) for r in all_results for p in r["curve"] if p["finetune"] for n in p["finetune"]
                  if n.isdigit() and all(n in q["finetune"] for q in r["curve"])})
     n = PRIMARY_FINETUNE_LABELS if PRIMARY_FINETUNE_LABELS in ns else (ns[0] if ns else None)
+    # each panel: title, where its points are, the value at one, log scale, and the language's own limit
     panels = [(f"perplexity after a prefix of {f:g} T", "curve",
-               lambda p, f=f: p["gen"] and p["gen"]["ppl_by_prefix"][str(f)], True) for f in PREFIX_FRACTIONS]
+               lambda p, f=f: p["gen"] and p["gen"]["ppl_by_prefix"][str(f)], True,
+               lambda b, f=f: b["ppl_by_prefix"][str(f)]) for f in PREFIX_FRACTIONS]
     panels.append((f"fine-tuned accuracy, n = {n}", "curve", lambda p: p["finetune"] and p["finetune"][str(n)]["acc"],
-                   False))
+                   False, None))
     panels.append(("grammatical rate, left-to-right samples", "curve",
-                   none_if_missing(lambda p: p["gen"]["samples"]["left_to_right"]["grammatical"]), False))
-    panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"], False))
-    panels.append(("perplexity by prefix length, end of training", "length", lambda r: r["gen"], True))
+                   none_if_missing(lambda p: p["gen"]["samples"]["left_to_right"]["grammatical"]), False, None))
+    panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"], False, None))
+    panels.append(("perplexity by prefix length, end of training", "length", lambda r: r["gen"], True,
+                   lambda b: b["ppl_by_length"]))
 
     def series(r, source, value):  # x -> y of one run
         if source == "length":
             return dict(enumerate(r["gen"].get("ppl_by_length") or [], start=1)) if r["gen"] else {}
         return {p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
     fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
-    for ax, (title, source, value, log) in zip(axes.flat, panels):
+    for ax, (title, source, value, log, limit) in zip(axes.flat, panels):
         for objective in dict.fromkeys(r["objective"] for r in all_results):
             curves = [series(r, source, value) for r in all_results if r["objective"] == objective]
             iters = sorted(i for i in set.intersection(*map(set, curves)) if all(c[i] is not None for c in curves)) \
@@ -2051,24 +2054,28 @@ def plot_summary(all_results, path):
             shown = np.exp if log else (lambda v: v)
             ax.plot(iters, shown(mean), marker="o" if source == "curve" else None, label=objective)
             ax.fill_between(iters, shown(mean - half), shown(mean + half), alpha=0.2)
-        limits = [r["bayes"]["ppl_by_length"] for r in all_results if (r.get("bayes") or {}).get("ppl_by_length")]
-        if source == "length" and limits and ax.lines:
-            seed_means = {tuple(v) for v in limits}  # one per seed's corpus
-            geometric = np.exp(np.mean(np.log(list(seed_means)), 0))  # averaged as the models are
-            ax.plot(range(1, len(limits[0]) + 1), geometric, "k--", label=LANGUAGE_ROW)
+        # the language's own value (one per seed's corpus), averaged in log space as the models are
+        limits = {json.dumps(limit(r["bayes"])) for r in all_results if limit and r.get("bayes") and r["gen"]}
+        if limits and ax.lines:
+            geometric = np.exp(np.mean(np.log([json.loads(v) for v in limits]), 0))
+            if source == "length":
+                ax.plot(range(1, len(geometric) + 1), geometric, "k--", label=LANGUAGE_ROW)
+            else:
+                ax.axhline(geometric, color="k", linestyle="--", label=LANGUAGE_ROW)
         ax.set_title(title + (" (log scale)" if log else ""), fontsize=10)
         if log and ax.lines:  # plain numbers on the axis; the minor ticks too where it spans under a decade
             ax.set_yscale("log")
             low, high = ax.get_ylim()
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            if high < 10 * low:  # minor ticks every half unit of the decade (15, 20, 25, ...), labelled
-                ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=np.arange(1, 10, 0.5)))
+            if high < 10 * low:  # minor ticks, labelled: 9, 10, 15, 20, 25, 30, 40, ...
+                subs = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)
+                ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=subs))
                 ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel("prefix length" if source == "length" else "iteration")
         ax.grid(alpha=0.3)
         ax.set_visible(bool(ax.lines))  # a metric the runs did not evaluate: no empty panel
     handles = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0]))
-    fig.legend(*handles, loc="lower center", ncol=min(len(handles[0]), 6))
+    fig.legend(*handles, loc="lower center", ncol=len(handles[0]))
     seeds = sorted({r["seed"] for r in all_results})
     fig.suptitle(f"mean over {len(seeds)} seed(s) and 95% t-band; {all_results[0]['data']} corpus", fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
