@@ -1067,11 +1067,12 @@ def prefix_lm(model, idx):
     t >= prefix - 1, whose context never holds x[t+1])."""
     assert idx.size(1) == model.config.block_size + 1  # its record's window_extra reached the training loop
     B, T = idx.size(0), idx.size(1) - 1
-    prefix = torch.randint(1, T, (B, 1, 1, 1))  # (B, 1, 1, 1): broadcasts over heads, queries and keys
-    query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    attention = (key <= query) | (key < prefix)  # (B, 1, T, T), True: may attend
+    prefix = torch.randint(1, T, (B, 1, 1, 1), device=idx.device)  # broadcasts over heads, queries and keys
+    position = torch.arange(T, device=idx.device)
+    # (B, 1, T, T), True: may attend
+    attention = (position[None, :] <= position[:, None]) | (position[None, :] < prefix)
     logits = model(idx[:, :-1], attention=attention)
-    targets = idx[:, 1:].masked_fill(torch.arange(T) < prefix.view(B, 1) - 1, -1)
+    targets = idx[:, 1:].masked_fill(position < prefix.view(B, 1) - 1, -1)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
