@@ -1834,8 +1834,8 @@ def holm(p_values):
 
 def claims_table(all_results, verbose=True):
     """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned
-    for summary.json. A primary row is judged by its exact sign-flip p, Holm-adjusted over the
-    primary rows that ran: reproduced or contradicted where p_holm < 0.05, on the side of the mean
+    for summary.json. A primary row is judged by its exact sign-flip p, Holm-adjusted over every
+    primary row claim_rows defines (one that did not run counts as p = 1): reproduced or contradicted where p_holm < 0.05, on the side of the mean
     difference, else inconclusive; beside it the t-test's p and the smallest difference the row
     could have detected (80% power at its Holm level, from the observed spread). A secondary row
     only says where its 95% interval lies. A row whose metric has an untrained baseline is flagged
