@@ -1835,12 +1835,12 @@ def holm(p_values):
 def claims_table(all_results, verbose=True):
     """One row per claim and metric whose two objectives ran, paired by seed; printed, and returned
     for summary.json. A primary row is judged by its exact sign-flip p, Holm-adjusted over every
-    primary row claim_rows defines (one that did not run counts as p = 1): reproduced or contradicted where p_holm < 0.05, on the side of the mean
-    difference, else inconclusive; beside it the t-test's p and the smallest difference the row
-    could have detected (80% power at its Holm level, from the observed spread). A secondary row
-    only says where its 95% interval lies. A row whose metric has an untrained baseline is flagged
-    where either model's mean does not beat its own untrained network's: there it measures the
-    architecture, not pretraining."""
+    primary row claim_rows defines (one that did not run counts as p = 1): reproduced or
+    contradicted where p_holm < 0.05, on the side of the mean difference, else inconclusive; beside
+    it the t-test's p and the smallest difference the row could have detected (80% power at its
+    Holm level, from the observed spread). A secondary row only says where its 95% interval lies.
+    A row whose metric has an untrained baseline is flagged where either model's mean does not beat
+    its own untrained network's: there it measures the architecture, not pretraining."""
     by_run = {(r["objective"], r["seed"]): r for r in all_results}
     seeds = sorted({r["seed"] for r in all_results})
     label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
@@ -2039,9 +2039,13 @@ def plot_summary(all_results, path):
         if source == "length":
             return dict(enumerate(r["gen"].get("ppl_by_length") or [], start=1)) if r["gen"] else {}
         return {p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
+    names = list(dict.fromkeys(r["objective"] for r in all_results))
+    # one colour per member whatever the study holds, so that two studies' figures compare at a glance
+    color = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*OBJECTIVES, *VARIANTS, *names]))}
+    n_seeds = {name: sum(r["objective"] == name for r in all_results) for name in names}
     fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
     for ax, (title, source, value, log, limit) in zip(axes.flat, panels):
-        for objective in dict.fromkeys(r["objective"] for r in all_results):
+        for objective in names:
             curves = [series(r, source, value) for r in all_results if r["objective"] == objective]
             iters = sorted(i for i in set.intersection(*map(set, curves)) if all(c[i] is not None for c in curves)) \
                 if curves else []
@@ -2052,8 +2056,11 @@ def plot_summary(all_results, path):
             mean = y.mean(0)
             half = stats.t.ppf(0.975, len(y) - 1) * y.std(0, ddof=1) / math.sqrt(len(y)) if len(y) > 1 else 0 * mean
             shown = np.exp if log else (lambda v: v)
-            ax.plot(iters, shown(mean), marker="o" if source == "curve" else None, label=objective)
-            ax.fill_between(iters, shown(mean - half), shown(mean + half), alpha=0.2)
+            full = n_seeds[objective] == max(n_seeds.values())
+            label = objective if full else f"{objective} (n={n_seeds[objective]})"
+            ax.plot(iters, shown(mean), marker="o" if source == "curve" else None, label=label,
+                    color=color[objective])
+            ax.fill_between(iters, shown(mean - half), shown(mean + half), alpha=0.2, color=color[objective])
         # the language's own value (one per seed's corpus), averaged in log space as the models are
         limits = {json.dumps(limit(r["bayes"])) for r in all_results if limit and r.get("bayes") and r["gen"]}
         if limits and ax.lines:
@@ -2076,8 +2083,8 @@ def plot_summary(all_results, path):
         ax.set_visible(bool(ax.lines))  # a metric the runs did not evaluate: no empty panel
     handles = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0]))
     fig.legend(*handles, loc="lower center", ncol=len(handles[0]))
-    seeds = sorted({r["seed"] for r in all_results})
-    fig.suptitle(f"mean over {len(seeds)} seed(s) and 95% t-band; {all_results[0]['data']} corpus", fontsize=11)
+    fig.suptitle(f"mean over {max(n_seeds.values())} seed(s) and 95% t-band; {all_results[0]['data']} corpus",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
