@@ -1491,6 +1491,28 @@ def test_the_study_figure_is_written(study):
     assert (out / "summary.png").stat().st_size > 10_000 and "figure:" in text
 
 
+def test_the_figure_draws_the_languages_perplexity_and_one_colour_per_member(study, tmp_path, monkeypatch):
+    """Every perplexity panel has the language's own line (its log-space mean over the seeds' corpora); a
+    member keeps its colour in a figure of other members; one with fewer seeds is named with its n."""
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib (pip install matplotlib)")
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    runs = json.load(open(study[0] / "summary.json"))["runs"]
+    fewer = [r for r in runs if r["objective"] != "ar" and (r["objective"], r["seed"]) != ("mlm", 2)]
+    L.plot_summary(runs, str(tmp_path / "a.png"))
+    L.plot_summary(fewer, str(tmp_path / "b.png"))
+    whole, part = ({line.get_label(): line for ax in fig.axes for line in ax.get_lines()} for fig in figures)
+    for f in L.PREFIX_FRACTIONS:
+        ax = next(ax for ax in figures[0].axes if ax.get_title().startswith(f"perplexity after a prefix of {f:g} T"))
+        language = next(line for line in ax.get_lines() if line.get_label() == L.LANGUAGE_ROW)
+        limits = {r["bayes"]["ppl_by_prefix"][str(f)] for r in runs}  # one per seed's corpus
+        assert len(limits) == 2 and np.allclose(language.get_ydata(), np.exp(np.mean(np.log(list(limits)))))
+    assert all(whole[name].get_color() == part[name].get_color() for name in ("ar_diverse", "mlm_varlen"))
+    assert whole["mlm"].get_color() == part["mlm (n=1)"].get_color() and "ar" not in part
+    assert figures[1]._suptitle.get_text().startswith("mean over 2 seed(s)")
+
+
 def test_plot_without_matplotlib_says_how_to_install_it_and_changes_nothing_else(tmp_path, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
