@@ -1900,6 +1900,9 @@ def claims_table(all_results, verbose=True):
             print(f"      ({c['flag']})")
     if n < 2:
         print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
+    elif tested and family * 2 / 2 ** n >= 0.05:  # the sign-flip's smallest p, 2/2^n, times Holm's first factor
+        print(f"with {n} seeds no primary row can reach a Holm p under 0.05 (the smallest is {family} x 2/2^{n}): "
+              "'inconclusive' here says the study is too small, not that an effect is absent; 9 seeds or more can.")
     return claims
 
 

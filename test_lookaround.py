@@ -672,12 +672,17 @@ def test_claims_are_paired_by_seed(capsys):
     nmi = claims["NMI mlm - ar", "trained"]
     assert nmi["verdict"] == "interval above 0" and not nmi["primary"] and nmi["p_holm"] is None
     assert len(claims) == 6  # only the rows whose two objectives ran: mlm - ar, on five cluster metrics and one ppl
-    assert "reproduced" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reproduced" in out and "too small" not in out  # 10 seeds can reach Holm p < 0.05
     one_seed = L.claims_table([r for r in runs if r["seed"] == 1])
     assert all(c["verdict"] is None and c["ci95"] is None and c["p_value"] is None for c in one_seed)
     assert "no verdict is possible" in capsys.readouterr().out
     few = {c["metric"]: c for c in L.claims_table([r for r in runs if r["seed"] <= 4])}["log ppl mlm - ar"]
     assert few["p_value"] == 2 / 16 and few["verdict"] == "inconclusive" and few["detectable"] is None  # 4 seeds
+    assert "with 4 seeds no primary row can reach a Holm p under 0.05 (the smallest is 7 x 2/2^4)" in \
+        capsys.readouterr().out
+    L.claims_table([r for r in runs if r["seed"] <= 9])  # 9 seeds: 7 x 2/512 < 0.05, a verdict is possible
+    assert "too small" not in capsys.readouterr().out
 
 
 def test_primary_verdicts_follow_holm_adjusted_sign_flip_p_values():
