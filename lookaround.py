@@ -2064,10 +2064,10 @@ def plot_summary(all_results, path):
             ax.plot(iters, shown(mean), marker="o" if source == "curve" else None, label=label,
                     color=color[objective])
             ax.fill_between(iters, shown(mean - half), shown(mean + half), alpha=0.2, color=color[objective])
-        # the language's own value (one per seed's corpus), averaged in log space as the models are
-        limits = {json.dumps(limit(r["bayes"])) for r in all_results if limit and r.get("bayes") and r["gen"]}
+        # the language's own value, one per seed's corpus, averaged in log space as the models are
+        limits = {r["seed"]: limit(r["bayes"]) for r in all_results if limit and r.get("bayes") and r["gen"]}
         if limits and ax.lines:
-            geometric = np.exp(np.mean(np.log([json.loads(v) for v in limits]), 0))
+            geometric = np.exp(np.mean(np.log(list(limits.values())), 0))
             if source == "length":
                 ax.plot(range(1, len(geometric) + 1), geometric, "k--", label=LANGUAGE_ROW)
             else:
