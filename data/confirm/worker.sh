@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # worker.sh CORE: take the next unclaimed job from jobs.txt (claim = mkdir, atomic), run it pinned to CORE.
-# A job is done when its log ends with rc=0; a dependency must be done before its job is taken.
+# A job is done when its command exits 0 (claims/NAME.done), failed otherwise (NAME.failed, not retried);
+# a job with a dependency waits until that job is done.
 S=~/lookaround-studies/confirm
 CORE=$1
 cd $S/code
