@@ -13,8 +13,10 @@ two objectives: diversity-enhanced AR (predict several future tokens) and variab
 Read top to bottom: the model, then the four objectives, which differ in the attention mode, the
 positions hidden and the tokens that are targets (and, as each says, in small details: mlm's BERT
 corruption, ar_diverse's heads), each with its record in OBJECTIVES (a fifth objective is one
-function and one record); then the built-in corpus, the evaluations, the verdicts across runs,
-the exact theory, and the machinery (training loop, real text, benchmark, flags and main).
+function and one record); then the built-in corpus, the evaluations, the exact theory, the
+verdicts across runs, and the machinery (training loop, real text, benchmark, flags and main).
+A run trains one member (an objective, or a variant: an objective with some settings overridden)
+on one seed and writes results.json; a study is several runs from one command, paired by seed.
 
     python lookaround.py                               # ar on the built-in corpus: ~5 min, 2 CPU cores
     python lookaround.py --objective all --seeds 1-5   # the four objectives, paired by seed: ~3 hours
@@ -67,6 +69,13 @@ def atomic_write(path, mode="w"):
 def write_json(path, obj):
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
+
+
+def own_rng(device):
+    """A block whose random draws leave the global random streams (the CPU's and device's) as they
+    found them, so an evaluation in the middle of training does not change what training draws
+    next."""
+    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -465,7 +474,7 @@ def varlen_problems(v, args):
 
 
 # Peak learning rates by one rule for all four (the README's fair race): the lowest mean final val
-# loss among 1e-3, 2e-3 and 4e-3 on tuning seeds (101, 102) that no verdict study uses.
+# loss among 1e-3, 2e-3 and 4e-3 on tuning seeds (101, 102) that the confirmatory study never uses.
 # --learning_rate overrides them. The theory's patterns (ar_patterns and the rest) are defined in the
 # theory section, which says what a pattern is.
 OBJECTIVES = {o.name: o for o in [
@@ -516,39 +525,6 @@ VARIANTS = {  # name -> (objective, its overridden settings)
 VARIANT_LEARNING_RATES = {"mlm_half": 2e-3, "varlen_bert": 2e-3, "ar_diverse2": 1e-3, "ar_diverse8": 2e-3}
 
 
-def variant_definitions(args):
-    """Every variant this command knows: the built-in ones and those --variants defines, name ->
-    (objective, settings with their values typed as the objective's Setting defaults)."""
-    known = dict(VARIANTS)
-    for spec in args.variants:
-        if "=" not in spec.split(":")[0]:
-            continue  # a name: built in (checked by check_args)
-        name, rest = spec.split("=", 1)
-        base, *pairs = rest.split(":")
-        if base not in OBJECTIVES:
-            raise UsageError(f"--variants {spec}: {base!r} is not an objective ({', '.join(OBJECTIVES)}).")
-        overrides = {}
-        for pair in pairs:
-            key, _, text = pair.partition("=")
-            setting = OBJECTIVES[base].settings.get(key)
-            if setting is None or not text:
-                own = ", ".join(OBJECTIVES[base].settings) or "none"
-                raise UsageError(f"--variants {spec}: {base} has no setting {key!r} to set (its own: {own}); "
-                                 "write name=objective:setting=value.")
-            try:
-                value = {"True": True, "False": False}[text] if isinstance(setting.default, bool) else \
-                    type(setting.default)(text)
-            except (KeyError, ValueError):
-                raise UsageError(f"--variants {spec}: {key}={text} is not a {type(setting.default).__name__}.")
-            if setting.choices and value not in setting.choices:
-                raise UsageError(f"--variants {spec}: {key} is one of {', '.join(setting.choices)}.")
-            overrides[key] = value
-        if name in OBJECTIVES or name == "all" or not name.isidentifier():
-            raise UsageError(f"--variants {spec}: name it with a word that is not an objective's name.")
-        known[name] = (base, overrides)
-    return known
-
-
 def member(name, args):
     """The record one run trains and evaluates: an objective's with its settings' values from the
     flags, or a variant's, its objective's record with the variant's values over those, its own
@@ -566,6 +542,14 @@ def members(args):
     names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     given = [spec.split("=", 1)[0] for spec in args.variants]
     return names + [n for n in given if n not in names]
+
+
+def config_from_args(args, objective, vocab_size):
+    """The network for one run: the architecture flags, and what the objective's record says its
+    network needs (ar_diverse: its future-offset heads, which only it trains)."""
+    network = objective.network(objective.values) if objective.network else {}
+    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                     n_embd=args.n_embd, dropout=args.dropout, pos_emb=args.pos_emb, **network)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -632,7 +616,7 @@ SYN_TOPIC_WORDS = {
     "health": "clinic vaccine patient therapy virus fever surgeon diet symptom recovery".split(),
 }
 SYN_TEMPLATES = [  # sentence shapes; each topic prefers some of them. "." ends every one and only there,
-    "D A N V D N .",  # so a token sequence splits into sentences in one way only (language_states)
+    "D A N V D N .",  # so a token sequence splits into sentences in one way only (topic_states)
     "D N V D A N P D N .",
     "P D N , D N V D N .",
     "D N and D N V D N .",
@@ -646,7 +630,7 @@ SYN_VERB_OBJECT = 0.7  # a noun slot after the verb: P(one of the verb's three o
 @dataclass
 class Language:
     """The built-in language's parameters, drawn once per corpus seed: what make_synthetic samples
-    documents from and what the exact probabilities below (language_states) are computed from."""
+    documents from and what the exact probabilities below (topic_states) are computed from."""
     topics: list  # topic names; documents are labelled by topic index, i % len(topics): a uniform prior
     itos: list
     style: list  # per topic: verbs (subject noun -> its 2 preferred verbs), objects (verb -> its 3
@@ -733,7 +717,6 @@ def make_synthetic(n_train_docs=SYN_TRAIN_DOCS, n_val_docs=200, n_eval_docs=400,
         eval_docs=eval_docs, eval_texts=[" ".join(itos[t] for t in d) for d in eval_docs],
         eval_labels=np.array(labels[n_train_docs + n_val_docs:]), label_names=topics,
         train_docs=train_docs, train_labels=np.array(labels[:n_train_docs]), language=language)
-
 
 
 def first_training_docs(corpus, n):
@@ -843,7 +826,9 @@ def mixture_log_probs(language, tokens):
 def language_next_probs(language, tokens):
     """P(next token | the document starts with tokens[:i]) for i = 0..len(tokens): (len + 1, V), the
     best possible next-token predictor after every prefix; a row of zeros where the prefix is
-    impossible. Each parse is weighted by P(its topic, the tokens, the parse) (the prior: uniform)."""
+    impossible. Each parse is weighted by P(its topic, the tokens, the parse) (the prior: uniform).
+    Only the tests call it: they check language_log_probs and the Bayes rows against it, token by
+    token."""
     tables = language_tables(language)
     weights, vectors = [[] for _ in range(len(tokens) + 1)], [[] for _ in range(len(tokens) + 1)]
     for k in range(len(language.topics)):
@@ -1030,7 +1015,6 @@ def probe_accuracy(features, labels, seed, choose_c=False):
         return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
 
-
 def compute_now(part, compute, depends_on_hiding=False, recipe=None):
     """The untrained baselines computed where they are asked for (no study folder to keep them in);
     stored_untrained is the study's version. An evaluation calls untrained(part, compute, ...) for
@@ -1069,13 +1053,6 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, untrained
             ours[name]["baselines"] = {"random_init": base[name], "tfidf": tfidf}
         ours["per_position"]["baselines"] = {"random_init": base["per_position"]}
     return dict(ours["clean"], readouts=ours)
-
-
-def own_rng(device):
-    """A block whose random draws leave the global random streams (the CPU's and device's) as they
-    found them, so an evaluation in the middle of training does not change what training draws
-    next."""
-    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
 
 
 # Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is
@@ -1197,6 +1174,8 @@ def finetune_search(model, corpus, objective, seed, device, draws):
     return out
 
 
+# Generation: next-token perplexity on held-out windows by prefix length (what the paper's
+# generation claim is about), the short-input form and a masked model's ELBO; samples come next.
 def gen_windows(corpus, block_size, n):
     """Up to n held-out sequences of block_size tokens, each starting where a held-out document
     starts (and running on into the next one after its separator, as training windows do)."""
@@ -1339,6 +1318,8 @@ def masked_elbo(logits_fn, seqs, mask_id, draws, generator):
             "draws": draws}
 
 
+# Samples and the language's limits: each model continues held-out prefixes, the language itself
+# judges the continuations, and the best possible predictor, classifier and judge are computed.
 def judged_prefix_len(T):
     """Generation is judged on continuations of held-out prefixes a quarter of a window long."""
     return T // 4
@@ -1487,9 +1468,362 @@ def language_limits(corpus, args):
                                                                      corpus.eval_labels[:len(data)])}
 
 
+def evaluate(model, corpus, objective, seed, args, device, final):
+    """A run's metrics at one point of its training, as results.json stores them (the final point
+    with the untrained baselines, computed once per run). Points before the end fine-tune at one n
+    only: the primary rows' n if it is among --finetune_labels, else the first. Evaluating never
+    moves training's random streams."""
+    label_counts = args.finetune_labels if final else \
+        [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS] or args.finetune_labels[:1]
+    point = {"cluster": None, "finetune": None, "gen": None}
+    untrained = stored_untrained(args, objective, seed, model.config) if final else None
+    with own_rng(device):
+        if args.eval_cluster and corpus.eval_labels is not None:
+            point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views,
+                                                   untrained)
+        if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
+            point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, label_counts,
+                                                  args.finetune_draws, untrained)
+        if args.eval_gen:
+            point["gen"] = evaluate_generation(model, corpus, objective, args, seed)
+    model.train()
+    if not final:
+        c, f, g = point["cluster"], point["finetune"], point["gen"]
+        print("  metrics: " + ", ".join(
+            ([f"probe (clean) {c['probe_acc']:.3f}", f"NMI (clean) {c['nmi']:.3f}"] if c else [])
+            + [f"fine-tuned n={n} {f[str(n)]['acc']:.3f}" for n in label_counts if f]
+            + ([f"ppl@1/8 {g['ppl_by_prefix']['0.125']:.2f}", f"ppl {g['ppl']:.2f}"] if g else [])))
+    return point
+
+
+# -----------------------------------------------------------------------------------------------------
+# Theory: the paper's comparison computed exactly, with no training (--theory). Training noise can
+# hide or fake a difference; on worlds small enough to enumerate, every objective's optimum and what
+# it can tell apart are exact.
+#
+# The paper reasons about what each objective's *optimal* predictor can know. An objective turns a
+# sequence into (context, target) pairs; its optimum is the exact conditional p*(target | context),
+# and what that optimum can tell apart depends on the co-occurrence graph of contexts and targets:
+# two sequences end up with related representations only if a path of shared targets joins their
+# contexts. A context whose target always sits at one position (ar: the token after the prefix; mlm
+# hiding one token: that token) links only to targets there, so the graph splits into one piece per
+# target position; contexts with targets at several positions (ar_diverse; masked objectives hiding
+# two or more tokens) join the pieces. For generation, a masked model is asked at test time for
+# contexts it may never have trained on: a prefix followed by [MASK]s, of a length its training
+# never showed. This section is lookaround's own construction in that spirit: worlds small enough to
+# enumerate every sequence (K classes, each a Markov chain over V tokens, sequences of L tokens),
+# each objective written as a list of training patterns (visible positions, target position,
+# weight), and for each the optimal predictor, a linear probe of it for the class, the graph's
+# connected components and the coverage of generation contexts, all exact: sums over the
+# enumeration, no sampling and no optimisation noise.
+
+
+def prefix_mask(n):
+    """The visible-position mask (bit j = position j visible) of a prefix of n tokens."""
+    return (1 << n) - 1
+
+
+def varlen_count_probs(L, lo, hi):
+    """{m: P(m)} for mlm_varlen's hidden count m = round(r * L), clamped to 1..L-1, with r ~ U[lo,
+    hi]. round(r * L) = n for r * L in [n - 0.5, n + 0.5] (which way a tie rounds, half to even in
+    Python and torch, matters only on a set of measure zero), so P(n) is that interval's share of
+    [lo, hi]. The clamp is the network's (hidden_counts): at least one token hidden and one
+    visible."""
+    if hi == lo:
+        return {min(max(round(lo * L), 1), L - 1): 1.0}
+    probs = {}
+    for n in range(L + 1):
+        share = max(0.0, min(hi, (n + 0.5) / L) - max(lo, (n - 0.5) / L)) / (hi - lo)
+        m = min(max(n, 1), L - 1)
+        probs[m] = probs.get(m, 0.0) + share
+    return {m: p for m, p in probs.items() if p > 0}
+
+
+def ar_patterns(L):
+    """ar in the theory: x[<t] -> x[t], every position alike. Each objective is a list of (visible
+    mask, target position, weight) pairs its loss is made of, weighted as its sampling weights them
+    (the weights sum to 1); its record's patterns field builds it."""
+    return [(prefix_mask(t), t, 1 / (L - 1)) for t in range(1, L)]
+
+
+def ar_diverse_patterns(L, n_future):
+    """x[<=t] -> x[t+d]: the mean over offsets of each offset's mean over positions."""
+    offsets = [d for d in range(1, n_future + 1) if d <= L - 1]
+    return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d))) for d in offsets for t in range(L - d)]
+
+
+def masked_patterns(L, counts):
+    """A masked objective hiding m positions with probability counts[m] (the objective's own count
+    rule: mlm's fixed count, mlm_varlen's varlen_count_probs): every hidden set of m positions
+    alike, each hidden token a target and every hidden token weighing alike (mlm_varlen's default
+    --varlen_weight token). Masked contexts show [MASK] at every position that is not visible;
+    BERT's 10% random / 10% kept replacements are left out: every hidden position shows [MASK]."""
+    full = prefix_mask(L)
+    mean_hidden = sum(m * p for m, p in counts.items())
+    return [(full & ~sum(1 << j for j in hidden), j, p / math.comb(L, m) / mean_hidden)
+            for m, p in counts.items() for hidden in itertools.combinations(range(L), m) for j in hidden]
+
+
+def training_patterns(objective, L):
+    """An objective in the theory, as its record says (with its settings' values). check_args has
+    refused --theory already where a record has no patterns."""
+    return objective.patterns(L, objective.values)
+
+
+def draw_world(seed, K, V, alpha):
+    """K classes, each a first-order Markov chain over V tokens: start distributions ~ Dirichlet(1),
+    transition rows ~ Dirichlet(alpha) (small alpha: peaked rows, classes easier to tell apart)."""
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.ones(V), size=K), rng.dirichlet(np.full(V, alpha), size=(K, V))
+
+
+def enumerate_world(starts, transitions, L):
+    """Every one of the V^L sequences, tokens (V^L, L) with position 0 the most significant base-V
+    digit, and its joint probability with each class, P (V^L, K); the classes are equally likely."""
+    K, V = starts.shape
+    tokens = np.arange(V ** L)[:, None] // V ** np.arange(L - 1, -1, -1) % V
+    p = starts[:, tokens[:, 0]].T / K
+    for j in range(L - 1):
+        p = p * transitions[:, tokens[:, j], tokens[:, j + 1]].T
+    return tokens, p
+
+
+def context_keys(tokens, visible, V):
+    """Each sequence's context under a visible mask as one integer (the base-V digits of its visible
+    tokens), and the number of possible keys."""
+    key = np.zeros(len(tokens), dtype=np.int64)
+    n_visible = 0
+    for j in range(tokens.shape[1]):
+        if visible >> j & 1:
+            key, n_visible = key * V + tokens[:, j], n_visible + 1
+    return key, V ** n_visible
+
+
+def joint_table(tokens, p_x, key, n_keys, target, V):
+    """P(context, x[target] = v) for every context key and token v, (n_keys, V): one bincount, no
+    loop."""
+    return np.bincount(key * V + tokens[:, target], weights=p_x, minlength=n_keys * V).reshape(n_keys, V)
+
+
+def conditional(joint):
+    """p*(v | context): the rows normalised. Contexts of probability 0 (only in hand-set worlds)
+    give zeros."""
+    return joint / np.maximum(joint.sum(1, keepdims=True), np.finfo(float).tiny)
+
+
+def exact_optimum(tokens, p_x, patterns, V):
+    """One objective at its optimum. For each training pattern, the table P(context, target token);
+    its rows normalised are the optimal predictor p*. Returns the two readouts of p* per sequence,
+    pooled (N, V): the weighted mean of log p*(. | context) over the sequence's training contexts
+    (the optimum's counterpart of the networks' trained readout: what the model says where its
+    objective trains it, averaged), and per_position (N, L*V): the same mean per target position
+    (zeros where the objective has none); and the co-occurrence matrix A of contexts (rows: (visible
+    mask, key), those that occur) and targets (columns: (position, token)), sparse."""
+    from scipy import sparse
+    N, L = tokens.shape
+    pooled, per_position, target_weight = np.zeros((N, V)), np.zeros((N, L, V)), np.zeros(L)
+    by_visible, blocks = {}, []
+    for visible, target, weight in patterns:
+        by_visible.setdefault(visible, []).append((target, weight))
+    for visible, targets in by_visible.items():
+        key, n_keys = context_keys(tokens, visible, V)
+        block = np.zeros((n_keys, L, V))
+        for target, weight in targets:
+            joint = joint_table(tokens, p_x, key, n_keys, target, V)
+            # a token the world never emits after a context (p* = 0, only in hand-set worlds) gets
+            # the log of the smallest float rather than -inf, so the features stay finite
+            log_p = np.log(np.maximum(conditional(joint), np.finfo(float).tiny))[key]
+            pooled += weight * log_p
+            per_position[:, target] += weight * log_p
+            target_weight[target] += weight
+            block[:, target] += weight * joint
+        block = block.reshape(n_keys, L * V)
+        blocks.append(sparse.csr_matrix(block[block.sum(1) > 0]))
+    per_position[:, target_weight > 0] /= target_weight[target_weight > 0, None]
+    return pooled / target_weight.sum(), per_position.reshape(N, L * V), sparse.vstack(blocks).tocsr()
+
+
+def graph_spectrum(A):
+    """Singular values, largest first, of D+^-1/2 A D-^-1/2 (rows and columns of zero degree
+    dropped). Each connected component contributes exactly one singular value 1. A has only L*V
+    columns, so they are the square roots of the eigenvalues of a small Gram matrix."""
+    from scipy import sparse
+    rows, cols = np.asarray(A.sum(1)).ravel(), np.asarray(A.sum(0)).ravel()
+    A = A[rows > 0][:, cols > 0]
+    B = sparse.diags(rows[rows > 0] ** -0.5) @ A @ sparse.diags(cols[cols > 0] ** -0.5)
+    return np.sqrt(np.clip(np.linalg.eigvalsh((B.T @ B).toarray())[::-1], 0.0, None))
+
+
+def exact_probe_accuracy(features, p_xc):
+    """A linear probe of the class, fitted on the exact distribution: every (x, c) pair is a row
+    weighted by P(x, c) (times N*K, so the weights average 1), and its accuracy is sum_x P(x, argmax
+    probe(x)). C is large: the question is what a linear map can read off p*, not what a regularised
+    one does with finite data; there is no finite data here to overfit. (On the worlds checked, the
+    accuracy agreed with a fit at C = 1e6 and tol = 1e-10 to about 1e-4, at a third of the time.)"""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    N, K = p_xc.shape
+    X, y, w = np.tile(features, (K, 1)), np.repeat(np.arange(K), N), p_xc.T.ravel() * N * K
+    scaler = StandardScaler().fit(X, sample_weight=w)
+    probe = LogisticRegression(C=1e3, max_iter=2000).fit(scaler.transform(X), y, sample_weight=w)
+    return float(p_xc[np.arange(N), probe.predict(scaler.transform(features))].sum())
+
+
+def next_token_perplexity(tokens, p_x, l, V):
+    """exp of the exact cross-entropy of p*(x[l] | x[<l]) over the world: the best any model can do
+    there."""
+    key, n_keys = context_keys(tokens, prefix_mask(l), V)
+    joint = joint_table(tokens, p_x, key, n_keys, l, V)
+    seen = joint > 0
+    return float(np.exp(-(joint[seen] * np.log(conditional(joint)[seen])).sum()))
+
+
+def covered_prefixes(patterns, L):
+    """{"l": bool} for l = 1..L-1: is generation's context after a prefix of l tokens (x[<l], then
+    [MASK] at every later position) -> x[l] one of the objective's training patterns? A causal
+    objective never sees the positions after its prefix, so for it the prefix alone is that same
+    context."""
+    trained = {(visible, target) for visible, target, weight in patterns if weight > 0}
+    return {str(l): (prefix_mask(l), l) in trained for l in range(1, L)}
+
+
+def causal_bayes_accuracy(tokens, p_xc, V):
+    """The Bayes accuracy of the class from x[<L-1] alone: the most any causal context can see,
+    since the last token is never an input to a causal objective (it is only ever a target), while
+    every masked context with x[L-1] visible sees it. The fair ceiling for a causal objective's
+    probes."""
+    key, n_keys = context_keys(tokens, prefix_mask(tokens.shape[1] - 1), V)
+    joint = np.stack([np.bincount(key, weights=p_xc[:, c], minlength=n_keys) for c in range(p_xc.shape[1])], 1)
+    return float(joint.max(1).sum())
+
+
+def theory_world(seed, args, objectives):
+    """Every measurement on one world: the Bayes accuracy (from the whole sequence, and from x[<L-1]
+    alone) and, per objective, both probes, the graph's components and sigma_{K+1}, and which
+    generation contexts it trained on, with their perplexity. sigma_{K+1} is the (K+1)-th largest
+    singular value of the normalised graph (see graph_spectrum) of K classes: 1 where the graph
+    falls apart into more than K pieces, smaller the better the samples are connected beyond K
+    clusters, the quantity the paper's bound on downstream error rests on. objectives: the
+    records, with their settings' values."""
+    K, L = args.theory_classes, args.theory_len
+    tokens, p_xc = enumerate_world(*draw_world(seed, K, args.theory_vocab, args.theory_alpha), L)
+    p_x = p_xc.sum(1)
+    bayes = float(p_xc.max(1).sum())
+    bayes_causal = causal_bayes_accuracy(tokens, p_xc, args.theory_vocab)
+    ppl = {l: next_token_perplexity(tokens, p_x, l, args.theory_vocab) for l in range(1, L)}
+    out = {}
+    for objective in objectives:
+        patterns = training_patterns(objective, L)
+        pooled, per_position, A = exact_optimum(tokens, p_x, patterns, args.theory_vocab)
+        sv = graph_spectrum(A)
+        coverage = covered_prefixes(patterns, L)
+        acc, acc_pp = exact_probe_accuracy(pooled, p_xc), exact_probe_accuracy(per_position, p_xc)
+        out[objective.name] = {
+            "probe_acc": acc, "probe_rel": acc / bayes,
+            "probe_acc_per_position": acc_pp, "probe_rel_per_position": acc_pp / bayes,
+            "components": int((sv > 1 - 1e-8).sum()), "sigma_k1": float(sv[K]) if len(sv) > K else 0.0,
+            "coverage": coverage, "gen_ppl": {l: ppl[int(l)] if covered else None for l, covered in coverage.items()}}
+        if objective.attention == "causal":
+            out[objective.name].update(probe_rel_causal=acc / bayes_causal,
+                                       probe_rel_per_position_causal=acc_pp / bayes_causal)
+    return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal, "objectives": out}
+
+
+def sign_test_p(wins, n):
+    """The two-sided sign test of `wins` out of n decided comparisons against a fair coin:
+    2 P(X >= max(wins, n - wins)), X ~ Binomial(n, 1/2), at most 1 (14 of 20: p = 0.115); 1 if
+    nothing was decided."""
+    if n == 0:
+        return 1.0
+    k = max(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+
+
+def theory(args):
+    """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all
+    succeed)."""
+    V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
+    objectives = [with_values(o, args) for o in OBJECTIVES.values()]
+    print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
+          f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
+    worlds = []
+    for i, world_seed in enumerate(np.random.default_rng(seed).integers(2 ** 31, size=n)):
+        t0 = time.time()
+        worlds.append(theory_world(world_seed, args, objectives))
+        print(f"world {i + 1}/{n} (seed {world_seed}): bayes {worlds[-1]['bayes_acc']:.3f}, {time.time() - t0:.1f} s")
+
+    def values(name, key):
+        return np.array([w["objectives"][name][key] for w in worlds], dtype=float)
+
+    def mean_std(x, digits=3):
+        return f"{x.mean():.{digits}f} ± {x.std(ddof=1) if len(x) > 1 else 0.0:.{digits}f}"
+
+    def wins(a, b, key):
+        return sum(w["objectives"][a][key] > w["objectives"][b][key] + 1e-9 for w in worlds)
+
+    print(f"\nthe exact optimum of each objective, mean ± std over {n} worlds "
+          f"(Bayes accuracy {mean_std(np.array([w['bayes_acc'] for w in worlds]))})")
+    print(f"{'':<12}{'probe/Bayes pooled':>20}{'probe/Bayes per-pos':>21}{'components':>14}{'sigma_K+1':>17}")
+    for name in OBJECTIVES:
+        pooled, per_position = mean_std(values(name, "probe_rel")), mean_std(values(name, "probe_rel_per_position"))
+        print(f"{name:<12}{pooled:>20}{per_position:>21}"
+              f"{mean_std(values(name, 'components'), 1):>14}{mean_std(values(name, 'sigma_k1')):>17}")
+    bayes_causal = np.array([w["bayes_acc_causal"] for w in worlds])
+    print(f"the causal objectives against their own ceiling, the Bayes accuracy from x[<L-1] "
+          f"({mean_std(bayes_causal)}):")
+    for name in (o.name for o in objectives if o.attention == "causal"):
+        print(f"{name:<12}{mean_std(values(name, 'probe_rel_causal')):>20}"
+              f"{mean_std(values(name, 'probe_rel_per_position_causal')):>21}")
+    print("\ngeneration after a prefix of l tokens (then [MASK]s): where the objective trained on that context, the\n"
+          "exact perplexity of its optimum on the next token (mean over worlds)")
+    print(f"{'':<12}" + "".join(f"{f'l={l}':>15}" for l in range(1, L)))
+    for name in OBJECTIVES:  # coverage depends on the patterns only: the same in every world
+        cells = [f"{np.mean([w['objectives'][name]['gen_ppl'][str(l)] for w in worlds]):.3f}"
+                 if worlds[0]["objectives"][name]["coverage"][str(l)] else "never trained" for l in range(1, L)]
+        print(f"{name:<12}" + "".join(f"{c:>15}" for c in cells))
+    tally = {"worlds": n,
+             "mlm>ar": wins("mlm", "ar", "probe_acc"), "ar_diverse>ar": wins("ar_diverse", "ar", "probe_acc"),
+             "mlm>ar_per_position": wins("mlm", "ar", "probe_acc_per_position"),
+             "ar_diverse>ar_per_position": wins("ar_diverse", "ar", "probe_acc_per_position"),
+             "mlm>ar_per_position_matched": sum(w["objectives"]["mlm"]["probe_rel_per_position"]
+                                                > w["objectives"]["ar"]["probe_rel_per_position_causal"] + 1e-9
+                                                for w in worlds),
+             "mlm_varlen_covers_more": sum(sum(w["objectives"]["mlm_varlen"]["coverage"].values())
+                                           > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
+    # the sign test over the worlds that differ (ties, within 1e-9, are left out); coverage is the
+    # patterns' alone, the same in every world: a fact, not a test
+    losses = {"mlm>ar": wins("ar", "mlm", "probe_acc"), "ar_diverse>ar": wins("ar", "ar_diverse", "probe_acc"),
+              "mlm>ar_per_position": wins("ar", "mlm", "probe_acc_per_position"),
+              "ar_diverse>ar_per_position": wins("ar", "ar_diverse", "probe_acc_per_position"),
+              "mlm>ar_per_position_matched": sum(w["objectives"]["ar"]["probe_rel_per_position_causal"]
+                                                 > w["objectives"]["mlm"]["probe_rel_per_position"] + 1e-9
+                                                 for w in worlds)}
+    tally["sign_test_p"] = {k: sign_test_p(tally[k], tally[k] + lost) for k, lost in losses.items()}
+    p = {k: f"{tally[k]} of {n}, sign test p {v:.3g}" for k, v in tally["sign_test_p"].items()}
+    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9; a two-sided sign test over the worlds "
+          "that differ):")
+    print(f"  mlm > ar:        {p['mlm>ar']} (pooled); {p['mlm>ar_per_position']} (per-position)")
+    print(f"  ar_diverse > ar: {p['ar_diverse>ar']} (pooled); {p['ar_diverse>ar_per_position']} (per-position)")
+    print(f"  mlm > ar per position, each against its own ceiling: {p['mlm>ar_per_position_matched']}\n"
+          "    (mlm's probe / Bayes against ar's probe / Bayes from x[<L-1]: a causal context never sees the last\n"
+          "    token, a masked one can. A win that survives this is connectivity; one that vanishes was sight of\n"
+          "    the last token.)")
+    print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']} of {n} (its patterns "
+          "alone decide it: the same in every world)")
+    settings = {k: getattr(args, k) for k in THEORY_FLAGS}
+    settings.update((k, v) for o in objectives for k, v in o.values.items())  # the objectives' own
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(os.path.join(args.out_dir, "theory.json"), {"settings": {**settings, "seed": seed},
+                                                           "worlds": worlds, "tally": tally})
+    return tally
+
+
 # -----------------------------------------------------------------------------------------------------
 # Across runs: several seeds and objectives become one summary table (summarize) and one row per
 # claim and metric, paired by seed (claims_table), seven of them judged with a verdict: summary.json.
+# Everything here reads the runs' results.json files: train (the curve, val loss), cluster and
+# finetune (classification), gen (generation), best (the same at the best-val checkpoint), bayes
+# (the language's limits) and the untrained baselines beside them.
 
 
 def fmt(x, digits=3):
@@ -2095,328 +2429,6 @@ def plot_summary(all_results, path):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Theory: the paper's comparison computed exactly, with no training (--theory). Training noise can
-# hide or fake a difference; on worlds small enough to enumerate, every objective's optimum and what
-# it can tell apart are exact.
-#
-# The paper reasons about what each objective's *optimal* predictor can know. An objective turns a
-# sequence into (context, target) pairs; its optimum is the exact conditional p*(target | context),
-# and what that optimum can tell apart depends on the co-occurrence graph of contexts and targets:
-# two sequences end up with related representations only if a path of shared targets joins their
-# contexts. A context whose target always sits at one position (ar: the token after the prefix; mlm
-# hiding one token: that token) links only to targets there, so the graph splits into one piece per
-# target position; contexts with targets at several positions (ar_diverse; masked objectives hiding
-# two or more tokens) join the pieces. For generation, a masked model is asked at test time for
-# contexts it may never have trained on: a prefix followed by [MASK]s, of a length its training
-# never showed. This section is lookaround's own construction in that spirit: worlds small enough to
-# enumerate every sequence (K classes, each a Markov chain over V tokens, sequences of L tokens),
-# each objective written as a list of training patterns (visible positions, target position,
-# weight), and for each the optimal predictor, a linear probe of it for the class, the graph's
-# connected components and the coverage of generation contexts, all exact: sums over the
-# enumeration, no sampling and no optimisation noise.
-
-
-def prefix_mask(n):
-    """The visible-position mask (bit j = position j visible) of a prefix of n tokens."""
-    return (1 << n) - 1
-
-
-def varlen_count_probs(L, lo, hi):
-    """{m: P(m)} for mlm_varlen's hidden count m = round(r * L), clamped to 1..L-1, with r ~ U[lo,
-    hi]. round(r * L) = n for r * L in [n - 0.5, n + 0.5] (which way a tie rounds, half to even in
-    Python and torch, matters only on a set of measure zero), so P(n) is that interval's share of
-    [lo, hi]. The clamp is the network's (hidden_counts): at least one token hidden and one
-    visible."""
-    if hi == lo:
-        return {min(max(round(lo * L), 1), L - 1): 1.0}
-    probs = {}
-    for n in range(L + 1):
-        share = max(0.0, min(hi, (n + 0.5) / L) - max(lo, (n - 0.5) / L)) / (hi - lo)
-        m = min(max(n, 1), L - 1)
-        probs[m] = probs.get(m, 0.0) + share
-    return {m: p for m, p in probs.items() if p > 0}
-
-
-def ar_patterns(L):
-    """ar in the theory: x[<t] -> x[t], every position alike. Each objective is a list of (visible
-    mask, target position, weight) pairs its loss is made of, weighted as its sampling weights them
-    (the weights sum to 1); its record's patterns field builds it."""
-    return [(prefix_mask(t), t, 1 / (L - 1)) for t in range(1, L)]
-
-
-def ar_diverse_patterns(L, n_future):
-    """x[<=t] -> x[t+d]: the mean over offsets of each offset's mean over positions."""
-    offsets = [d for d in range(1, n_future + 1) if d <= L - 1]
-    return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d))) for d in offsets for t in range(L - d)]
-
-
-def masked_patterns(L, counts):
-    """A masked objective hiding m positions with probability counts[m] (the objective's own count
-    rule: mlm's fixed count, mlm_varlen's varlen_count_probs): every hidden set of m positions
-    alike, each hidden token a target and every hidden token weighing alike (mlm_varlen's default
-    --varlen_weight token). Masked contexts show [MASK] at every position that is not visible;
-    BERT's 10% random / 10% kept replacements are left out: every hidden position shows [MASK]."""
-    full = prefix_mask(L)
-    mean_hidden = sum(m * p for m, p in counts.items())
-    return [(full & ~sum(1 << j for j in hidden), j, p / math.comb(L, m) / mean_hidden)
-            for m, p in counts.items() for hidden in itertools.combinations(range(L), m) for j in hidden]
-
-
-def training_patterns(objective, L):
-    """An objective in the theory, as its record says (with its settings' values). check_args has
-    refused --theory already where a record has no patterns."""
-    return objective.patterns(L, objective.values)
-
-
-def draw_world(seed, K, V, alpha):
-    """K classes, each a first-order Markov chain over V tokens: start distributions ~ Dirichlet(1),
-    transition rows ~ Dirichlet(alpha) (small alpha: peaked rows, classes easier to tell apart)."""
-    rng = np.random.default_rng(seed)
-    return rng.dirichlet(np.ones(V), size=K), rng.dirichlet(np.full(V, alpha), size=(K, V))
-
-
-def enumerate_world(starts, transitions, L):
-    """Every one of the V^L sequences, tokens (V^L, L) with position 0 the most significant base-V
-    digit, and its joint probability with each class, P (V^L, K); the classes are equally likely."""
-    K, V = starts.shape
-    tokens = np.arange(V ** L)[:, None] // V ** np.arange(L - 1, -1, -1) % V
-    p = starts[:, tokens[:, 0]].T / K
-    for j in range(L - 1):
-        p = p * transitions[:, tokens[:, j], tokens[:, j + 1]].T
-    return tokens, p
-
-
-def context_keys(tokens, visible, V):
-    """Each sequence's context under a visible mask as one integer (the base-V digits of its visible
-    tokens), and the number of possible keys."""
-    key = np.zeros(len(tokens), dtype=np.int64)
-    n_visible = 0
-    for j in range(tokens.shape[1]):
-        if visible >> j & 1:
-            key, n_visible = key * V + tokens[:, j], n_visible + 1
-    return key, V ** n_visible
-
-
-def joint_table(tokens, p_x, key, n_keys, target, V):
-    """P(context, x[target] = v) for every context key and token v, (n_keys, V): one bincount, no
-    loop."""
-    return np.bincount(key * V + tokens[:, target], weights=p_x, minlength=n_keys * V).reshape(n_keys, V)
-
-
-def conditional(joint):
-    """p*(v | context): the rows normalised. Contexts of probability 0 (only in hand-set worlds)
-    give zeros."""
-    return joint / np.maximum(joint.sum(1, keepdims=True), np.finfo(float).tiny)
-
-
-def exact_optimum(tokens, p_x, patterns, V):
-    """One objective at its optimum. For each training pattern, the table P(context, target token);
-    its rows normalised are the optimal predictor p*. Returns the two readouts of p* per sequence,
-    pooled (N, V): the weighted mean of log p*(. | context) over the sequence's training contexts
-    (the optimum's counterpart of the networks' trained readout: what the model says where its
-    objective trains it, averaged), and per_position (N, L*V): the same mean per target position
-    (zeros where the objective has none); and the co-occurrence matrix A of contexts (rows: (visible
-    mask, key), those that occur) and targets (columns: (position, token)), sparse."""
-    from scipy import sparse
-    N, L = tokens.shape
-    pooled, per_position, target_weight = np.zeros((N, V)), np.zeros((N, L, V)), np.zeros(L)
-    by_visible, blocks = {}, []
-    for visible, target, weight in patterns:
-        by_visible.setdefault(visible, []).append((target, weight))
-    for visible, targets in by_visible.items():
-        key, n_keys = context_keys(tokens, visible, V)
-        block = np.zeros((n_keys, L, V))
-        for target, weight in targets:
-            joint = joint_table(tokens, p_x, key, n_keys, target, V)
-            # a token the world never emits after a context (p* = 0, only in hand-set worlds) gets
-            # the log of the smallest float rather than -inf, so the features stay finite
-            log_p = np.log(np.maximum(conditional(joint), np.finfo(float).tiny))[key]
-            pooled += weight * log_p
-            per_position[:, target] += weight * log_p
-            target_weight[target] += weight
-            block[:, target] += weight * joint
-        block = block.reshape(n_keys, L * V)
-        blocks.append(sparse.csr_matrix(block[block.sum(1) > 0]))
-    per_position[:, target_weight > 0] /= target_weight[target_weight > 0, None]
-    return pooled / target_weight.sum(), per_position.reshape(N, L * V), sparse.vstack(blocks).tocsr()
-
-
-def graph_spectrum(A):
-    """Singular values, largest first, of D+^-1/2 A D-^-1/2 (rows and columns of zero degree
-    dropped). Each connected component contributes exactly one singular value 1. A has only L*V
-    columns, so they are the square roots of the eigenvalues of a small Gram matrix."""
-    from scipy import sparse
-    rows, cols = np.asarray(A.sum(1)).ravel(), np.asarray(A.sum(0)).ravel()
-    A = A[rows > 0][:, cols > 0]
-    B = sparse.diags(rows[rows > 0] ** -0.5) @ A @ sparse.diags(cols[cols > 0] ** -0.5)
-    return np.sqrt(np.clip(np.linalg.eigvalsh((B.T @ B).toarray())[::-1], 0.0, None))
-
-
-def exact_probe_accuracy(features, p_xc):
-    """A linear probe of the class, fitted on the exact distribution: every (x, c) pair is a row
-    weighted by P(x, c) (times N*K, so the weights average 1), and its accuracy is sum_x P(x, argmax
-    probe(x)). C is large: the question is what a linear map can read off p*, not what a regularised
-    one does with finite data; there is no finite data here to overfit. (On the worlds checked, the
-    accuracy agreed with a fit at C = 1e6 and tol = 1e-10 to about 1e-4, at a third of the time.)"""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-    N, K = p_xc.shape
-    X, y, w = np.tile(features, (K, 1)), np.repeat(np.arange(K), N), p_xc.T.ravel() * N * K
-    scaler = StandardScaler().fit(X, sample_weight=w)
-    probe = LogisticRegression(C=1e3, max_iter=2000).fit(scaler.transform(X), y, sample_weight=w)
-    return float(p_xc[np.arange(N), probe.predict(scaler.transform(features))].sum())
-
-
-def next_token_perplexity(tokens, p_x, l, V):
-    """exp of the exact cross-entropy of p*(x[l] | x[<l]) over the world: the best any model can do
-    there."""
-    key, n_keys = context_keys(tokens, prefix_mask(l), V)
-    joint = joint_table(tokens, p_x, key, n_keys, l, V)
-    seen = joint > 0
-    return float(np.exp(-(joint[seen] * np.log(conditional(joint)[seen])).sum()))
-
-
-def covered_prefixes(patterns, L):
-    """{"l": bool} for l = 1..L-1: is generation's context after a prefix of l tokens (x[<l], then
-    [MASK] at every later position) -> x[l] one of the objective's training patterns? A causal
-    objective never sees the positions after its prefix, so for it the prefix alone is that same
-    context."""
-    trained = {(visible, target) for visible, target, weight in patterns if weight > 0}
-    return {str(l): (prefix_mask(l), l) in trained for l in range(1, L)}
-
-
-def causal_bayes_accuracy(tokens, p_xc, V):
-    """The Bayes accuracy of the class from x[<L-1] alone: the most any causal context can see,
-    since the last token is never an input to a causal objective (it is only ever a target), while
-    every masked context with x[L-1] visible sees it. The fair ceiling for a causal objective's
-    probes."""
-    key, n_keys = context_keys(tokens, prefix_mask(tokens.shape[1] - 1), V)
-    joint = np.stack([np.bincount(key, weights=p_xc[:, c], minlength=n_keys) for c in range(p_xc.shape[1])], 1)
-    return float(joint.max(1).sum())
-
-
-def theory_world(seed, args, objectives):
-    """Every measurement on one world: the Bayes accuracy (from the whole sequence, and from x[<L-1]
-    alone) and, per objective, both probes, the graph's components and sigma_{K+1}, and which
-    generation contexts it trained on, with their perplexity. sigma_{K+1} is the (K+1)-th largest
-    singular value of the normalised graph (see graph_spectrum) of K classes: 1 where the graph
-    falls apart into more than K pieces, smaller the better the samples are connected beyond K
-    clusters, the quantity the paper's bound on downstream error rests on. objectives: the
-    records, with their settings' values."""
-    K, L = args.theory_classes, args.theory_len
-    tokens, p_xc = enumerate_world(*draw_world(seed, K, args.theory_vocab, args.theory_alpha), L)
-    p_x = p_xc.sum(1)
-    bayes = float(p_xc.max(1).sum())
-    bayes_causal = causal_bayes_accuracy(tokens, p_xc, args.theory_vocab)
-    ppl = {l: next_token_perplexity(tokens, p_x, l, args.theory_vocab) for l in range(1, L)}
-    out = {}
-    for objective in objectives:
-        patterns = training_patterns(objective, L)
-        pooled, per_position, A = exact_optimum(tokens, p_x, patterns, args.theory_vocab)
-        sv = graph_spectrum(A)
-        coverage = covered_prefixes(patterns, L)
-        acc, acc_pp = exact_probe_accuracy(pooled, p_xc), exact_probe_accuracy(per_position, p_xc)
-        out[objective.name] = {
-            "probe_acc": acc, "probe_rel": acc / bayes,
-            "probe_acc_per_position": acc_pp, "probe_rel_per_position": acc_pp / bayes,
-            "components": int((sv > 1 - 1e-8).sum()), "sigma_k1": float(sv[K]) if len(sv) > K else 0.0,
-            "coverage": coverage, "gen_ppl": {l: ppl[int(l)] if covered else None for l, covered in coverage.items()}}
-        if objective.attention == "causal":
-            out[objective.name].update(probe_rel_causal=acc / bayes_causal,
-                                       probe_rel_per_position_causal=acc_pp / bayes_causal)
-    return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal, "objectives": out}
-
-
-def sign_test_p(wins, n):
-    """The two-sided sign test of `wins` out of n decided comparisons against a fair coin:
-    2 P(X >= max(wins, n - wins)), X ~ Binomial(n, 1/2), at most 1 (14 of 20: p = 0.115); 1 if
-    nothing was decided."""
-    if n == 0:
-        return 1.0
-    k = max(wins, n - wins)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
-
-
-def theory(args):
-    """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all
-    succeed)."""
-    V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
-    objectives = [with_values(o, args) for o in OBJECTIVES.values()]
-    print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
-          f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
-    worlds = []
-    for i, world_seed in enumerate(np.random.default_rng(seed).integers(2 ** 31, size=n)):
-        t0 = time.time()
-        worlds.append(theory_world(world_seed, args, objectives))
-        print(f"world {i + 1}/{n} (seed {world_seed}): bayes {worlds[-1]['bayes_acc']:.3f}, {time.time() - t0:.1f} s")
-
-    def values(name, key):
-        return np.array([w["objectives"][name][key] for w in worlds], dtype=float)
-
-    def mean_std(x, digits=3):
-        return f"{x.mean():.{digits}f} ± {x.std(ddof=1) if len(x) > 1 else 0.0:.{digits}f}"
-
-    def wins(a, b, key):
-        return sum(w["objectives"][a][key] > w["objectives"][b][key] + 1e-9 for w in worlds)
-
-    print(f"\nthe exact optimum of each objective, mean ± std over {n} worlds "
-          f"(Bayes accuracy {mean_std(np.array([w['bayes_acc'] for w in worlds]))})")
-    print(f"{'':<12}{'probe/Bayes pooled':>20}{'probe/Bayes per-pos':>21}{'components':>14}{'sigma_K+1':>17}")
-    for name in OBJECTIVES:
-        pooled, per_position = mean_std(values(name, "probe_rel")), mean_std(values(name, "probe_rel_per_position"))
-        print(f"{name:<12}{pooled:>20}{per_position:>21}"
-              f"{mean_std(values(name, 'components'), 1):>14}{mean_std(values(name, 'sigma_k1')):>17}")
-    bayes_causal = np.array([w["bayes_acc_causal"] for w in worlds])
-    print(f"the causal objectives against their own ceiling, the Bayes accuracy from x[<L-1] "
-          f"({mean_std(bayes_causal)}):")
-    for name in (o.name for o in objectives if o.attention == "causal"):
-        print(f"{name:<12}{mean_std(values(name, 'probe_rel_causal')):>20}"
-              f"{mean_std(values(name, 'probe_rel_per_position_causal')):>21}")
-    print("\ngeneration after a prefix of l tokens (then [MASK]s): where the objective trained on that context, the\n"
-          "exact perplexity of its optimum on the next token (mean over worlds)")
-    print(f"{'':<12}" + "".join(f"{f'l={l}':>15}" for l in range(1, L)))
-    for name in OBJECTIVES:  # coverage depends on the patterns only: the same in every world
-        cells = [f"{np.mean([w['objectives'][name]['gen_ppl'][str(l)] for w in worlds]):.3f}"
-                 if worlds[0]["objectives"][name]["coverage"][str(l)] else "never trained" for l in range(1, L)]
-        print(f"{name:<12}" + "".join(f"{c:>15}" for c in cells))
-    tally = {"worlds": n,
-             "mlm>ar": wins("mlm", "ar", "probe_acc"), "ar_diverse>ar": wins("ar_diverse", "ar", "probe_acc"),
-             "mlm>ar_per_position": wins("mlm", "ar", "probe_acc_per_position"),
-             "ar_diverse>ar_per_position": wins("ar_diverse", "ar", "probe_acc_per_position"),
-             "mlm>ar_per_position_matched": sum(w["objectives"]["mlm"]["probe_rel_per_position"]
-                                                > w["objectives"]["ar"]["probe_rel_per_position_causal"] + 1e-9
-                                                for w in worlds),
-             "mlm_varlen_covers_more": sum(sum(w["objectives"]["mlm_varlen"]["coverage"].values())
-                                           > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
-    # the sign test over the worlds that differ (ties, within 1e-9, are left out); coverage is the
-    # patterns' alone, the same in every world: a fact, not a test
-    losses = {"mlm>ar": wins("ar", "mlm", "probe_acc"), "ar_diverse>ar": wins("ar", "ar_diverse", "probe_acc"),
-              "mlm>ar_per_position": wins("ar", "mlm", "probe_acc_per_position"),
-              "ar_diverse>ar_per_position": wins("ar", "ar_diverse", "probe_acc_per_position"),
-              "mlm>ar_per_position_matched": sum(w["objectives"]["ar"]["probe_rel_per_position_causal"]
-                                                 > w["objectives"]["mlm"]["probe_rel_per_position"] + 1e-9
-                                                 for w in worlds)}
-    tally["sign_test_p"] = {k: sign_test_p(tally[k], tally[k] + lost) for k, lost in losses.items()}
-    p = {k: f"{tally[k]} of {n}, sign test p {v:.3g}" for k, v in tally["sign_test_p"].items()}
-    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9; a two-sided sign test over the worlds "
-          "that differ):")
-    print(f"  mlm > ar:        {p['mlm>ar']} (pooled); {p['mlm>ar_per_position']} (per-position)")
-    print(f"  ar_diverse > ar: {p['ar_diverse>ar']} (pooled); {p['ar_diverse>ar_per_position']} (per-position)")
-    print(f"  mlm > ar per position, each against its own ceiling: {p['mlm>ar_per_position_matched']}\n"
-          "    (mlm's probe / Bayes against ar's probe / Bayes from x[<L-1]: a causal context never sees the last\n"
-          "    token, a masked one can. A win that survives this is connectivity; one that vanishes was sight of\n"
-          "    the last token.)")
-    print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']} of {n} (its patterns "
-          "alone decide it: the same in every world)")
-    settings = {k: getattr(args, k) for k in THEORY_FLAGS}
-    settings.update((k, v) for o in objectives for k, v in o.values.items())  # the objectives' own
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_json(os.path.join(args.out_dir, "theory.json"), {"settings": {**settings, "seed": seed},
-                                                           "worlds": worlds, "tally": tally})
-    return tally
-
-
-# -----------------------------------------------------------------------------------------------------
 # Training loop: nanoGPT's, one for all four objectives, so that the objective is the only thing a
 # comparison changes. AdamW with warmup and cosine decay, gradient accumulation; bf16 autocast,
 # torch.compile and DDP where asked.
@@ -2522,6 +2534,13 @@ def estimate_val_loss(model, objective, corpus, args, device, seed):
                   for _ in range(args.eval_iters)]
     model.train()
     return float(np.mean(losses))
+
+
+def unigram_entropy(stream):
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(stream, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def plateau_exit_iter(curve, entropy, margin=0.25):
@@ -2758,13 +2777,6 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds, "final_val_loss": val_loss,
              "seconds": seconds, "learning_rate": peak_lr, "curve": curve}
     return raw_model, stats, points, best
-
-
-def unigram_entropy(stream):
-    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
-    counts = np.bincount(np.asarray(stream, dtype=np.int64))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -3209,12 +3221,37 @@ def parse_args(argv=None):
     return args
 
 
-def config_from_args(args, objective, vocab_size):
-    """The network for one run: the architecture flags, and what the objective's record says its
-    network needs (ar_diverse: its future-offset heads, which only it trains)."""
-    network = objective.network(objective.values) if objective.network else {}
-    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                     n_embd=args.n_embd, dropout=args.dropout, pos_emb=args.pos_emb, **network)
+def variant_definitions(args):
+    """Every variant this command knows: the built-in ones and those --variants defines, name ->
+    (objective, settings with their values typed as the objective's Setting defaults)."""
+    known = dict(VARIANTS)
+    for spec in args.variants:
+        if "=" not in spec.split(":")[0]:
+            continue  # a name: built in (checked by check_args)
+        name, rest = spec.split("=", 1)
+        base, *pairs = rest.split(":")
+        if base not in OBJECTIVES:
+            raise UsageError(f"--variants {spec}: {base!r} is not an objective ({', '.join(OBJECTIVES)}).")
+        overrides = {}
+        for pair in pairs:
+            key, _, text = pair.partition("=")
+            setting = OBJECTIVES[base].settings.get(key)
+            if setting is None or not text:
+                own = ", ".join(OBJECTIVES[base].settings) or "none"
+                raise UsageError(f"--variants {spec}: {base} has no setting {key!r} to set (its own: {own}); "
+                                 "write name=objective:setting=value.")
+            try:
+                value = {"True": True, "False": False}[text] if isinstance(setting.default, bool) else \
+                    type(setting.default)(text)
+            except (KeyError, ValueError):
+                raise UsageError(f"--variants {spec}: {key}={text} is not a {type(setting.default).__name__}.")
+            if setting.choices and value not in setting.choices:
+                raise UsageError(f"--variants {spec}: {key} is one of {', '.join(setting.choices)}.")
+            overrides[key] = value
+        if name in OBJECTIVES or name == "all" or not name.isidentifier():
+            raise UsageError(f"--variants {spec}: name it with a word that is not an objective's name.")
+        known[name] = (base, overrides)
+    return known
 
 
 def check_args(args):
@@ -3395,34 +3432,6 @@ def read_json(path):
     except (OSError, ValueError) as e:
         raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}). Move it away (or delete it) to "
                          "train that run again.") from None
-
-
-def evaluate(model, corpus, objective, seed, args, device, final):
-    """A run's metrics at one point of its training, as results.json stores them (the final point
-    with the untrained baselines, computed once per run). Points before the end fine-tune at one n
-    only: the primary rows' n if it is among --finetune_labels, else the first. Evaluating never
-    moves training's random streams."""
-    label_counts = args.finetune_labels if final else \
-        [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS] or args.finetune_labels[:1]
-    point = {"cluster": None, "finetune": None, "gen": None}
-    untrained = stored_untrained(args, objective, seed, model.config) if final else None
-    with own_rng(device):
-        if args.eval_cluster and corpus.eval_labels is not None:
-            point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views,
-                                                   untrained)
-        if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
-            point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, label_counts,
-                                                  args.finetune_draws, untrained)
-        if args.eval_gen:
-            point["gen"] = evaluate_generation(model, corpus, objective, args, seed)
-    model.train()
-    if not final:
-        c, f, g = point["cluster"], point["finetune"], point["gen"]
-        print("  metrics: " + ", ".join(
-            ([f"probe (clean) {c['probe_acc']:.3f}", f"NMI (clean) {c['nmi']:.3f}"] if c else [])
-            + [f"fine-tuned n={n} {f[str(n)]['acc']:.3f}" for n in label_counts if f]
-            + ([f"ppl@1/8 {g['ppl_by_prefix']['0.125']:.2f}", f"ppl {g['ppl']:.2f}"] if g else [])))
-    return point
 
 
 def stored_untrained(args, objective, seed, config):
