@@ -18,9 +18,9 @@ verdicts across runs, and the machinery (training loop, real text, benchmark, fl
 A run trains one member (an objective, or a variant: an objective with some settings overridden)
 on one seed and writes results.json; a study is several runs from one command, paired by seed.
 
-    python lookaround.py                               # ar on the built-in corpus: ~5 min, 2 CPU cores
-    python lookaround.py --objective all --seeds 1-5   # the four objectives, paired by seed: ~3 hours
-    python lookaround.py --theory                      # the comparison computed exactly: under a minute
+    python lookaround.py                              # ar, built-in corpus: ~5 min on 2 CPU cores
+    python lookaround.py --objective all --seeds 1-5  # the four, paired by seed: ~3 hours
+    python lookaround.py --theory                     # the comparison computed exactly: < 1 minute
 """
 import argparse
 import contextlib
