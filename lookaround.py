@@ -75,10 +75,11 @@ def own_rng(device):
     """A block whose random draws leave the global random streams (the CPU's and device's) as they
     found them, so an evaluation in the middle of training does not change what training draws
     next."""
-    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
+    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
+                                 device_type=device.type)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model: one GPT-2-style Transformer for every objective. Between objectives the only switch is the
 # attention mode (and ar_diverse's extra output heads): "causal" lets position t attend to positions
 # <= t ("look ahead"), "bidirectional" to all ("look around"). A loss may also pass a boolean mask
@@ -101,8 +102,10 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    pos_emb: str = "rope"  # "learned": a position table added to the input (nanoGPT); "rope": rotary
-    n_future: int = 1  # output heads for future offsets 1..n_future (ar_diverse's record asks for more)
+    # "learned": a position table added to the input (nanoGPT); "rope": rotary
+    pos_emb: str = "rope"
+    # output heads for future offsets 1..n_future (ar_diverse's record asks for more)
+    n_future: int = 1
 
 
 ATTENTIONS = ("causal", "bidirectional")  # the attention modes an objective's record can name
@@ -134,9 +137,11 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_size)
         # no mask tensor in the two named modes ("causal" is is_causal=True), so the fused (flash)
         # kernels apply; a mask tensor is passed as it is
-        mask, causal = (None, attention == "causal") if isinstance(attention, str) else (attention, False)
+        mask, causal = ((None, attention == "causal") if isinstance(attention, str)
+                        else (attention, False))
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=causal, dropout_p=dropout)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -191,11 +196,14 @@ class GPT(nn.Module):
         # sums the norms in: moving it changes a run's last bits, and then no longer matches the
         # README's published runs
         self.future_heads = FutureHeads(config) if config.n_future > 1 else None
-        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # last row: [MASK], id vocab_size
+        # last row: [MASK], id vocab_size
+        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)
         self.wpe = None
         if config.pos_emb == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:  # rope: the rotation angles of every position, (block_size, head_size / 2); not parameters
+        else:
+            # rope: the rotation angles of every position,
+            # (block_size, head_size / 2); not parameters
             head_size = config.n_embd // config.n_head
             angles = torch.outer(torch.arange(config.block_size).float(),
                                  10000.0 ** (-torch.arange(0, head_size, 2).float() / head_size))
@@ -219,7 +227,8 @@ class GPT(nn.Module):
         """Final hidden states (B, T, n_embd): what the evaluations pool and the output layer
         reads. attention: one of ATTENTIONS, or a boolean mask (B, 1, T, T)."""
         if isinstance(attention, str) and attention not in ATTENTIONS:
-            raise ValueError(f"attention {attention!r}: the model knows {ATTENTIONS} or a mask tensor")
+            raise ValueError(f"attention {attention!r}: "
+                             f"the model knows {ATTENTIONS} or a mask tensor")
         T = idx.size(1)
         x, rope = self.wte(idx), None
         if self.wpe is not None:
@@ -245,13 +254,15 @@ class GPT(nn.Module):
             x = x.flatten(0, 1).index_select(0, rows)  # index_select: cheaper than gather
         if future_offsets > 1:
             x = self.future_heads(x, future_offsets)
-        return F.linear(x, self.wte.weight[:self.config.vocab_size])  # unembedding tied to the embedding
+        # unembedding tied to the embedding
+        return F.linear(x, self.wte.weight[:self.config.vocab_size])
 
 
 def flat_rows(positions, T):
     """positions (B, S), S positions in each of B sequences of T tokens -> their indices among the
     B*T positions flattened, (B*S,): what GPT's rows argument takes."""
-    return (positions + T * torch.arange(len(positions), device=positions.device)[:, None]).flatten()
+    return (positions
+            + T * torch.arange(len(positions), device=positions.device)[:, None]).flatten()
 
 
 def initial_model(config, seed, device):
@@ -261,7 +272,7 @@ def initial_model(config, seed, device):
     return GPT(config).to(device)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The four objectives: the paper compares these losses on one network, so each is one small
 # function, loss = objective(model, idx, **its settings), answering three questions: which attention
 # mode, which positions are hidden, which tokens are targets. After them, one record per objective
@@ -269,8 +280,9 @@ def initial_model(config, seed, device):
 
 
 def ar(model, idx):
-    """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality hides the
-    future); the target of position t is always the next token x[t+1]: one fixed relative position."""
+    """Autoregressive SSL ("look ahead"). Causal attention; nothing is hidden (causality
+    hides the future); the target of position t is always the next token x[t+1]: one
+    fixed relative position."""
     logits = model(idx[:, :-1], attention="causal")
     return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
@@ -289,16 +301,18 @@ def ar_diverse(model, idx, n_future):
     offsets = torch.arange(1, k + 1, device=idx.device)
     ahead = torch.arange(T, device=idx.device)[:, None] + offsets  # t + d, (T, k)
     targets = idx[:, ahead.clamp(max=T)].masked_fill(ahead > T, -1)  # past the window: not scored
-    nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-1, reduction="none")
+    nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(),
+                          ignore_index=-1, reduction="none")
     scored = (targets >= 0).float()
     return ((nll.view(targets.shape) * scored).sum((0, 1)) / scored.sum((0, 1))).mean()
 
 
 def hide_tokens(idx, n_hidden, n_slots, vocab_size, bert_corruption):
-    """Shared by the two masked objectives: pick n_slots distinct random positions per row and hide
-    the first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots) and their
-    targets (the original tokens; -1 for slots past n_hidden[b], which are not scored). n_slots is
-    fixed, so shapes never depend on the data (torch.compile needs no recompiles or graph breaks)."""
+    """Shared by the two masked objectives: pick n_slots distinct random positions per row and
+    hide the first n_hidden[b] of them. Returns the corrupted inputs, the positions (B, n_slots)
+    and their targets (the original tokens; -1 for slots past n_hidden[b], which are not
+    scored). n_slots is fixed, so shapes never depend on the data (torch.compile needs no
+    recompiles or graph breaks)."""
     B, T = idx.shape
     positions = torch.rand(B, T, device=idx.device).argsort(dim=1)[:, :n_slots]
     hidden = torch.arange(n_slots, device=idx.device) < n_hidden[:, None]
@@ -373,7 +387,8 @@ def mlm_varlen(model, idx, varlen_min, varlen_max, varlen_weight, varlen_corrupt
     # weighting at the end; the rest packs the rows' hidden positions for speed
     n_hidden = varlen_hidden(B, T, varlen_min, varlen_max, idx.device)
     # The shapes: the most each stratum can hide (u -> 1), whatever is drawn: no recompiles
-    most = hidden_counts(varlen_mask_ratios(torch.arange(B), torch.ones(()), varlen_min, varlen_max), T)
+    most = hidden_counts(
+        varlen_mask_ratios(torch.arange(B), torch.ones(()), varlen_min, varlen_max), T)
     n_slots, n_read = int(most.max()), int(most.sum())
     inputs, positions, targets = hide_tokens(idx, n_hidden, n_slots, model.config.vocab_size,
                                              bert_corruption=varlen_corruption == "bert")
@@ -392,11 +407,12 @@ def mlm_varlen(model, idx, varlen_min, varlen_max, varlen_weight, varlen_corrupt
     return (nll * weights.flatten()[packed]).sum()
 
 
-# The record: everything the rest of the file asks about an objective (training, every evaluation,
-# the theory, the flags, the reports), so that nothing else looks at an objective's name. A fifth
-# objective is one function and one record in OBJECTIVES. Its first fields are what the paper's
-# objectives differ in: the attention mode, which positions are hidden, and so which tokens are
-# targets (an objective that hides nothing predicts the next token; one that hides, the hidden ones).
+# The record: everything the rest of the file asks about an objective (training, every
+# evaluation, the theory, the flags, the reports), so that nothing else looks at an objective's
+# name. A fifth objective is one function and one record in OBJECTIVES. Its first fields are
+# what the paper's objectives differ in: the attention mode, which positions are hidden, and so
+# which tokens are targets (an objective that hides nothing predicts the next token; one that
+# hides, the hidden ones).
 
 
 @dataclass
@@ -413,8 +429,9 @@ class Objective:
     # nothing, and the state at t predicts x[t+1] (in an evaluation window, with no extra token,
     # the last state has no target, so its trained readout pools all positions but the last)
     hiding: callable = None
-    # training windows hold block_size + window_extra tokens (1: inputs idx[:-1], last target idx[-1],
-    # as nanoGPT's x and y, so every one of the block_size positions has a target and is trained)
+    # training windows hold block_size + window_extra tokens (1: inputs idx[:-1],
+    # last target idx[-1], as nanoGPT's x and y, so every one of the block_size
+    # positions has a target and is trained)
     window_extra: int = 0
     settings: dict = field(default_factory=dict)  # its own hyperparameters, name -> Setting: flags
     network: callable = None  # values -> GPTConfig fields the network needs for it (its heads)
@@ -468,15 +485,15 @@ def varlen_problems(v, args):
         problems.append(f"--varlen_min {v['varlen_min']} / --varlen_max {v['varlen_max']}: "
                         "need 0 < varlen_min <= varlen_max < 1.")
     if args.theory and v["varlen_weight"] != "token":
-        problems.append("--theory weights mlm_varlen's hidden tokens alike (--varlen_weight token); "
-                        "it does not model --varlen_weight sequence.")
+        problems.append("--theory weights mlm_varlen's hidden tokens alike "
+                        "(--varlen_weight token); it does not model --varlen_weight sequence.")
     return problems
 
 
 # Peak learning rates by one rule for all four (the README's fair race): the lowest mean final val
 # loss among 1e-3, 2e-3 and 4e-3 on tuning seeds (101, 102) that the confirmatory study never uses.
-# --learning_rate overrides them. The theory's patterns (ar_patterns and the rest) are defined in the
-# theory section, which says what a pattern is.
+# --learning_rate overrides them. The theory's patterns (ar_patterns and the rest) are defined in
+# the theory section, which says what a pattern is.
 OBJECTIVES = {o.name: o for o in [
     Objective("ar", ar, attention="causal", learning_rate=1e-3, window_extra=1,
               patterns=lambda L, v: ar_patterns(L)),
@@ -488,26 +505,31 @@ OBJECTIVES = {o.name: o for o in [
     Objective("mlm", mlm, attention="bidirectional", learning_rate=1e-3,
               hiding=lambda B, T, v: mlm_hidden(B, T, v["mask_ratio"]),
               settings={"mask_ratio": Setting(0.15, "fraction of positions hidden")},
-              patterns=lambda L, v: masked_patterns(L, {int(mlm_hidden(1, L, v["mask_ratio"])): 1.0}),
+              patterns=lambda L, v: masked_patterns(
+                  L, {int(mlm_hidden(1, L, v["mask_ratio"])): 1.0}),
               problems=mlm_problems),
     Objective("mlm_varlen", mlm_varlen, attention="bidirectional", learning_rate=2e-3,
               hiding=lambda B, T, v: varlen_hidden(B, T, v["varlen_min"], v["varlen_max"]),
               settings={
                   "varlen_min": Setting(0.05, "lowest per-sequence mask ratio"),
                   "varlen_max": Setting(0.95, "highest per-sequence mask ratio"),
-                  "varlen_weight": Setting("token", "the loss: mean over every hidden token of the "
-                                           "batch, or every sequence weighted equally", ("token", "sequence")),
+                  "varlen_weight": Setting("token", "the loss: mean over every hidden token of "
+                                           "the batch, or every sequence weighted equally",
+                                           ("token", "sequence")),
                   "varlen_corruption": Setting("mask", "hidden positions: all [MASK], or BERT's "
-                                               "80/10/10 as mlm's (the paper states neither)", ("mask", "bert"))},
-              val_values={"varlen_weight": "token"},  # val losses compare alike under either weighting
-              patterns=lambda L, v: masked_patterns(L, varlen_count_probs(L, v["varlen_min"], v["varlen_max"])),
+                                               "80/10/10 as mlm's (the paper states neither)",
+                                               ("mask", "bert"))},
+              # val losses compare alike under either weighting
+              val_values={"varlen_weight": "token"},
+              patterns=lambda L, v: masked_patterns(
+                  L, varlen_count_probs(L, v["varlen_min"], v["varlen_max"])),
               problems=varlen_problems),
 ]}
 
 
 # Variants: an objective's record with some of its own settings overridden, under a name of its own.
-# A study trains and evaluates them like the four and pairs them with them by seed (--variants), so a
-# control is a study member, not a separate experiment. Built in: the matched controls and the
+# A study trains and evaluates them like the four and pairs them with them by seed (--variants), so
+# a control is a study member, not a separate experiment. Built in: the matched controls and the
 # dose-response the fixes need. mlm_half hides mlm_varlen's mean share at a fixed ratio, with BERT's
 # corruption, and varlen_bert is mlm_varlen with BERT's corruption: the same targets per step and
 # the same hiding, only a fixed against a variable ratio. ar_diverse2 and ar_diverse8 beside
@@ -522,7 +544,8 @@ VARIANTS = {  # name -> (objective, its overridden settings)
 # Their peak learning rates by the fair race's rule (the lowest mean final val loss among 1e-3, 2e-3
 # and 4e-3 on tuning seeds 101, 102; the README has the table). A variant not in it trains at its
 # objective's rate, and says so.
-VARIANT_LEARNING_RATES = {"mlm_half": 2e-3, "varlen_bert": 2e-3, "ar_diverse2": 1e-3, "ar_diverse8": 2e-3}
+VARIANT_LEARNING_RATES = {"mlm_half": 2e-3, "varlen_bert": 2e-3,
+                          "ar_diverse2": 1e-3, "ar_diverse8": 2e-3}
 
 
 def member(name, args):
@@ -538,7 +561,8 @@ def member(name, args):
 
 
 def members(args):
-    """The runs' names in study order: the objectives (--objective, or all four), then --variants."""
+    """The runs' names in study order: the objectives
+    (--objective, or all four), then --variants."""
     names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     given = [spec.split("=", 1)[0] for spec in args.variants]
     return names + [n for n in given if n not in names]
@@ -548,16 +572,17 @@ def config_from_args(args, objective, vocab_size):
     """The network for one run: the architecture flags, and what the objective's record says its
     network needs (ar_diverse: its future-offset heads, which only it trains)."""
     network = objective.network(objective.values) if objective.network else {}
-    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                     n_embd=args.n_embd, dropout=args.dropout, pos_emb=args.pos_emb, **network)
+    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                     pos_emb=args.pos_emb, **network)
 
 
-# -----------------------------------------------------------------------------------------------------
-# The built-in corpus: a small English-like language with latent topics, so the claims can be tested
-# in minutes. Every corpus, this one or real text (further down), ends up as the same arrays: a
-# train and a val token stream (documents joined by an end-of-document token; training samples
-# random windows, as nanoGPT does) and held-out documents, with labels where the data has them, that
-# feed the evaluations.
+# --------------------------------------------------------------------------------------------------
+# The built-in corpus: a small English-like language with latent topics, so the claims can be
+# tested in minutes. Every corpus, this one or real text (further down), ends up as the same
+# arrays: a train and a val token stream (documents joined by an end-of-document token; training
+# samples random windows, as nanoGPT does) and held-out documents, with labels where the data has
+# them, that feed the evaluations.
 
 
 @dataclass
@@ -568,17 +593,21 @@ class Corpus:
     val: np.ndarray
     held: np.ndarray  # the held-out documents as a stream (separators included), as train and val
     held_starts: np.ndarray  # where each held-out document starts in it
-    eval_docs: list  # held-out documents cut to block_size tokens: what the clustering and fine-tuning score
+    # held-out documents cut to block_size tokens: what the clustering and fine-tuning score
+    eval_docs: list
     eval_texts: list  # the same cut documents as text (the TF-IDF baseline reads it)
     eval_labels: np.ndarray = None  # int label per held-out document, or None
     label_names: list = field(default_factory=list)
-    train_docs: list = None  # labelled corpora: training documents cut to block_size tokens (fine-tuning reads them)
+    # labelled corpora: training documents cut to block_size tokens (fine-tuning reads them)
+    train_docs: list = None
     train_labels: np.ndarray = None  # and their labels
     itos: list = None  # synthetic corpus: word per id
     encoding: str = None  # text corpora: tiktoken encoding name
     vocab_ids: np.ndarray = None  # text corpora: model id -> tiktoken id (vocabulary compaction)
-    note: str = ""  # said when the corpus loads and in each run's report (e.g. why clustering is skipped)
-    language: object = None  # synthetic corpus: its Language, whose exact probabilities judge the models
+    # said when the corpus loads and in each run's report (e.g. why clustering is skipped)
+    note: str = ""
+    # synthetic corpus: its Language, whose exact probabilities judge the models
+    language: object = None
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
@@ -599,30 +628,36 @@ class Corpus:
 
 SYN_DETS = "the a this every some".split()
 SYN_PREPS = "in on near with under after".split()
-SYN_NOUNS = ("river market engine garden letter window teacher doctor child farmer city road bridge "
-             "house village forest mountain island station camera signal office student judge nurse pilot "
-             "driver painter singer worker friend neighbour stranger captain model paper box table lamp "
-             "door wall field boat train plane horse dog bird stone").split()
-SYN_VERBS = ("found saw moved built carried opened closed followed watched helped called painted "
-             "visited answered cleaned lifted pushed pulled held sent kept checked chose left").split()
+SYN_NOUNS = ("river market engine garden letter window teacher doctor child farmer "
+             "city road bridge house village forest mountain island station camera "
+             "signal office student judge nurse pilot driver painter singer worker "
+             "friend neighbour stranger captain model paper box table lamp door wall "
+             "field boat train plane horse dog bird stone").split()
+SYN_VERBS = ("found saw moved built carried opened closed followed watched helped called "
+             "painted visited answered cleaned lifted pushed pulled held sent kept checked "
+             "chose left").split()
 SYN_ADJS = ("old new small large quiet busy bright dark early late cold warm green red slow quick "
             "empty full strange simple heavy light young careful").split()
 SYN_TOPIC_WORDS = {
     "sport": "team coach goal match season league referee stadium trophy athlete".split(),
     "business": "company market profit bank shares investor merger contract budget client".split(),
-    "science": "atom experiment theory laboratory molecule telescope planet protein sample physicist".split(),
+    "science": ("atom experiment theory laboratory molecule telescope "
+                "planet protein sample physicist").split(),
     "weather": "storm rain wind cloud thunder forecast snow flood heatwave drought".split(),
     "music": "guitar concert melody band chorus album drummer violin rhythm ballad".split(),
     "health": "clinic vaccine patient therapy virus fever surgeon diet symptom recovery".split(),
 }
-SYN_TEMPLATES = [  # sentence shapes; each topic prefers some of them. "." ends every one and only there,
-    "D A N V D N .",  # so a token sequence splits into sentences in one way only (topic_states)
+# sentence shapes; each topic prefers some of them. "." ends every one and only there, so a token
+# sequence splits into sentences in one way only (topic_states)
+SYN_TEMPLATES = [
+    "D A N V D N .",
     "D N V D A N P D N .",
     "P D N , D N V D N .",
     "D N and D N V D N .",
     "D A N V P D N .",
 ]
-SYN_OWN_WORD, SYN_ANY_WORD = 0.12, 0.04  # a noun slot: P(a word of the document's topic), P(of a random topic)
+# a noun slot: P(a word of the document's topic), P(of a random topic)
+SYN_OWN_WORD, SYN_ANY_WORD = 0.12, 0.04
 SYN_PREFERRED_VERB = 0.8  # a verb slot: P(one of the subject's two preferred verbs)
 SYN_VERB_OBJECT = 0.7  # a noun slot after the verb: P(one of the verb's three objects)
 
@@ -631,7 +666,8 @@ SYN_VERB_OBJECT = 0.7  # a noun slot after the verb: P(one of the verb's three o
 class Language:
     """The built-in language's parameters, drawn once per corpus seed: what make_synthetic samples
     documents from and what the exact probabilities below (topic_states) are computed from."""
-    topics: list  # topic names; documents are labelled by topic index, i % len(topics): a uniform prior
+    # topic names; documents are labelled by topic index, i % len(topics): a uniform prior
+    topics: list
     itos: list
     style: list  # per topic: verbs (subject noun -> its 2 preferred verbs), objects (verb -> its 3
     # objects) and templates (one weight per SYN_TEMPLATES entry, not normalised)
@@ -642,7 +678,8 @@ def synthetic_language(rng, n_topics):
     """Draw the language's structure per topic with rng (random.Random): each subject noun prefers
     two verbs, each verb prefers three objects, and the topic weights the templates its own way."""
     if not 2 <= n_topics <= len(SYN_TOPIC_WORDS):
-        raise UsageError(f"the synthetic corpus has between 2 and {len(SYN_TOPIC_WORDS)} topics, not {n_topics}.")
+        raise UsageError(f"the synthetic corpus has between 2 and {len(SYN_TOPIC_WORDS)} topics, "
+                         f"not {n_topics}.")
     topics = list(SYN_TOPIC_WORDS)[:n_topics]
     itos = ["<eos>", ".", ",", "and"] + SYN_DETS + SYN_PREPS + SYN_NOUNS + SYN_VERBS + SYN_ADJS
     itos += [w for t in topics for w in SYN_TOPIC_WORDS[t] if w not in itos]
@@ -652,10 +689,12 @@ def synthetic_language(rng, n_topics):
     return Language(topics, itos, style)
 
 
-SYN_TRAIN_DOCS = 3000  # make_synthetic's training documents (--train_docs takes the first n of them)
+# make_synthetic's training documents (--train_docs takes the first n of them)
+SYN_TRAIN_DOCS = 3000
 
 
-def make_synthetic(n_train_docs=SYN_TRAIN_DOCS, n_val_docs=200, n_eval_docs=400, block_size=64, n_topics=4, seed=1):
+def make_synthetic(n_train_docs=SYN_TRAIN_DOCS, n_val_docs=200, n_eval_docs=400, block_size=64,
+                   n_topics=4, seed=1):
     """A deterministic labelled corpus in a toy language (see the comment above). Returns a
     Corpus."""
     rng = random.Random(seed)
@@ -690,7 +729,8 @@ def make_synthetic(n_train_docs=SYN_TRAIN_DOCS, n_val_docs=200, n_eval_docs=400,
                     w = rng.choice(s["objects"][verb])
                 else:
                     w = noun(k)
-                subject = w if verb is None else subject  # the subject: the last noun before the verb
+                # the subject: the last noun before the verb
+                subject = w if verb is None else subject
                 words.append(w)
             else:
                 words.append(slot)
@@ -725,7 +765,8 @@ def first_training_docs(corpus, n):
     draws them all before the others."""
     if n >= len(corpus.train_docs):
         return corpus
-    end = np.flatnonzero(corpus.train == corpus.itos.index("<eos>"))[n - 1] + 1  # each document ends in <eos>
+    # each document ends in <eos>
+    end = np.flatnonzero(corpus.train == corpus.itos.index("<eos>"))[n - 1] + 1
     return replace(corpus, train=corpus.train[:end], train_docs=corpus.train_docs[:n],
                    train_labels=corpus.train_labels[:n])
 
@@ -758,9 +799,11 @@ def language_tables(language):
         own = uniform(SYN_TOPIC_WORDS[language.topics[k]])
         noun.append(SYN_OWN_WORD * own + SYN_ANY_WORD * any_topic
                     + (1 - SYN_OWN_WORD - SYN_ANY_WORD) * uniform(SYN_NOUNS))
-        verb.append(np.tile(uniform(SYN_VERBS), (V, 1)))  # a row per subject id; not a shared noun: uniform
+        # a row per subject id; not a shared noun: uniform
+        verb.append(np.tile(uniform(SYN_VERBS), (V, 1)))
         for n, preferred in s["verbs"].items():
-            verb[k][stoi[n]] = SYN_PREFERRED_VERB * uniform(preferred) + (1 - SYN_PREFERRED_VERB) * uniform(SYN_VERBS)
+            verb[k][stoi[n]] = (SYN_PREFERRED_VERB * uniform(preferred)
+                                + (1 - SYN_PREFERRED_VERB) * uniform(SYN_VERBS))
         objects.append(np.zeros((V, V)))  # a row per verb id
         for v, objs in s["objects"].items():
             objects[k][stoi[v]] = SYN_VERB_OBJECT * uniform(objs) + (1 - SYN_VERB_OBJECT) * noun[k]
@@ -796,10 +839,12 @@ def topic_states(language, k, tokens):
             slot = tables["templates"][t][j]
             p = slot_probs(tables, k, slot, subject, verb)[x] if x < len(language.itos) else 0.0
             if p > 0:
-                subject = x if slot == "N" and verb is None else subject  # the last noun before the verb
+                # the last noun before the verb
+                subject = x if slot == "N" and verb is None else subject
                 moved.append((t, j + 1, lp + math.log(p), subject, x if slot == "V" else verb))
         states = moved
-        if states and states[0][1] == len(tables["templates"][states[0][0]]):  # "." closed the sentence
+        # "." closed the sentence
+        if states and states[0][1] == len(tables["templates"][states[0][0]]):
             done, states = done + float(np.logaddexp.reduce([s[2] for s in states])), fresh
         yield done, states
         if not states:
@@ -820,7 +865,8 @@ def language_log_probs(language, tokens):
 def mixture_log_probs(language, tokens):
     """log P(the document starts with tokens[:i]), i = 0..len(tokens): the topic marginalised with
     its prior (uniform: documents are labelled i % K)."""
-    return np.logaddexp.reduce(language_log_probs(language, tokens) - math.log(len(language.topics)), axis=0)
+    return np.logaddexp.reduce(
+        language_log_probs(language, tokens) - math.log(len(language.topics)), axis=0)
 
 
 def language_next_probs(language, tokens):
@@ -844,11 +890,11 @@ def language_next_probs(language, tokens):
     return out
 
 
-# -----------------------------------------------------------------------------------------------------
-# Evaluation: the claims are about what a pretrained model is good for, so every run is scored on
-# both uses. Classification: do held-out documents' representations separate by label (k-means,
-# linear probes, fine-tuning)? Generation: how well does the model continue prefixes of different
-# lengths?
+# --------------------------------------------------------------------------------------------------
+# Evaluation: the claims are about what a pretrained model is good for, so every run is
+# scored on both uses. Classification: do held-out documents' representations separate by
+# label (k-means, linear probes, fine-tuning)? Generation: how well does the model continue
+# prefixes of different lengths?
 #
 # Here a "causal" (next-token) model is one whose objective hides nothing (its record's hiding is
 # None), a "masked" one one that hides.
@@ -867,9 +913,11 @@ def language_next_probs(language, tokens):
 #   little).
 
 PREFIX_FRACTIONS = [0.125, 0.25, 0.5, 0.75]
-POOLED_READOUTS = ["trained", "clean"]  # a vector per document; per_position, the third, is probed only
+# a vector per document; per_position, the third, is probed only
+POOLED_READOUTS = ["trained", "clean"]
 KMEANS_METRICS = ["nmi", "ari", "acc"]  # k-means's clusters against the labels (TF-IDF's too)
-CLUSTER_METRICS = KMEANS_METRICS + ["probe_acc"]  # and a linear probe: every pooled readout's scores
+# and a linear probe: every pooled readout's scores
+CLUSTER_METRICS = KMEANS_METRICS + ["probe_acc"]
 
 
 @torch.no_grad()
@@ -881,7 +929,8 @@ def embed_documents(model, docs, objective, device, views=8, seed=0, batch_size=
     hidings."""
     model.eval()
     features = {name: [None] * len(docs) for name in POOLED_READOUTS}
-    with torch.random.fork_rng(devices=[]):  # hidings drawn on the CPU; training's streams untouched
+    # hidings drawn on the CPU; training's streams untouched
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for chunk in length_batches(docs, batch_size):
             x = torch.tensor(np.stack([docs[i] for i in chunk]), dtype=torch.long)
@@ -905,14 +954,17 @@ def length_batches(docs, batch_size, rng=None):
     by_length = {}
     for i in (range(len(docs)) if rng is None else rng.permutation(len(docs))):
         by_length.setdefault(len(docs[i]), []).append(int(i))
-    batches = [ids[s:s + batch_size] for ids in by_length.values() for s in range(0, len(ids), batch_size)]
+    batches = [ids[s:s + batch_size]
+               for ids in by_length.values() for s in range(0, len(ids), batch_size)]
     return batches if rng is None else [batches[i] for i in rng.permutation(len(batches))]
 
 
-READOUT_TOKENS_PER_PASS = 2 ** 14  # per_position: tokens in one forward pass (memory stays small at any T)
+# per_position: tokens in one forward pass (memory stays small at any T)
+READOUT_TOKENS_PER_PASS = 2 ** 14
 PER_POSITION_MAX_FEATURES = 2 ** 17  # per_position: block_size * n_embd above this is not probed
-PER_POSITION_NOTE = (f"not probed: block_size * n_embd is over {PER_POSITION_MAX_FEATURES:,} features per "
-                     "document, too many for a linear probe on a few hundred documents")
+PER_POSITION_NOTE = (f"not probed: block_size * n_embd is over {PER_POSITION_MAX_FEATURES:,} "
+                     "features per document, too many for a linear probe "
+                     "on a few hundred documents")
 
 
 @torch.no_grad()
@@ -942,7 +994,8 @@ def per_position_features(model, docs, objective, device):
             states = torch.empty(B * T, C, device=device)
             for s in range(0, B * T, rows_per_pass):
                 h = model.features(copies[s:s + rows_per_pass].to(device), objective.attention)
-                states[s:s + len(h)] = h[torch.arange(len(h), device=device), hide[s:s + len(h)].to(device)]
+                states[s:s + len(h)] = h[torch.arange(len(h), device=device),
+                                         hide[s:s + len(h)].to(device)]
             states = states.view(B, T, C)
         features[chunk, :states.size(1) * C] = states.flatten(1).float().cpu().numpy()
     return features
@@ -956,7 +1009,8 @@ def hidden_state_mean(model, x, objective, device):
     B, T = x.shape
     n_hidden = objective.hiding(B, T, objective.values)
     vocab_size = model.config.vocab_size
-    inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), vocab_size, bert_corruption=False)
+    inputs, positions, targets = hide_tokens(x, n_hidden, int(n_hidden.max()), vocab_size,
+                                             bert_corruption=False)
     h = model.features(inputs.to(device), objective.attention).float()
     hidden = (targets >= 0).to(device)[..., None]
     at_hidden = h.gather(1, positions.to(device)[..., None].expand(-1, -1, h.size(-1)))
@@ -966,9 +1020,9 @@ def hidden_state_mean(model, x, objective, device):
 def one_blas_thread():
     """A block in which numpy's BLAS runs on one thread. The probes' products are skinny (a few
     hundred documents by thousands of features by a few classes), and there OpenBLAS's threads cost
-    far more than they share: the per-position probe took 23 s on two threads and 2.5 s on one (2-core
-    CPU). The fits are the same; only the order of float additions changes. threadpoolctl comes with
-    scikit-learn."""
+    far more than they share: the per-position probe took 23 s on two threads and 2.5 s on one
+    (2-core CPU). The fits are the same; only the order of float additions changes. threadpoolctl
+    comes with scikit-learn."""
     from threadpoolctl import threadpool_limits
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -991,7 +1045,8 @@ def cluster_scores(features, labels, seed):
     if not hasattr(features, "tocsr"):  # sparse TF-IDF rows are left as they are
         features = StandardScaler().fit_transform(features)
     with one_blas_thread():
-        assignment = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(features)
+        assignment = (KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed)
+                      .fit_predict(features))
     return dict(nmi=float(normalized_mutual_info_score(labels, assignment)),
                 ari=float(adjusted_rand_score(labels, assignment)),
                 acc=float(cluster_accuracy(labels, assignment)))
@@ -1007,7 +1062,8 @@ def probe_accuracy(features, labels, seed, choose_c=False):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     stratify = labels if np.bincount(labels).min() >= 2 else None
-    f_tr, f_te, y_tr, y_te = train_test_split(features, labels, test_size=0.5, random_state=seed, stratify=stratify)
+    f_tr, f_te, y_tr, y_te = train_test_split(features, labels, test_size=0.5, random_state=seed,
+                                              stratify=stratify)
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     if choose_c:
         probe = GridSearchCV(probe, {"logisticregression__C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3)
@@ -1035,7 +1091,8 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, untrained
     def pooled(m):  # trained and clean
         features = embed_documents(m, corpus.eval_docs, objective, device, views, seed)
         return {name: dict(cluster_scores(features[name], labels, seed),
-                           probe_acc=probe_accuracy(features[name], labels, seed)) for name in POOLED_READOUTS}
+                           probe_acc=probe_accuracy(features[name], labels, seed))
+                for name in POOLED_READOUTS}
 
     def per_position(m):
         features = per_position_features(m, corpus.eval_docs, objective, device)
@@ -1048,7 +1105,8 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, untrained
             return initial_model(model.config, seed, device)
         base = dict(untrained("pooled", lambda: pooled(net()), depends_on_hiding=True),
                     per_position=untrained("per_position", lambda: per_position(net())))
-        tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts), labels, seed)
+        tfidf = cluster_scores(TfidfVectorizer(sublinear_tf=True).fit_transform(corpus.eval_texts),
+                               labels, seed)
         for name in POOLED_READOUTS:
             ours[name]["baselines"] = {"random_init": base[name], "tfidf": tfidf}
         ours["per_position"]["baselines"] = {"random_init": base["per_position"]}
@@ -1057,21 +1115,27 @@ def evaluate_clustering(model, corpus, objective, seed, device, views, untrained
 
 # Fine-tuning: the paper's classification evidence is GLUE, where the whole pretrained network is
 # trained further on labelled examples. The number of labelled documents is the dial (few labels:
-# what pretraining gave matters most). The recipe's learning rate and epochs are each objective's own,
-# chosen by one rule (FINETUNE_RECIPES); the untrained baseline fine-tunes with the recipe of the
-# objective it stands beside.
+# what pretraining gave matters most). The recipe's learning rate and epochs are each objective's
+# own, chosen by one rule (FINETUNE_RECIPES); the untrained baseline fine-tunes with the recipe of
+# the objective it stands beside.
 FINETUNE_RECIPE = {"epochs": 10, "batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.01}
 # The rule: the highest mean validation accuracy at n = 128 over this grid (--finetune_search), on a
 # validation split of the labelled training documents (their last FINETUNE_VAL_DOCS, never drawn
 # from while searching; the evaluation documents are never read), on tuning seeds 101 and 102.
 FINETUNE_GRID = {"learning_rate": [1e-4, 3e-4, 1e-3], "epochs": [5, 10, 20]}
 FINETUNE_VAL_DOCS = 400
-PRIMARY_FINETUNE_LABELS = 128  # the n the recipe search uses, and the classification claims' primary rows
-FINETUNE_RECIPES = {  # name -> the recipe the search chose (the README has its table); absent: FINETUNE_RECIPE's
-    "ar": {"learning_rate": 1e-3, "epochs": 10}, "ar_diverse": {"learning_rate": 3e-4, "epochs": 5},
-    "mlm": {"learning_rate": 1e-3, "epochs": 20}, "mlm_varlen": {"learning_rate": 1e-3, "epochs": 20},
-    "mlm_half": {"learning_rate": 1e-3, "epochs": 20}, "varlen_bert": {"learning_rate": 1e-3, "epochs": 20},
-    "ar_diverse2": {"learning_rate": 3e-4, "epochs": 5}, "ar_diverse8": {"learning_rate": 3e-4, "epochs": 10},
+# the n the recipe search uses, and the classification claims' primary rows
+PRIMARY_FINETUNE_LABELS = 128
+# name -> the recipe the search chose (the README has its table); absent: FINETUNE_RECIPE's
+FINETUNE_RECIPES = {
+    "ar": {"learning_rate": 1e-3, "epochs": 10},
+    "ar_diverse": {"learning_rate": 3e-4, "epochs": 5},
+    "mlm": {"learning_rate": 1e-3, "epochs": 20},
+    "mlm_varlen": {"learning_rate": 1e-3, "epochs": 20},
+    "mlm_half": {"learning_rate": 1e-3, "epochs": 20},
+    "varlen_bert": {"learning_rate": 1e-3, "epochs": 20},
+    "ar_diverse2": {"learning_rate": 3e-4, "epochs": 5},
+    "ar_diverse8": {"learning_rate": 3e-4, "epochs": 10},
 }
 
 
@@ -1085,12 +1149,13 @@ def balanced_draw(labels, n, rng):
     random)."""
     pools = [rng.permutation(np.flatnonzero(labels == k)) for k in range(int(labels.max()) + 1)]
     share = [min(len(pool), n // len(pools)) for pool in pools]
-    rest = rng.permutation(np.concatenate([pool[m:] for pool, m in zip(pools, share)]))[:n - sum(share)]
+    rest = rng.permutation(
+        np.concatenate([pool[m:] for pool, m in zip(pools, share)]))[:n - sum(share)]
     return np.concatenate([pool[:m] for pool, m in zip(pools, share)] + [rest]).astype(np.int64)
 
 
-def finetune_predictions(model, objective, corpus, n, draw, seed, device, recipe, pool=None, targets=None,
-                         read_at=None):
+def finetune_predictions(model, objective, corpus, n, draw, seed, device, recipe, pool=None,
+                         targets=None, read_at=None):
     """Fine-tune a copy of model together with a linear head, which reads the mean of the final
     states over the clean document (no [MASK]; the objective's own attention mode), on n labelled
     training documents drawn from pool (indices; None: all of them) by recipe; return the predicted
@@ -1100,19 +1165,22 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device, recipe
     rng = np.random.default_rng([seed, n, draw] + ([] if pool is None else [len(pool)]))
     pool = np.arange(len(corpus.train_labels)) if pool is None else np.asarray(pool)
     picks = pool[balanced_draw(corpus.train_labels[pool], n, rng)]
-    docs, labels = [corpus.train_docs[i] for i in picks], torch.as_tensor(corpus.train_labels[picks])
+    docs, labels = ([corpus.train_docs[i] for i in picks],
+                    torch.as_tensor(corpus.train_labels[picks]))
     targets = corpus.eval_docs if targets is None else targets
     read_at = read_at or [recipe["epochs"]]
     out = {}
     with own_rng(device):
-        torch.manual_seed(int(rng.integers(2 ** 31)))  # the head's initial weights: the same for every objective
+        # the head's initial weights: the same for every objective
+        torch.manual_seed(int(rng.integers(2 ** 31)))
         net = copy.deepcopy(model).train()
         head = nn.Linear(model.config.n_embd, len(corpus.label_names)).to(device)
 
         def predict(batch_docs):
             x = torch.tensor(np.stack(batch_docs), dtype=torch.long, device=device)
             return head(net.features(x, objective.attention).mean(dim=1))
-        optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=recipe["learning_rate"],
+        optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()],
+                                      lr=recipe["learning_rate"],
                                       weight_decay=recipe["weight_decay"])
         for epoch in range(1, max(read_at) + 1):
             for batch in length_batches(docs, recipe["batch_size"], rng):
@@ -1125,12 +1193,14 @@ def finetune_predictions(model, objective, corpus, n, draw, seed, device, recipe
                 out[epoch] = np.zeros(len(targets), dtype=np.int64)
                 with torch.no_grad():
                     for batch in length_batches(targets, 256):
-                        out[epoch][batch] = predict([targets[i] for i in batch]).argmax(1).cpu().numpy()
+                        out[epoch][batch] = (predict([targets[i] for i in batch])
+                                             .argmax(1).cpu().numpy())
                 net.train()
     return out if len(read_at) > 1 else out[read_at[0]]
 
 
-def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws, untrained=compute_now):
+def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draws,
+                      untrained=compute_now):
     """Held-out accuracy after fine-tuning on n labelled training documents, for each n: mean and
     sample std over draws (each draw its own documents and head). Unless untrained is None, the
     untrained network (the weights this run started from) is fine-tuned the same way beside it
@@ -1140,9 +1210,11 @@ def evaluate_finetune(model, corpus, objective, seed, device, label_counts, draw
     def accuracies(net):
         out = {}
         for n in label_counts:
-            accs = [float((finetune_predictions(net, objective, corpus, n, draw, seed, device, recipe)
-                           == corpus.eval_labels).mean()) for draw in range(draws)]
-            out[str(n)] = {"acc": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
+            accs = [float((finetune_predictions(net, objective, corpus, n, draw, seed, device,
+                                                recipe) == corpus.eval_labels).mean())
+                    for draw in range(draws)]
+            out[str(n)] = {"acc": float(np.mean(accs)),
+                           "acc_std": float(np.std(accs, ddof=1)) if draws > 1 else 0.0}
         return out
     out = accuracies(model)
     if untrained is not None:
@@ -1155,10 +1227,11 @@ def finetune_search(model, corpus, objective, seed, device, draws):
     """--finetune_search: validation accuracy at n = PRIMARY_FINETUNE_LABELS for every recipe of
     FINETUNE_GRID, "learning_rate/epochs" -> mean over draws, on the validation split of the
     labelled training documents (the draws come from the others). Reads no evaluation document."""
-    if corpus.train_labels is None or len(corpus.train_docs) < FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS:
-        raise UsageError(f"--finetune_search needs labelled training documents, at least "
-                         f"{FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS}: {FINETUNE_VAL_DOCS} to validate on and "
-                         "others to draw from.")
+    if (corpus.train_labels is None
+            or len(corpus.train_docs) < FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS):
+        raise UsageError("--finetune_search needs labelled training documents, at least "
+                         f"{FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS}: "
+                         f"{FINETUNE_VAL_DOCS} to validate on and others to draw from.")
     val = np.arange(len(corpus.train_docs))[-FINETUNE_VAL_DOCS:]
     pool = np.arange(len(corpus.train_docs))[:-FINETUNE_VAL_DOCS]
     targets, val_labels = [corpus.train_docs[i] for i in val], corpus.train_labels[val]
@@ -1166,8 +1239,9 @@ def finetune_search(model, corpus, objective, seed, device, draws):
     for lr in FINETUNE_GRID["learning_rate"]:
         accs = {e: [] for e in epochs}
         for draw in range(draws):
-            preds = finetune_predictions(model, objective, corpus, PRIMARY_FINETUNE_LABELS, draw, seed, device,
-                                         dict(FINETUNE_RECIPE, learning_rate=lr), pool, targets, epochs)
+            preds = finetune_predictions(model, objective, corpus, PRIMARY_FINETUNE_LABELS, draw,
+                                         seed, device, dict(FINETUNE_RECIPE, learning_rate=lr),
+                                         pool, targets, epochs)
             for e in epochs:
                 accs[e].append(float((preds[e] == val_labels).mean()))
         out.update({f"{lr:g}/{e}": float(np.mean(accs[e])) for e in epochs})
@@ -1180,7 +1254,8 @@ def gen_windows(corpus, block_size, n):
     """Up to n held-out sequences of block_size tokens, each starting where a held-out document
     starts (and running on into the next one after its separator, as training windows do)."""
     starts = corpus.held_starts[corpus.held_starts + block_size <= len(corpus.held)][:n]
-    return torch.tensor(np.stack([np.asarray(corpus.held[s:s + block_size], dtype=np.int64) for s in starts]))
+    return torch.tensor(np.stack([np.asarray(corpus.held[s:s + block_size], dtype=np.int64)
+                                  for s in starts]))
 
 
 def scored_positions(block_size):
@@ -1221,7 +1296,8 @@ def next_token_nll(model, seqs, positions, objective, batch_size=256):
         x = seqs[flat_seq[s:s + batch_size]].to(device)
         p = flat_pos[s:s + batch_size].to(device)
         targets = x.gather(1, p[:, None]).squeeze(1)
-        x = x.masked_fill(torch.arange(T, device=device)[None, :] >= p[:, None], model.config.vocab_size)
+        x = x.masked_fill(torch.arange(T, device=device)[None, :] >= p[:, None],
+                          model.config.vocab_size)
         logits = model(x, objective.attention, rows=flat_rows(p[:, None], T)).float()
         nll[s:s + batch_size] = F.cross_entropy(logits, targets, reduction="none").cpu()
     return nll.view(N, P)
@@ -1231,24 +1307,28 @@ def evaluate_generation(model, corpus, objective, args, seed):
     """Generation, several ways. The next token's perplexity after a prefix of every length 1..T-1
     (the left-to-right chain rule), on --gen_seqs held-out windows: overall ("ppl", "chain_nll" in
     nats), by length ("ppl_by_length", entry l - 1 after a prefix of l tokens) and by bands of
-    fractions of the block ("ppl_by_prefix", the paper's short-prefix question). A masked model reads
-    the prefix and [MASK] at every later position; "ppl_short_input" gives it the prefix and one
-    [MASK] only, which separates how much it sees from the pattern of masks it sees. For a masked
-    model also the likelihood bound the field reports (masked_elbo). On the built-in language, the
-    model's own samples judged by the language itself (judge_samples)."""
+    fractions of the block ("ppl_by_prefix", the paper's short-prefix question). A masked model
+    reads the prefix and [MASK] at every later position; "ppl_short_input" gives it the prefix and
+    one [MASK] only, which separates how much it sees from the pattern of masks it sees. For a
+    masked model also the likelihood bound the field reports (masked_elbo). On the built-in
+    language, the model's own samples judged by the language itself (judge_samples)."""
     t0 = time.time()
     T = model.config.block_size
     seqs = gen_windows(corpus, T, args.gen_seqs)
-    nll = next_token_nll(model, seqs, list(range(1, T)), objective)  # column l - 1: after a prefix of l tokens
-    out = dict(perplexities(nll, T), elbo=None, ppl_short_input=None, ppl_short_by_length=None, samples=None)
-    generator = torch.Generator().manual_seed(seed)  # the sampled masks and tokens: the same at every point
+    # column l - 1: after a prefix of l tokens
+    nll = next_token_nll(model, seqs, list(range(1, T)), objective)
+    out = dict(perplexities(nll, T), elbo=None, ppl_short_input=None,
+               ppl_short_by_length=None, samples=None)
+    # the sampled masks and tokens: the same at every point
+    generator = torch.Generator().manual_seed(seed)
     if objective.hiding is not None:
         short = perplexities(short_input_nll(model, seqs, objective), T)
         out.update(ppl_short_input=short["ppl"], ppl_short_by_length=short["ppl_by_length"])
         out["elbo"] = masked_elbo(in_place_logits(model, objective), seqs, model.config.vocab_size,
                                   args.elbo_draws, generator)
     if corpus.language is not None and args.eval_samples:
-        out["samples"] = {name: judge_samples(model, objective, corpus, args.eval_samples, sampler, generator)
+        out["samples"] = {name: judge_samples(model, objective, corpus, args.eval_samples,
+                                              sampler, generator)
                           for name, sampler in samplers(objective, args, T).items()}
     return dict(out, seconds=time.time() - t0)
 
@@ -1265,9 +1345,9 @@ def perplexities(nll, T):
 
 @torch.no_grad()
 def short_input_nll(model, seqs, objective):
-    """-log p(x[l] | x[<l]) for l = 1..T-1, (N, T - 1), from the prefix and ONE [MASK] after it (l + 1
-    tokens in all): the form of next_token_nll that shows no masks beyond the one predicted. A
-    causal model reads position l - 1, so for it the two forms are the same."""
+    """-log p(x[l] | x[<l]) for l = 1..T-1, (N, T - 1), from the prefix and ONE [MASK] after it
+    (l + 1 tokens in all): the form of next_token_nll that shows no masks beyond the one predicted.
+    A causal model reads position l - 1, so for it the two forms are the same."""
     model.eval()
     N, T = seqs.shape
     device = next(model.parameters()).device
@@ -1281,28 +1361,32 @@ def short_input_nll(model, seqs, objective):
 
 
 def in_place_logits(model, objective):
-    """(x (N, T), rows: indices into its N*T positions flattened) -> logits (len(rows), V) on the CPU,
-    as a masked model predicts: in place, at the rows asked for only."""
+    """(x (N, T), rows: indices into its N*T positions flattened) -> logits (len(rows), V) on the
+    CPU, as a masked model predicts: in place, at the rows asked for only."""
     device = next(model.parameters()).device
-    return lambda x, rows: model(x.to(device), objective.attention, rows=rows.to(device)).float().cpu()
+    return lambda x, rows: model(x.to(device), objective.attention,
+                                 rows=rows.to(device)).float().cpu()
 
 
 @torch.no_grad()
 def masked_elbo(logits_fn, seqs, mask_id, draws, generator):
-    """The masked diffusion bound (MDLM's, with the linear schedule): -log p(x) <= E over t ~ U(0, 1)
-    of (1/t) times the cross-entropy summed over the positions hidden with probability t. Here the
-    first token is always shown, so over the n = T - 1 others it bounds -log p(x[1:] | x[0]), the
-    quantity the left-to-right chain rule and AR's loss give exactly. Integrating t out (the
-    integral of (1/t) P(k of n hidden | t) is 1/k) gives the same bound as LLaDA evaluates it, with
-    bounded terms: k ~ U{1..n} positions hidden at random, and the mean cross-entropy over them per
-    token. Each window gets one k, stratified over the windows; `draws` passes give the standard
-    error. With exact conditionals the bound is tight: it averages the chain rule over random orders."""
+    """The masked diffusion bound (MDLM's, with the linear schedule): -log p(x) <= E over
+    t ~ U(0, 1) of (1/t) times the cross-entropy summed over the positions hidden with
+    probability t. Here the first token is always shown, so over the n = T - 1 others it bounds
+    -log p(x[1:] | x[0]), the quantity the left-to-right chain rule and AR's loss give exactly.
+    Integrating t out (the integral of (1/t) P(k of n hidden | t) is 1/k) gives the same bound as
+    LLaDA evaluates it, with bounded terms: k ~ U{1..n} positions hidden at random, and the mean
+    cross-entropy over them per token. Each window gets one k, stratified over the windows; `draws`
+    passes give the standard error. With exact conditionals the bound is tight: it averages the
+    chain rule over random orders."""
     N, T = seqs.shape
     n, per_pass = T - 1, max(1, READOUT_TOKENS_PER_PASS // T)  # windows per forward pass
     per_draw = []
     for _ in range(draws):
-        k = 1 + ((torch.randperm(N, generator=generator) + torch.rand(1, generator=generator)) * n / N).long()
-        order = torch.rand(N, n, generator=generator).argsort(1)  # a random order of positions 1..n per window
+        k = 1 + ((torch.randperm(N, generator=generator) + torch.rand(1, generator=generator))
+                 * n / N).long()
+        # a random order of positions 1..n per window
+        order = torch.rand(N, n, generator=generator).argsort(1)
         hidden = torch.zeros(N, T, dtype=torch.bool)
         hidden[:, 1:] = order < k.clamp(max=n)[:, None]  # the first k of each window's random order
         total = torch.zeros(N)
@@ -1310,12 +1394,12 @@ def masked_elbo(logits_fn, seqs, mask_id, draws, generator):
             h, x = hidden[s:s + per_pass], seqs[s:s + per_pass]
             rows = h.flatten().nonzero().squeeze(1)
             nll = torch.zeros(h.numel())
-            nll[rows] = F.cross_entropy(logits_fn(x.masked_fill(h, mask_id), rows), x.flatten()[rows],
-                                        reduction="none")
+            nll[rows] = F.cross_entropy(logits_fn(x.masked_fill(h, mask_id), rows),
+                                        x.flatten()[rows], reduction="none")
             total[s:s + per_pass] = nll.view(h.shape).sum(1)
         per_draw.append(float((total / k).mean()))
-    return {"nll": float(np.mean(per_draw)), "se": float(np.std(per_draw, ddof=1) / math.sqrt(draws)),
-            "draws": draws}
+    return {"nll": float(np.mean(per_draw)),
+            "se": float(np.std(per_draw, ddof=1) / math.sqrt(draws)), "draws": draws}
 
 
 # Samples and the language's limits: each model continues held-out prefixes, the language itself
@@ -1333,14 +1417,15 @@ def samplers(objective, args, T):
     another number."""
     out = {"left_to_right": ("left_to_right", None, None)}
     if objective.hiding is not None:
-        steps = [T - judged_prefix_len(T), 4] + ([args.gen_steps] if args.gen_order == "any" and args.gen_steps else [])
+        steps = [T - judged_prefix_len(T), 4] + (
+            [args.gen_steps] if args.gen_order == "any" and args.gen_steps else [])
         out.update({f"any/{s}/{args.remask}": ("any", s, args.remask) for s in steps})
     return out
 
 
 def draw_tokens(logits, temperature, top_k, generator):
-    """One token per row of logits (R, V) from softmax(logits / temperature), kept to the top_k (0 or
-    None: all); with each drawn token's log-probability under that distribution."""
+    """One token per row of logits (R, V) from softmax(logits / temperature), kept to the top_k
+    (0 or None: all); with each drawn token's log-probability under that distribution."""
     logits = logits.float().cpu() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -1366,14 +1451,15 @@ def generate(model, objective, prefixes, sampler, temperature=1.0, top_k=None, g
     x[:, :l] = prefixes.to(device)
     if order == "any":
         if objective.hiding is None:
-            raise UsageError(f"objective {objective.name} hides nothing: it can only generate left to right.")
-        return unmask_any_order(in_place_logits(model, objective), x, l, steps, remask, mask_id, temperature,
-                                top_k, generator), None
+            raise UsageError(f"objective {objective.name} hides nothing: "
+                             "it can only generate left to right.")
+        return unmask_any_order(in_place_logits(model, objective), x, l, steps, remask, mask_id,
+                                temperature, top_k, generator), None
     log_q = torch.zeros(N)
     for p in range(l, T):
         read_at = torch.full((N, 1), p if objective.hiding else p - 1, device=device)
-        tokens, lq = draw_tokens(model(x, objective.attention, rows=flat_rows(read_at, T)), temperature,
-                                 top_k, generator)
+        tokens, lq = draw_tokens(model(x, objective.attention, rows=flat_rows(read_at, T)),
+                                 temperature, top_k, generator)
         x[:, p], log_q = tokens.to(device), log_q + lq
     return x, log_q
 
@@ -1394,7 +1480,8 @@ def unmask_any_order(logits_fn, x, prefix_len, steps, remask, mask_id, temperatu
         rows = hidden.flatten().nonzero().squeeze(1)
         drawn, score = x.flatten().clone(), torch.full((N * T,), -float("inf"))
         drawn[rows], log_q = draw_tokens(logits_fn(x, rows), temperature, top_k, generator)
-        score[rows] = log_q if remask == "confidence" else torch.rand(len(rows), generator=generator)
+        score[rows] = (log_q if remask == "confidence"
+                       else torch.rand(len(rows), generator=generator))
         keep = score.view(N, T).topk(int(count), dim=1).indices
         x = x.scatter(1, keep, drawn.view(N, T).gather(1, keep))
     return x
@@ -1406,7 +1493,8 @@ def judge_samples(model, objective, corpus, n, sampler, generator):
     seqs = gen_windows(corpus, model.config.block_size, n)
     l = judged_prefix_len(model.config.block_size)
     blocks, log_q = generate(model, objective, seqs[:, :l], sampler, generator=generator)
-    return judge_continuations(corpus.language, blocks.cpu(), l, corpus.eval_labels[:len(seqs)], log_q)
+    return judge_continuations(corpus.language, blocks.cpu(), l,
+                               corpus.eval_labels[:len(seqs)], log_q)
 
 
 def judge_continuations(language, blocks, prefix_len, labels, log_q=None):
@@ -1426,10 +1514,12 @@ def judge_continuations(language, blocks, prefix_len, labels, log_q=None):
     nll, gap = [], []
     for i, block in enumerate(blocks.tolist()):
         ends = [j for j, x in enumerate(block) if x == period and j >= prefix_len]
-        starts = [1 + max([j for j, x in enumerate(block[:e]) if x == period], default=-1) for e in ends]
+        starts = [1 + max([j for j, x in enumerate(block[:e]) if x == period], default=-1)
+                  for e in ends]
         topic_lp, good_here = np.zeros(len(language.topics)), 0
         for s, e in zip(starts, ends):
-            lp = language_log_probs(language, block[s:e + 1])[:, -1]  # sentences are independent given the topic
+            # sentences are independent given the topic
+            lp = language_log_probs(language, block[s:e + 1])[:, -1]
             if np.isfinite(lp).all():
                 good_here, topic_lp = good_here + 1, topic_lp + lp
         sentences, good = sentences + len(ends), good + good_here
@@ -1449,23 +1539,26 @@ SAMPLES_NOTE = "no sample judge and no limits: only the built-in language's prob
 
 
 def language_limits(corpus, args):
-    """What the language itself achieves, for the built-in corpus (None for text): its perplexity and
-    chain-rule NLL as evaluate_generation scores them (every prefix length, the same windows), its topic
-    accuracy on the held-out documents (the Bayes classifier, argmax over k of P(document | k)), and
-    the judge's verdict on the data's own continuations (the reference row)."""
+    """What the language itself achieves, for the built-in corpus (None for text): its perplexity
+    and chain-rule NLL as evaluate_generation scores them (every prefix length, the same windows),
+    its topic accuracy on the held-out documents (the Bayes classifier, argmax over k of
+    P(document | k)), and the judge's verdict on the data's own continuations
+    (the reference row)."""
     if corpus.language is None:
         return None
     T, language = args.block_size, corpus.language
     seqs = gen_windows(corpus, T, args.gen_seqs)
-    nll = np.stack([-np.diff(mixture_log_probs(language, s.tolist()))[1:] for s in seqs])  # positions 1..T-1
+    # positions 1..T-1
+    nll = np.stack([-np.diff(mixture_log_probs(language, s.tolist()))[1:] for s in seqs])
     topics = [int(np.argmax(language_log_probs(language, d)[:, -1])) for d in corpus.eval_docs]
     data = gen_windows(corpus, T, args.eval_samples) if args.eval_samples else None
     scores = perplexities(nll, T)
-    scores["nll"] = scores.pop("chain_nll")  # its exact NLL per token: the chain rule is exact for it
+    # its exact NLL per token: the chain rule is exact for it
+    scores["nll"] = scores.pop("chain_nll")
     return {**scores,
             "acc": float(np.mean(np.asarray(topics) == corpus.eval_labels)),
-            "samples": None if data is None else judge_continuations(language, data, judged_prefix_len(T),
-                                                                     corpus.eval_labels[:len(data)])}
+            "samples": None if data is None else judge_continuations(
+                language, data, judged_prefix_len(T), corpus.eval_labels[:len(data)])}
 
 
 def evaluate(model, corpus, objective, seed, args, device, final):
@@ -1473,17 +1566,19 @@ def evaluate(model, corpus, objective, seed, args, device, final):
     with the untrained baselines, computed once per run). Points before the end fine-tune at one n
     only: the primary rows' n if it is among --finetune_labels, else the first. Evaluating never
     moves training's random streams."""
-    label_counts = args.finetune_labels if final else \
-        [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS] or args.finetune_labels[:1]
+    label_counts = args.finetune_labels if final else (
+        [n for n in args.finetune_labels if n == PRIMARY_FINETUNE_LABELS]
+        or args.finetune_labels[:1])
     point = {"cluster": None, "finetune": None, "gen": None}
     untrained = stored_untrained(args, objective, seed, model.config) if final else None
     with own_rng(device):
         if args.eval_cluster and corpus.eval_labels is not None:
-            point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device, args.readout_views,
-                                                   untrained)
-        if args.eval_finetune and corpus.eval_labels is not None and corpus.train_labels is not None:
-            point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device, label_counts,
-                                                  args.finetune_draws, untrained)
+            point["cluster"] = evaluate_clustering(model, corpus, objective, seed, device,
+                                                   args.readout_views, untrained)
+        if (args.eval_finetune and corpus.eval_labels is not None
+                and corpus.train_labels is not None):
+            point["finetune"] = evaluate_finetune(model, corpus, objective, seed, device,
+                                                  label_counts, args.finetune_draws, untrained)
         if args.eval_gen:
             point["gen"] = evaluate_generation(model, corpus, objective, args, seed)
     model.train()
@@ -1496,7 +1591,7 @@ def evaluate(model, corpus, objective, seed, args, device, final):
     return point
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Theory: the paper's comparison computed exactly, with no training (--theory). Training noise can
 # hide or fake a difference; on worlds small enough to enumerate, every objective's optimum and what
 # it can tell apart are exact.
@@ -1549,7 +1644,8 @@ def ar_patterns(L):
 def ar_diverse_patterns(L, n_future):
     """x[<=t] -> x[t+d]: the mean over offsets of each offset's mean over positions."""
     offsets = [d for d in range(1, n_future + 1) if d <= L - 1]
-    return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d))) for d in offsets for t in range(L - d)]
+    return [(prefix_mask(t + 1), t + d, 1 / (len(offsets) * (L - d)))
+            for d in offsets for t in range(L - d)]
 
 
 def masked_patterns(L, counts):
@@ -1561,7 +1657,8 @@ def masked_patterns(L, counts):
     full = prefix_mask(L)
     mean_hidden = sum(m * p for m, p in counts.items())
     return [(full & ~sum(1 << j for j in hidden), j, p / math.comb(L, m) / mean_hidden)
-            for m, p in counts.items() for hidden in itertools.combinations(range(L), m) for j in hidden]
+            for m, p in counts.items()
+            for hidden in itertools.combinations(range(L), m) for j in hidden]
 
 
 def training_patterns(objective, L):
@@ -1602,7 +1699,8 @@ def context_keys(tokens, visible, V):
 def joint_table(tokens, p_x, key, n_keys, target, V):
     """P(context, x[target] = v) for every context key and token v, (n_keys, V): one bincount, no
     loop."""
-    return np.bincount(key * V + tokens[:, target], weights=p_x, minlength=n_keys * V).reshape(n_keys, V)
+    return np.bincount(key * V + tokens[:, target], weights=p_x,
+                       minlength=n_keys * V).reshape(n_keys, V)
 
 
 def conditional(joint):
@@ -1640,7 +1738,8 @@ def exact_optimum(tokens, p_x, patterns, V):
         block = block.reshape(n_keys, L * V)
         blocks.append(sparse.csr_matrix(block[block.sum(1) > 0]))
     per_position[:, target_weight > 0] /= target_weight[target_weight > 0, None]
-    return pooled / target_weight.sum(), per_position.reshape(N, L * V), sparse.vstack(blocks).tocsr()
+    return (pooled / target_weight.sum(), per_position.reshape(N, L * V),
+            sparse.vstack(blocks).tocsr())
 
 
 def graph_spectrum(A):
@@ -1693,7 +1792,8 @@ def causal_bayes_accuracy(tokens, p_xc, V):
     every masked context with x[L-1] visible sees it. The fair ceiling for a causal objective's
     probes."""
     key, n_keys = context_keys(tokens, prefix_mask(tokens.shape[1] - 1), V)
-    joint = np.stack([np.bincount(key, weights=p_xc[:, c], minlength=n_keys) for c in range(p_xc.shape[1])], 1)
+    joint = np.stack([np.bincount(key, weights=p_xc[:, c], minlength=n_keys)
+                      for c in range(p_xc.shape[1])], 1)
     return float(joint.max(1).sum())
 
 
@@ -1721,12 +1821,15 @@ def theory_world(seed, args, objectives):
         out[objective.name] = {
             "probe_acc": acc, "probe_rel": acc / bayes,
             "probe_acc_per_position": acc_pp, "probe_rel_per_position": acc_pp / bayes,
-            "components": int((sv > 1 - 1e-8).sum()), "sigma_k1": float(sv[K]) if len(sv) > K else 0.0,
-            "coverage": coverage, "gen_ppl": {l: ppl[int(l)] if covered else None for l, covered in coverage.items()}}
+            "components": int((sv > 1 - 1e-8).sum()),
+            "sigma_k1": float(sv[K]) if len(sv) > K else 0.0,
+            "coverage": coverage,
+            "gen_ppl": {l: ppl[int(l)] if covered else None for l, covered in coverage.items()}}
         if objective.attention == "causal":
             out[objective.name].update(probe_rel_causal=acc / bayes_causal,
                                        probe_rel_per_position_causal=acc_pp / bayes_causal)
-    return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal, "objectives": out}
+    return {"seed": int(seed), "bayes_acc": bayes, "bayes_acc_causal": bayes_causal,
+            "objectives": out}
 
 
 def sign_test_p(wins, n):
@@ -1742,7 +1845,8 @@ def sign_test_p(wins, n):
 def theory(args):
     """--theory: every world, the tables, the tally, and out_dir/theory.json (written only once all
     succeed)."""
-    V, L, K, n, seed = args.theory_vocab, args.theory_len, args.theory_classes, args.theory_worlds, args.seeds[0]
+    V, L, K, n, seed = (args.theory_vocab, args.theory_len, args.theory_classes,
+                        args.theory_worlds, args.seeds[0])
     objectives = [with_values(o, args) for o in OBJECTIVES.values()]
     print(f"theory: {n} worlds from seed {seed}; each {K} classes, Markov chains over {V} tokens "
           f"(alpha {args.theory_alpha}), all {V ** L:,} sequences of {L} tokens")
@@ -1750,7 +1854,8 @@ def theory(args):
     for i, world_seed in enumerate(np.random.default_rng(seed).integers(2 ** 31, size=n)):
         t0 = time.time()
         worlds.append(theory_world(world_seed, args, objectives))
-        print(f"world {i + 1}/{n} (seed {world_seed}): bayes {worlds[-1]['bayes_acc']:.3f}, {time.time() - t0:.1f} s")
+        print(f"world {i + 1}/{n} (seed {world_seed}): bayes {worlds[-1]['bayes_acc']:.3f}, "
+              f"{time.time() - t0:.1f} s")
 
     def values(name, key):
         return np.array([w["objectives"][name][key] for w in worlds], dtype=float)
@@ -1763,53 +1868,66 @@ def theory(args):
 
     print(f"\nthe exact optimum of each objective, mean ± std over {n} worlds "
           f"(Bayes accuracy {mean_std(np.array([w['bayes_acc'] for w in worlds]))})")
-    print(f"{'':<12}{'probe/Bayes pooled':>20}{'probe/Bayes per-pos':>21}{'components':>14}{'sigma_K+1':>17}")
+    print(f"{'':<12}{'probe/Bayes pooled':>20}{'probe/Bayes per-pos':>21}"
+          f"{'components':>14}{'sigma_K+1':>17}")
     for name in OBJECTIVES:
-        pooled, per_position = mean_std(values(name, "probe_rel")), mean_std(values(name, "probe_rel_per_position"))
+        pooled, per_position = (mean_std(values(name, "probe_rel")),
+                                mean_std(values(name, "probe_rel_per_position")))
         print(f"{name:<12}{pooled:>20}{per_position:>21}"
-              f"{mean_std(values(name, 'components'), 1):>14}{mean_std(values(name, 'sigma_k1')):>17}")
+              f"{mean_std(values(name, 'components'), 1):>14}"
+              f"{mean_std(values(name, 'sigma_k1')):>17}")
     bayes_causal = np.array([w["bayes_acc_causal"] for w in worlds])
-    print(f"the causal objectives against their own ceiling, the Bayes accuracy from x[<L-1] "
+    print("the causal objectives against their own ceiling, the Bayes accuracy from x[<L-1] "
           f"({mean_std(bayes_causal)}):")
     for name in (o.name for o in objectives if o.attention == "causal"):
         print(f"{name:<12}{mean_std(values(name, 'probe_rel_causal')):>20}"
               f"{mean_std(values(name, 'probe_rel_per_position_causal')):>21}")
-    print("\ngeneration after a prefix of l tokens (then [MASK]s): where the objective trained on that context, the\n"
+    print("\ngeneration after a prefix of l tokens (then [MASK]s): "
+          "where the objective trained on that context, the\n"
           "exact perplexity of its optimum on the next token (mean over worlds)")
     print(f"{'':<12}" + "".join(f"{f'l={l}':>15}" for l in range(1, L)))
     for name in OBJECTIVES:  # coverage depends on the patterns only: the same in every world
         cells = [f"{np.mean([w['objectives'][name]['gen_ppl'][str(l)] for w in worlds]):.3f}"
-                 if worlds[0]["objectives"][name]["coverage"][str(l)] else "never trained" for l in range(1, L)]
+                 if worlds[0]["objectives"][name]["coverage"][str(l)] else "never trained"
+                 for l in range(1, L)]
         print(f"{name:<12}" + "".join(f"{c:>15}" for c in cells))
     tally = {"worlds": n,
-             "mlm>ar": wins("mlm", "ar", "probe_acc"), "ar_diverse>ar": wins("ar_diverse", "ar", "probe_acc"),
+             "mlm>ar": wins("mlm", "ar", "probe_acc"),
+             "ar_diverse>ar": wins("ar_diverse", "ar", "probe_acc"),
              "mlm>ar_per_position": wins("mlm", "ar", "probe_acc_per_position"),
              "ar_diverse>ar_per_position": wins("ar_diverse", "ar", "probe_acc_per_position"),
-             "mlm>ar_per_position_matched": sum(w["objectives"]["mlm"]["probe_rel_per_position"]
-                                                > w["objectives"]["ar"]["probe_rel_per_position_causal"] + 1e-9
-                                                for w in worlds),
-             "mlm_varlen_covers_more": sum(sum(w["objectives"]["mlm_varlen"]["coverage"].values())
-                                           > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
+             "mlm>ar_per_position_matched": sum(
+                 w["objectives"]["mlm"]["probe_rel_per_position"]
+                 > w["objectives"]["ar"]["probe_rel_per_position_causal"] + 1e-9 for w in worlds),
+             "mlm_varlen_covers_more": sum(
+                 sum(w["objectives"]["mlm_varlen"]["coverage"].values())
+                 > sum(w["objectives"]["mlm"]["coverage"].values()) for w in worlds)}
     # the sign test over the worlds that differ (ties, within 1e-9, are left out); coverage is the
     # patterns' alone, the same in every world: a fact, not a test
-    losses = {"mlm>ar": wins("ar", "mlm", "probe_acc"), "ar_diverse>ar": wins("ar", "ar_diverse", "probe_acc"),
+    losses = {"mlm>ar": wins("ar", "mlm", "probe_acc"),
+              "ar_diverse>ar": wins("ar", "ar_diverse", "probe_acc"),
               "mlm>ar_per_position": wins("ar", "mlm", "probe_acc_per_position"),
               "ar_diverse>ar_per_position": wins("ar", "ar_diverse", "probe_acc_per_position"),
-              "mlm>ar_per_position_matched": sum(w["objectives"]["ar"]["probe_rel_per_position_causal"]
-                                                 > w["objectives"]["mlm"]["probe_rel_per_position"] + 1e-9
-                                                 for w in worlds)}
+              "mlm>ar_per_position_matched": sum(
+                  w["objectives"]["ar"]["probe_rel_per_position_causal"]
+                  > w["objectives"]["mlm"]["probe_rel_per_position"] + 1e-9 for w in worlds)}
     tally["sign_test_p"] = {k: sign_test_p(tally[k], tally[k] + lost) for k, lost in losses.items()}
     p = {k: f"{tally[k]} of {n}, sign test p {v:.3g}" for k, v in tally["sign_test_p"].items()}
-    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9; a two-sided sign test over the worlds "
-          "that differ):")
+    print(f"\ntally over {n} worlds (probe accuracy higher by more than 1e-9; "
+          "a two-sided sign test over the worlds that differ):")
     print(f"  mlm > ar:        {p['mlm>ar']} (pooled); {p['mlm>ar_per_position']} (per-position)")
-    print(f"  ar_diverse > ar: {p['ar_diverse>ar']} (pooled); {p['ar_diverse>ar_per_position']} (per-position)")
-    print(f"  mlm > ar per position, each against its own ceiling: {p['mlm>ar_per_position_matched']}\n"
-          "    (mlm's probe / Bayes against ar's probe / Bayes from x[<L-1]: a causal context never sees the last\n"
-          "    token, a masked one can. A win that survives this is connectivity; one that vanishes was sight of\n"
+    print(f"  ar_diverse > ar: {p['ar_diverse>ar']} (pooled); "
+          f"{p['ar_diverse>ar_per_position']} (per-position)")
+    print("  mlm > ar per position, each against its own ceiling: "
+          f"{p['mlm>ar_per_position_matched']}\n"
+          "    (mlm's probe / Bayes against ar's probe / Bayes from x[<L-1]: "
+          "a causal context never sees the last\n"
+          "    token, a masked one can. A win that survives this is connectivity; "
+          "one that vanishes was sight of\n"
           "    the last token.)")
-    print(f"  mlm_varlen covers more prefix lengths than mlm: {tally['mlm_varlen_covers_more']} of {n} (its patterns "
-          "alone decide it: the same in every world)")
+    print("  mlm_varlen covers more prefix lengths than mlm: "
+          f"{tally['mlm_varlen_covers_more']} of {n} "
+          "(its patterns alone decide it: the same in every world)")
     settings = {k: getattr(args, k) for k in THEORY_FLAGS}
     settings.update((k, v) for o in objectives for k, v in o.values.items())  # the objectives' own
     os.makedirs(args.out_dir, exist_ok=True)
@@ -1818,12 +1936,12 @@ def theory(args):
     return tally
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Across runs: several seeds and objectives become one summary table (summarize) and one row per
-# claim and metric, paired by seed (claims_table), seven of them judged with a verdict: summary.json.
-# Everything here reads the runs' results.json files: train (the curve, val loss), cluster and
-# finetune (classification), gen (generation), best (the same at the best-val checkpoint), bayes
-# (the language's limits) and the untrained baselines beside them.
+# claim and metric, paired by seed (claims_table), seven of them judged with a verdict:
+# summary.json. Everything here reads the runs' results.json files: train (the curve, val loss),
+# cluster and finetune (classification), gen (generation), best (the same at the best-val
+# checkpoint), bayes (the language's limits) and the untrained baselines beside them.
 
 
 def fmt(x, digits=3):
@@ -1831,7 +1949,8 @@ def fmt(x, digits=3):
 
 
 GEN_METRICS = [f"ppl@{f}" for f in PREFIX_FRACTIONS] + ["ppl", "ppl_short"]
-LIKELIHOOD_METRICS = ["chain_nll", "elbo"]  # nats per token over positions 1..T-1 of the same windows
+# nats per token over positions 1..T-1 of the same windows
+LIKELIHOOD_METRICS = ["chain_nll", "elbo"]
 JUDGE_METRICS = ["grammatical", "topic_kept", "nll", "kl"]  # judge_continuations, per sampler
 LANGUAGE_ROW, DATA_ROW = "the language itself", "the data itself"
 
@@ -1849,60 +1968,72 @@ def summarize(all_results):
     generation; mean and sample std over seeds."""
     rows = {}
 
-    def classification(readouts, finetune):  # the trained model's numbers, or its untrained baseline's
-        values = {f"{ro}_{k}": readouts[ro][k] for ro in POOLED_READOUTS for k in CLUSTER_METRICS} if readouts else {}
+    # the trained model's numbers, or its untrained baseline's
+    def classification(readouts, finetune):
+        values = ({f"{ro}_{k}": readouts[ro][k] for ro in POOLED_READOUTS for k in CLUSTER_METRICS}
+                  if readouts else {})
         if readouts:
             values["per_position_probe_acc"] = readouts["per_position"]["probe_acc"]
-        values.update({f"finetune@{n}": v["acc"] for n, v in (finetune or {}).items() if n.isdigit()})
+        values.update({f"finetune@{n}": v["acc"]
+                       for n, v in (finetune or {}).items() if n.isdigit()})
         return values
     for r in all_results:
         obj, c, f, g = r["objective"], r["cluster"], r["finetune"], r["gen"]
         values = classification(c and c["readouts"], f)
         if g:
-            values.update({f"ppl@{frac}": v for frac, v in g["ppl_by_prefix"].items()}, ppl=g["ppl"],
-                          ppl_short=g.get("ppl_short_input"))
+            values.update({f"ppl@{frac}": v for frac, v in g["ppl_by_prefix"].items()},
+                          ppl=g["ppl"], ppl_short=g.get("ppl_short_input"))
             values.update(chain_nll=g.get("chain_nll"), elbo=g.get("elbo") and g["elbo"]["nll"])
             values.update({f"{sampler} {k}": s[k] for sampler, s in (g.get("samples") or {}).items()
                            for k in JUDGE_METRICS})
         rows.setdefault(obj, {})[r["seed"]] = values
         bayes = r.get("bayes")
-        if bayes:  # the language's limit in every column it has one for: one per seed (the corpus is the seed's)
+        # the language's limit in every column it has one for: one per seed
+        # (the corpus is the seed's)
+        if bayes:
             accuracy = [f"{ro}_{k}" for ro in POOLED_READOUTS for k in ("acc", "probe_acc")]
             accuracy.append("per_position_probe_acc")
-            limit = {col: bayes["acc"] for col in accuracy + [f"finetune@{n}" for n in (f or {}) if n.isdigit()]}
-            limit.update({f"ppl@{frac}": v for frac, v in bayes["ppl_by_prefix"].items()}, ppl=bayes["ppl"],
-                         chain_nll=bayes.get("nll", bayes.get("chain_nll")))
+            limit = {col: bayes["acc"]
+                     for col in accuracy + [f"finetune@{n}" for n in (f or {}) if n.isdigit()]}
+            limit.update({f"ppl@{frac}": v for frac, v in bayes["ppl_by_prefix"].items()},
+                         ppl=bayes["ppl"], chain_nll=bayes.get("nll", bayes.get("chain_nll")))
             rows.setdefault(LANGUAGE_ROW, {}).setdefault(r["seed"], limit)
             if bayes["samples"]:
                 rows.setdefault(DATA_ROW, {}).setdefault(r["seed"], {
                     f"left_to_right {k}": bayes["samples"][k] for k in JUDGE_METRICS})
         if c or f:  # the run's own untrained network, read out and fine-tuned as the run is
-            untrained = classification(c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
-                                       f and f["baselines"]["random_init"])
+            untrained = classification(
+                c and {ro: v["baselines"]["random_init"] for ro, v in c["readouts"].items()},
+                f and f["baselines"]["random_init"])
             rows.setdefault(untrained_row(obj), {})[r["seed"]] = untrained
         if c:
-            tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k] for ro in POOLED_READOUTS for k in KMEANS_METRICS}
+            tfidf = {f"{ro}_{k}": c["baselines"]["tfidf"][k]
+                     for ro in POOLED_READOUTS for k in KMEANS_METRICS}
             rows.setdefault("tf-idf + k-means", {}).setdefault(r["seed"], tfidf)
     finetune_cols = sorted({col for by_seed in rows.values() for v in by_seed.values() for col in v
                             if col.startswith("finetune@")}, key=lambda col: int(col.split("@")[1]))
-    judge_cols = list(dict.fromkeys(col for by_seed in rows.values() for v in by_seed.values() for col in v
-                                    if col.split(" ")[-1] in JUDGE_METRICS))
+    judge_cols = list(dict.fromkeys(col for by_seed in rows.values() for v in by_seed.values()
+                                    for col in v if col.split(" ")[-1] in JUDGE_METRICS))
     table = {}
     for name, by_seed in rows.items():
         table[name] = {}
-        for col in [f"{ro}_{k}" for ro in POOLED_READOUTS for k in CLUSTER_METRICS] + ["per_position_probe_acc"] \
-                + finetune_cols + GEN_METRICS + LIKELIHOOD_METRICS + judge_cols:
+        for col in ([f"{ro}_{k}" for ro in POOLED_READOUTS for k in CLUSTER_METRICS]
+                    + ["per_position_probe_acc"] + finetune_cols
+                    + GEN_METRICS + LIKELIHOOD_METRICS + judge_cols):
             vals = [v[col] for v in by_seed.values() if v.get(col) is not None]
             if vals:
                 table[name][col] = {"mean": float(np.mean(vals)), "n": len(vals),
                                     "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     n_seeds = max((v["n"] for row in table.values() for v in row.values()), default=1)
     limits = [n for n in (LANGUAGE_ROW, DATA_ROW) if n in table]
-    members = list(dict.fromkeys(r["objective"] for r in all_results))  # the study's order, variants last
+    # the study's order, variants last
+    members = list(dict.fromkeys(r["objective"] for r in all_results))
     untrained = [untrained_row(m) for m in members if untrained_row(m) in table]
-    order = members + untrained + [n for n in table if n not in members + untrained + limits] + limits
+    order = (members + untrained
+             + [n for n in table if n not in members + untrained + limits] + limits)
 
-    def cell(name, col, digits, width):  # fewer seeds than the study's (a metric some lack): how many, no spread
+    # fewer seeds than the study's (a metric some lack): how many, no spread
+    def cell(name, col, digits, width):
         v = table[name].get(col)
         if v is None or n_seeds == 1:
             spread = ""
@@ -1912,16 +2043,20 @@ def summarize(all_results):
         return f"{text:>{width}}"
     width = 13 if n_seeds > 1 else 8
     print(f"\nsummary over {n_seeds} seed(s){' (mean±sample std)' if n_seeds > 1 else ''}")
-    measured = [n for n in order if n not in limits]  # a block prints where a run measured its columns
+    # a block prints where a run measured its columns
+    measured = [n for n in order if n not in limits]
     if any(c.startswith("clean_") for n in measured for c in table[n]):
         print(("clustering of held-out documents" + " " * 6
                + "".join(f"{ro + ' readout':<{4 * width}}" for ro in POOLED_READOUTS)).rstrip())
-        print(" " * 28 + "".join(f"{h:>{width}}" for h in ["NMI", "ARI", "ACC", "probe"] * len(POOLED_READOUTS)))
+        print(" " * 28 + "".join(f"{h:>{width}}"
+                                 for h in ["NMI", "ARI", "ACC", "probe"] * len(POOLED_READOUTS)))
         readout_cols = [f"{ro}_{k}" for ro in POOLED_READOUTS for k in CLUSTER_METRICS]
         for name in (n for n in order if any(c in table[n] for c in readout_cols)):
             print(f"{name:<28}" + "".join(cell(name, col, 3, width) for col in readout_cols))
-    if any("per_position_probe_acc" in table[n] or any(c in table[n] for c in finetune_cols) for n in measured):
-        print("classification: per-position probe, and fine-tuned accuracy with n labelled documents")
+    if any("per_position_probe_acc" in table[n] or any(c in table[n] for c in finetune_cols)
+           for n in measured):
+        print("classification: per-position probe, "
+              "and fine-tuned accuracy with n labelled documents")
         cols = ["per_position_probe_acc"] + finetune_cols
         heads = ["per-pos"] + [f"n={c.split('@')[1]}" for c in finetune_cols]
         print(" " * 28 + "".join(f"{h:>{width}}" for h in heads))
@@ -1929,25 +2064,30 @@ def summarize(all_results):
             if any(c in table[name] for c in cols):
                 print(f"{name:<28}" + "".join(cell(name, c, 3, width) for c in cols))
     if any(c in GEN_METRICS for row in table.values() for c in row):
-        print("generation: perplexity after a prefix of f*T tokens (f*T to f*T + T/8), of every length (ppl), and "
-              "of every length from the prefix and one [MASK] (short)")
+        print("generation: perplexity after a prefix of f*T tokens (f*T to f*T + T/8), "
+              "of every length (ppl), and of every length from the prefix and one [MASK] (short)")
         gen_width = max(width + 1, 10)
-        print(" " * 28 + "".join(f"{h:>{gen_width}}" for h in [f"ppl@{f:g}" for f in PREFIX_FRACTIONS]
-                                 + ["ppl", "short"]))
+        print(" " * 28 + "".join(f"{h:>{gen_width}}" for h in
+                                 [f"ppl@{f:g}" for f in PREFIX_FRACTIONS] + ["ppl", "short"]))
         for name in order:
             if "ppl" in table[name]:
                 print(f"{name:<28}" + "".join(cell(name, col, 2, gen_width) for col in GEN_METRICS))
     if any("chain_nll" in row for row in table.values()):
-        print("likelihood, nats per token after the first: left-to-right chain rule; masked models' ELBO (a bound)")
+        print("likelihood, nats per token after the first: left-to-right chain rule; "
+              "masked models' ELBO (a bound)")
         print(" " * 28 + "".join(f"{h:>{width}}" for h in ["chain", "ELBO"]))
         for name in order:
             if "chain_nll" in table[name]:
-                print(f"{name:<28}" + "".join(cell(name, col, 3, width) for col in LIKELIHOOD_METRICS))
+                print(f"{name:<28}"
+                      + "".join(cell(name, col, 3, width) for col in LIKELIHOOD_METRICS))
     if judge_cols:
-        print("samples judged by the language: grammatical-sentence rate, topic kept, true NLL/token, KL/token")
-        print(f"{'':<28}{'sampler':<20}" + "".join(f"{h:>{width}}" for h in ["grammatical", "topic", "NLL", "KL"]))
+        print("samples judged by the language: grammatical-sentence rate, topic kept, "
+              "true NLL/token, KL/token")
+        print(f"{'':<28}{'sampler':<20}"
+              + "".join(f"{h:>{width}}" for h in ["grammatical", "topic", "NLL", "KL"]))
         for name in order:
-            for sampler in dict.fromkeys(c.rsplit(" ", 1)[0] for c in table[name] if c in judge_cols):
+            for sampler in dict.fromkeys(c.rsplit(" ", 1)[0]
+                                         for c in table[name] if c in judge_cols):
                 print(f"{name:<28}{sampler:<20}" + "".join(cell(name, f"{sampler} {k}", 3, width)
                                                          for k in JUDGE_METRICS))
     return table
@@ -1958,13 +2098,16 @@ def search_table(all_results):
     seeds, and the recipe the rule chooses (the highest mean; ties: the first in the grid)."""
     out = {}
     for name in dict.fromkeys(r["objective"] for r in all_results if r.get("finetune_search")):
-        runs = [r["finetune_search"] for r in all_results if r["objective"] == name and r.get("finetune_search")]
+        runs = [r["finetune_search"] for r in all_results
+                if r["objective"] == name and r.get("finetune_search")]
         grid = {k: float(np.mean([run[k] for run in runs])) for k in runs[0]}
         lr, epochs = max(grid, key=grid.get).split("/")
-        out[name] = {"grid": grid, "seeds": len(runs), "chosen": {"learning_rate": float(lr), "epochs": int(epochs)}}
+        out[name] = {"grid": grid, "seeds": len(runs),
+                     "chosen": {"learning_rate": float(lr), "epochs": int(epochs)}}
     if out:
         heads = list(next(iter(out.values()))["grid"])
-        print(f"\nfine-tuning recipes (--finetune_search): validation accuracy at n = {PRIMARY_FINETUNE_LABELS}, "
+        print("\nfine-tuning recipes (--finetune_search): "
+              f"validation accuracy at n = {PRIMARY_FINETUNE_LABELS}, "
               "mean over seeds, by learning rate/epochs")
         print(f"{'':<16}" + "".join(f"{h:>10}" for h in heads) + "   chosen")
         for name, s in out.items():
@@ -2006,7 +2149,8 @@ def finetune_value(n):
 
 
 def log_ppl(prefix=None):
-    return none_if_missing(lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]))
+    return none_if_missing(
+        lambda r: math.log(r["gen"]["ppl_by_prefix"][prefix] if prefix else r["gen"]["ppl"]))
 
 
 @none_if_missing
@@ -2030,23 +2174,29 @@ def judged(key, order="left_to_right"):
 
 
 # the short-input form and the likelihood bound where the run has them, else the left-to-right chain
-log_ppl_short_input = none_if_missing(lambda r: math.log(r["gen"]["ppl_short_input"] or r["gen"]["ppl"]))
+log_ppl_short_input = none_if_missing(
+    lambda r: math.log(r["gen"]["ppl_short_input"] or r["gen"]["ppl"]))
 nll_bound = none_if_missing(lambda r: (r["gen"]["elbo"] or {}).get("nll", r["gen"]["chain_nll"]))
 
 
 def baseline_of(readout, key):
-    """For a row's metric, the untrained network's value of it (None: the metric has no baseline)."""
+    """For a row's metric, the untrained network's value of it
+    (None: the metric has no baseline)."""
     if readout is not None:
-        return none_if_missing(lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
+        return none_if_missing(
+            lambda r: r["cluster"]["readouts"][readout]["baselines"]["random_init"][key])
     if key and key.startswith("finetune@"):
-        return none_if_missing(lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
+        return none_if_missing(
+            lambda r: r["finetune"]["baselines"]["random_init"][key.split("@")[1]]["acc"])
     return None
 
 
 def finetune_gain(n):
-    """Fine-tuned accuracy minus its own untrained network's, fine-tuned alike: what pretraining added."""
+    """Fine-tuned accuracy minus its own untrained network's, fine-tuned alike:
+    what pretraining added."""
     trained, untrained = finetune_value(n), baseline_of(None, f"finetune@{n}")
-    return lambda r: None if untrained(r) is None or trained(r) is None else trained(r) - untrained(r)
+    return lambda r: (None if untrained(r) is None or trained(r) is None
+                      else trained(r) - untrained(r))
 
 
 @dataclass(frozen=True)
@@ -2068,39 +2218,51 @@ def claim_rows(label_counts):
     n0, rows = PRIMARY_FINETUNE_LABELS, []
     diverse = "diversity-enhanced AR clusters better than AR"
     for claim, a in (("masked clusters better than AR", "mlm"), (diverse, "ar_diverse")):
-        rows += [ClaimRow(claim, f"fine-tuned acc n={n} {a} - ar", a, "ar", finetune_value(n), primary=n == n0,
-                          baseline_key=f"finetune@{n}") for n in [n0] + [n for n in label_counts if n != n0]]
-        rows += [ClaimRow(claim, f"fine-tuned gain over untrained n={n} {a} - ar", a, "ar", finetune_gain(n))
+        rows += [ClaimRow(claim, f"fine-tuned acc n={n} {a} - ar", a, "ar", finetune_value(n),
+                          primary=n == n0, baseline_key=f"finetune@{n}")
+                 for n in [n0] + [n for n in label_counts if n != n0]]
+        rows += [ClaimRow(claim, f"fine-tuned gain over untrained n={n} {a} - ar", a, "ar",
+                          finetune_gain(n))
                  for n in label_counts]
         rows += [ClaimRow(claim, f"{label} {a} - ar", a, "ar", cluster_value(ro, key), readout=ro,
                           baseline_key=key)
-                 for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc")) for ro in POOLED_READOUTS]
-        rows.append(ClaimRow(claim, f"probe acc {a} - ar", a, "ar", cluster_value("per_position", "probe_acc"),
+                 for key, label in (("nmi", "NMI"), ("probe_acc", "probe acc"))
+                 for ro in POOLED_READOUTS]
+        rows.append(ClaimRow(claim, f"probe acc {a} - ar", a, "ar",
+                             cluster_value("per_position", "probe_acc"),
                              readout="per_position", baseline_key="probe_acc"))
-    for a in ("ar_diverse2", "ar_diverse8"):  # the dose-response: 2 and 8 future tokens beside ar_diverse's 4
+    # the dose-response: 2 and 8 future tokens beside ar_diverse's 4
+    for a in ("ar_diverse2", "ar_diverse8"):
         rows += [ClaimRow(diverse, f"fine-tuned acc n={n0} {a} - ar", a, "ar", finetune_value(n0),
                           baseline_key=f"finetune@{n0}"),
-                 ClaimRow(diverse, f"fine-tuned gain over untrained n={n0} {a} - ar", a, "ar", finetune_gain(n0))]
+                 ClaimRow(diverse, f"fine-tuned gain over untrained n={n0} {a} - ar", a, "ar",
+                          finetune_gain(n0))]
     gen = "AR generates better than masked"
     rows += [ClaimRow(gen, "log ppl mlm - ar", "mlm", "ar", log_ppl(), primary=True),
-             ClaimRow(gen, "grammatical, left to right, ar - mlm", "ar", "mlm", judged("grammatical"), primary=True),
+             ClaimRow(gen, "grammatical, left to right, ar - mlm", "ar", "mlm",
+                      judged("grammatical"), primary=True),
              ClaimRow(gen, "log ppl, short input, mlm - ar", "mlm", "ar", log_ppl_short_input),
              ClaimRow(gen, "NLL, mlm's ELBO - ar's chain", "mlm", "ar", nll_bound),
-             ClaimRow(gen, "grammatical, ar left to right - mlm any order", "ar", "mlm", judged("grammatical", "any")),
+             ClaimRow(gen, "grammatical, ar left to right - mlm any order", "ar", "mlm",
+                      judged("grammatical", "any")),
              ClaimRow(gen, "log ppl mlm_varlen - ar", "mlm_varlen", "ar", log_ppl()),
-             ClaimRow(gen, "grammatical, left to right, ar - mlm_varlen", "ar", "mlm_varlen", judged("grammatical"))]
+             ClaimRow(gen, "grammatical, left to right, ar - mlm_varlen", "ar", "mlm_varlen",
+                      judged("grammatical"))]
     varlen = "variable-length masked generates better than masked, most at short prefixes"
     short = "log ppl, prefixes 1..T/4,"
-    rows += [ClaimRow(varlen, f"{short} mlm - mlm_varlen", "mlm", "mlm_varlen", log_ppl_short_prefixes, primary=True),
-             ClaimRow(varlen, f"{short} mlm_half - varlen_bert", "mlm_half", "varlen_bert", log_ppl_short_prefixes,
-                      primary=True),
+    rows += [ClaimRow(varlen, f"{short} mlm - mlm_varlen", "mlm", "mlm_varlen",
+                      log_ppl_short_prefixes, primary=True),
+             ClaimRow(varlen, f"{short} mlm_half - varlen_bert", "mlm_half", "varlen_bert",
+                      log_ppl_short_prefixes, primary=True),
              ClaimRow(varlen, "grammatical, left to right, mlm_varlen - mlm", "mlm_varlen", "mlm",
                       judged("grammatical"), primary=True),
-             ClaimRow(varlen, "log ppl@1/8 mlm - mlm_varlen", "mlm", "mlm_varlen", log_ppl("0.125")),
+             ClaimRow(varlen, "log ppl@1/8 mlm - mlm_varlen", "mlm", "mlm_varlen",
+                      log_ppl("0.125")),
              ClaimRow(varlen, "log ppl mlm - mlm_varlen", "mlm", "mlm_varlen", log_ppl()),
-             ClaimRow(varlen, "log ppl mlm_half - varlen_bert", "mlm_half", "varlen_bert", log_ppl()),
-             ClaimRow(varlen, "grammatical, left to right, varlen_bert - mlm_half", "varlen_bert", "mlm_half",
-                      judged("grammatical"))]
+             ClaimRow(varlen, "log ppl mlm_half - varlen_bert", "mlm_half", "varlen_bert",
+                      log_ppl()),
+             ClaimRow(varlen, "grammatical, left to right, varlen_bert - mlm_half",
+                      "varlen_bert", "mlm_half", judged("grammatical"))]
     return rows
 
 
@@ -2115,7 +2277,8 @@ def paired_t(diffs):
     half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
     # identical differences (sd 0 up to rounding) have no spread to test against: p is 0, or 1 if
     # they are all 0
-    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 1e-12 * max(1.0, abs(mean)) else float(mean == 0)
+    p = (float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 1e-12 * max(1.0, abs(mean))
+         else float(mean == 0))
     return mean, [mean - half, mean + half], p
 
 
@@ -2146,13 +2309,14 @@ def detectable_difference(sd, n, alpha, power=0.8):
     from scipy import stats
     if n < 2 or 2.0 / 2 ** n >= alpha:
         return None
-    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1))
+                 * sd / math.sqrt(n))
 
 
 def interval_words(ci):
     """A secondary row's wording: where its 95% interval lies, no verdict."""
-    return None if ci is None else "interval above 0" if ci[0] > 0 else "interval below 0" if ci[1] < 0 \
-        else "interval spans 0"
+    return (None if ci is None else "interval above 0" if ci[0] > 0
+            else "interval below 0" if ci[1] < 0 else "interval spans 0")
 
 
 def holm(p_values):
@@ -2177,11 +2341,13 @@ def claims_table(all_results, verbose=True):
     its own untrained network's: there it measures the architecture, not pretraining."""
     by_run = {(r["objective"], r["seed"]): r for r in all_results}
     seeds = sorted({r["seed"] for r in all_results})
-    label_counts = sorted({int(n) for r in all_results if r["finetune"] for n in r["finetune"] if n.isdigit()})
+    label_counts = sorted({int(n) for r in all_results if r["finetune"]
+                           for n in r["finetune"] if n.isdigit()})
     claims, spread = [], []
     for row in claim_rows(label_counts):
         value, primary = row.value, row.primary
-        runs = [(by_run[row.a, s], by_run[row.b, s]) for s in seeds if (row.a, s) in by_run and (row.b, s) in by_run]
+        runs = [(by_run[row.a, s], by_run[row.b, s])
+                for s in seeds if (row.a, s) in by_run and (row.b, s) in by_run]
         pairs = [(ra, rb) for ra, rb in runs if value(ra) is not None and value(rb) is not None]
         diffs = [value(ra) - value(rb) for ra, rb in pairs]
         if not diffs:
@@ -2195,48 +2361,60 @@ def claims_table(all_results, verbose=True):
         flag = failing and ("does not measure pretraining: " + (
             f"{failing[0]} does not beat its untrained network" if len(failing) == 1
             else f"{' and '.join(failing)} do not beat their untrained networks")) or None
-        claims.append({"claim": row.claim, "metric": row.metric, "readout": row.readout, "primary": primary,
-                       "mean_diff": mean, "ci95": ci, "p_value": sign_flip_p(diffs) if primary and ci else None,
+        claims.append({"claim": row.claim, "metric": row.metric, "readout": row.readout,
+                       "primary": primary, "mean_diff": mean, "ci95": ci,
+                       "p_value": sign_flip_p(diffs) if primary and ci else None,
                        "p_t": p_t, "p_holm": None, "detectable": None, "n_seeds": len(diffs),
-                       "n_expected_sign": sum(d > 0 for d in diffs), "verdict": None if primary else interval_words(ci),
-                       "flag": flag})
+                       "n_expected_sign": sum(d > 0 for d in diffs),
+                       "verdict": None if primary else interval_words(ci), "flag": flag})
         spread.append(float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None)
     tested = [i for i, c in enumerate(claims) if c["primary"] and c["p_value"] is not None]
-    # the family is every primary row claim_rows defines, whether it ran or not: one that did not run (its
-    # members absent) counts as p = 1, so a study of fewer members, or an arm, is never judged more leniently
+    # the family is every primary row claim_rows defines, whether it ran or not: one that did
+    # not run (its members absent) counts as p = 1, so a study of fewer members, or an arm, is
+    # never judged more leniently
     family = sum(row.primary for row in claim_rows([PRIMARY_FINETUNE_LABELS]))
-    for rank, i in enumerate(sorted(tested, key=lambda i: claims[i]["p_value"])):  # Holm's level at each rank
-        claims[i]["detectable"] = detectable_difference(spread[i], claims[i]["n_seeds"], 0.05 / (family - rank))
+    # Holm's level at each rank
+    for rank, i in enumerate(sorted(tested, key=lambda i: claims[i]["p_value"])):
+        claims[i]["detectable"] = detectable_difference(spread[i], claims[i]["n_seeds"],
+                                                        0.05 / (family - rank))
     p_tested = [claims[i]["p_value"] for i in tested]
     for i, p_holm in zip(tested, holm(p_tested + [1.0] * (family - len(tested)))):
         c = claims[i]
         c["p_holm"] = p_holm
-        c["verdict"] = "inconclusive" if p_holm >= 0.05 else "reproduced" if c["mean_diff"] > 0 else "contradicted"
+        c["verdict"] = ("inconclusive" if p_holm >= 0.05
+                        else "reproduced" if c["mean_diff"] > 0 else "contradicted")
     if not claims or not verbose:
         return claims
     n = max(c["n_seeds"] for c in claims)
-    print(f"\nthe paper's claims, paired by seed ({n} seed(s); a difference > 0 is the paper's side, with its 95% "
-          f"t-interval).\nThe primary rows (*), each judged by its exact sign-flip p, Holm-adjusted over the "
-          f"{family} primary rows ({len(tested)} ran here;\none that did not counts as p = 1; the t-test's p beside "
-          "it; 'detectable': the smallest difference it had 80% power to detect);\nthe other rows are secondary "
-          "evidence: where their interval lies.")
+    print(f"\nthe paper's claims, paired by seed ({n} seed(s); "
+          "a difference > 0 is the paper's side, with its 95% t-interval).\n"
+          "The primary rows (*), each judged by its exact sign-flip p, Holm-adjusted over the "
+          f"{family} primary rows ({len(tested)} ran here;\n"
+          "one that did not counts as p = 1; the t-test's p beside it; "
+          "'detectable': the smallest difference it had 80% power to detect);\n"
+          "the other rows are secondary evidence: where their interval lies.")
     width = max(len(c["metric"]) for c in claims) + 2  # the longest name, then two spaces
-    print(f"  {'metric':<{width}}{'readout':<13}{'mean diff':>10}{'95% interval':>20}{'p flip':>8}{'Holm':>7}{'p t':>7}"
-          f"{'detectable':>11}{'> 0':>7}  verdict")
+    print(f"  {'metric':<{width}}{'readout':<13}{'mean diff':>10}{'95% interval':>20}"
+          f"{'p flip':>8}{'Holm':>7}{'p t':>7}{'detectable':>11}{'> 0':>7}  verdict")
     for i, c in enumerate(claims):
         if i == 0 or c["claim"] != claims[i - 1]["claim"]:
             print(c["claim"])
         ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        print(f"{'*' if c['primary'] else ' '} {c['metric']:<{width}}{c['readout'] or '-':<13}{c['mean_diff']:>+10.3f}"
-              f"{ci:>20}{fmt(c['p_value']):>8}{fmt(c['p_holm']):>7}{fmt(c['p_t']):>7}{fmt(c['detectable']):>11}"
+        print(f"{'*' if c['primary'] else ' '} {c['metric']:<{width}}{c['readout'] or '-':<13}"
+              f"{c['mean_diff']:>+10.3f}{ci:>20}{fmt(c['p_value']):>8}{fmt(c['p_holm']):>7}"
+              f"{fmt(c['p_t']):>7}{fmt(c['detectable']):>11}"
               f"{c['n_expected_sign']:>4}/{c['n_seeds']:<2}  {c['verdict'] or '-'}")
         if c["flag"]:
             print(f"      ({c['flag']})")
     if n < 2:
-        print("one seed: these are single differences, and no verdict is possible; run two or more --seeds.")
-    elif tested and family * 2 / 2 ** n >= 0.05:  # the sign-flip's smallest p, 2/2^n, times Holm's first factor
-        print(f"with {n} seeds no primary row can reach a Holm p under 0.05 (the smallest is {family} x 2/2^{n}): "
-              "'inconclusive' here says the study is too small, not that an effect is absent; 9 seeds or more can.")
+        print("one seed: these are single differences, and no verdict is possible; "
+              "run two or more --seeds.")
+    elif tested and family * 2 / 2 ** n >= 0.05:
+        # the sign-flip's smallest p, 2/2^n, times Holm's first factor
+        print(f"with {n} seeds no primary row can reach a Holm p under 0.05 "
+              f"(the smallest is {family} x 2/2^{n}): "
+              "'inconclusive' here says the study is too small, not that an effect is absent; "
+              "9 seeds or more can.")
     return claims
 
 
@@ -2252,11 +2430,13 @@ def claims_by_iter(all_results):
         by_iter[str(it)] = [c for c in claims_table(at, verbose=False) if c["primary"]]
     metrics = list(dict.fromkeys(c["metric"] for rows in by_iter.values() for c in rows))
     if metrics:
-        print("\nthe primary rows' verdicts by training budget (iterations), with the mean difference:")
+        print("\nthe primary rows' verdicts by training budget (iterations), "
+              "with the mean difference:")
         width = max(map(len, metrics)) + 2
         print(f"  {'primary row':<{width}}" + "".join(f"{it:>22}" for it in by_iter))
         for metric in metrics:
-            cells = [next((f"{c['verdict'] or '-'} {c['mean_diff']:+.3f}" for c in rows if c["metric"] == metric), "-")
+            cells = [next((f"{c['verdict'] or '-'} {c['mean_diff']:+.3f}"
+                           for c in rows if c["metric"] == metric), "-")
                      for rows in by_iter.values()]
             print(f"  {metric:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
     return by_iter
@@ -2276,7 +2456,8 @@ def at_best(r):
 # varies, member by member. The same objective and seed in both (the same initial weights; the
 # same held-out documents, as --train_docs keeps them): each row is what the changed setting did
 # to that objective.
-ARM_METRICS = [("fine-tuned acc n=32", finetune_value(32)), ("fine-tuned acc n=128", finetune_value(128)),
+ARM_METRICS = [("fine-tuned acc n=32", finetune_value(32)),
+               ("fine-tuned acc n=128", finetune_value(128)),
                ("probe acc (clean)", cluster_value("clean", "probe_acc")),
                ("NMI (clean)", cluster_value("clean", "nmi")),
                ("log ppl", log_ppl()), ("log ppl, prefixes 1..T/4", log_ppl_short_prefixes),
@@ -2291,15 +2472,18 @@ def other_study(path, args):
         if "results.json" in files:
             r = read_json(os.path.join(folder, "results.json"))
             if (r["objective"], r["seed"]) in others:
-                raise UsageError(f"--compare_to {path}: two runs of {r['objective']} with seed {r['seed']} under it "
-                                 f"(one in {folder}); point it at one study's --out_dir.")
+                raise UsageError(f"--compare_to {path}: two runs of {r['objective']} "
+                                 f"with seed {r['seed']} under it (one in {folder}); "
+                                 "point it at one study's --out_dir.")
             others[r["objective"], r["seed"]] = r
     if not others:
-        raise UsageError(f"--compare_to {path}: no run's results.json under it; point it at a study's --out_dir.")
+        raise UsageError(f"--compare_to {path}: no run's results.json under it; "
+                         "point it at a study's --out_dir.")
     other_code = {(r.get("code") or {}).get("sha256") for r in others.values()}
     if other_code != {CODE["sha256"]} and not args.accept_code_change:
-        raise UsageError(f"--compare_to {path}: its runs were made by another version of lookaround.py; compare "
-                         "studies made by the same code, or pass --accept_code_change to compare them anyway.")
+        raise UsageError(f"--compare_to {path}: its runs were made by another version of "
+                         "lookaround.py; compare studies made by the same code, "
+                         "or pass --accept_code_change to compare them anyway.")
     return others
 
 
@@ -2312,13 +2496,16 @@ def arm_rows(all_results, others, read, verbose=True):
         pairs = [(read(r), read(others[name, r["seed"]])) for r in all_results
                  if r["objective"] == name and (name, r["seed"]) in others]
         for metric, value in ARM_METRICS:
-            diffs = [value(a) - value(b) for a, b in pairs if a and b and None not in (value(a), value(b))]
+            diffs = [value(a) - value(b)
+                     for a, b in pairs if a and b and None not in (value(a), value(b))]
             if diffs:
                 mean, ci, _ = paired_t(diffs)
-                rows.append({"member": name, "metric": metric, "mean_diff": mean, "ci95": ci, "n_seeds": len(diffs),
-                             "n_positive": sum(d > 0 for d in diffs), "words": interval_words(ci)})
+                rows.append({"member": name, "metric": metric, "mean_diff": mean, "ci95": ci,
+                             "n_seeds": len(diffs), "n_positive": sum(d > 0 for d in diffs),
+                             "words": interval_words(ci)})
     if verbose and rows:
-        print(f"  {'member':<14}{'metric':<30}{'mean diff':>10}{'95% interval':>20}{'> 0':>7}  where it lies")
+        print(f"  {'member':<14}{'metric':<30}{'mean diff':>10}{'95% interval':>20}{'> 0':>7}"
+              "  where it lies")
         for row in rows:
             ci = "-" if row["ci95"] is None else f"[{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]"
             print(f"  {row['member']:<14}{row['metric']:<30}{row['mean_diff']:>+10.3f}{ci:>20}"
@@ -2329,16 +2516,19 @@ def arm_rows(all_results, others, read, verbose=True):
 def compare_studies(all_results, others, path):
     """--compare_to's table, at the end of training and at each run's lowest val loss, and the
     settings in which the two studies' runs differ."""
-    paired = [(r, others[r["objective"], r["seed"]]) for r in all_results if (r["objective"], r["seed"]) in others]
+    paired = [(r, others[r["objective"], r["seed"]])
+              for r in all_results if (r["objective"], r["seed"]) in others]
     if not paired:
-        print(f"\n--compare_to {path}: no member and seed of this study ran there; nothing to compare.")
+        print(f"\n--compare_to {path}: no member and seed of this study ran there; "
+              "nothing to compare.")
         return {"dir": path, "differ": None, "rows": [], "rows_best": []}
-    differ = list(dict.fromkeys(f"{as_flag(k, a['settings'].get(k))} here, {as_flag(k, b['settings'].get(k))} there"
-                                for a, b in paired for k in sorted(set(a["settings"]) | set(b["settings"]))
-                                if a["settings"].get(k) != b["settings"].get(k)))
-    print(f"\neach member's change from {path} ({'; '.join(differ) or 'no setting differs'}): this study - that "
-          f"one, paired by seed ({len(paired)} of this study's {len(all_results)} runs have a partner there); at the "
-          "end of training:")
+    differ = list(dict.fromkeys(
+        f"{as_flag(k, a['settings'].get(k))} here, {as_flag(k, b['settings'].get(k))} there"
+        for a, b in paired for k in sorted(set(a["settings"]) | set(b["settings"]))
+        if a["settings"].get(k) != b["settings"].get(k)))
+    print(f"\neach member's change from {path} ({'; '.join(differ) or 'no setting differs'}): "
+          f"this study - that one, paired by seed ({len(paired)} of this study's "
+          f"{len(all_results)} runs have a partner there); at the end of training:")
     rows = arm_rows(all_results, others, lambda r: r)
     print("at each run's lowest val loss (early stopping):")
     rows_best = arm_rows(all_results, others, at_best)
@@ -2347,59 +2537,71 @@ def compare_studies(all_results, others, path):
 
 def plot_summary(all_results, path):
     """summary.png: per objective, the mean over seeds and its 95% t-band, against iterations, of
-    the generation perplexity at each prefix fraction, the primary classification metric (fine-tuned
-    accuracy), the grammatical rate of left-to-right samples and the val loss; and at the end of
-    training, the perplexity by prefix length; each perplexity beside the language's own where it is known.
-    Perplexities are averaged and banded in log space, as the claims compare them, on a log axis:
-    a masked model's perplexity after a very short prefix can be ten times the others' or more."""
+    the generation perplexity at each prefix fraction, the primary classification metric
+    (fine-tuned accuracy), the grammatical rate of left-to-right samples and the val loss; and at
+    the end of training, the perplexity by prefix length; each perplexity beside the language's
+    own where it is known. Perplexities are averaged and banded in log space, as the claims
+    compare them, on a log axis: a masked model's perplexity after a very short prefix can be ten
+    times the others' or more."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     from scipy import stats
-    ns = sorted({int(n) for r in all_results for p in r["curve"] if p["finetune"] for n in p["finetune"]
+    ns = sorted({int(n) for r in all_results for p in r["curve"] if p["finetune"]
+                 for n in p["finetune"]
                  if n.isdigit() and all(n in q["finetune"] for q in r["curve"])})
     n = PRIMARY_FINETUNE_LABELS if PRIMARY_FINETUNE_LABELS in ns else (ns[0] if ns else None)
-    # each panel: title, where its points are, the value at one, log scale, and the language's own limit
+    # each panel: title, where its points are, the value at one, log scale, and
+    # the language's own limit
     panels = [(f"perplexity after a prefix of {f:g} T", "curve",
                lambda p, f=f: p["gen"] and p["gen"]["ppl_by_prefix"][str(f)], True,
                lambda b, f=f: b["ppl_by_prefix"][str(f)]) for f in PREFIX_FRACTIONS]
-    panels.append((f"fine-tuned accuracy, n = {n}", "curve", lambda p: p["finetune"] and p["finetune"][str(n)]["acc"],
-                   False, None))
+    panels.append((f"fine-tuned accuracy, n = {n}", "curve",
+                   lambda p: p["finetune"] and p["finetune"][str(n)]["acc"], False, None))
     panels.append(("grammatical rate, left-to-right samples", "curve",
-                   none_if_missing(lambda p: p["gen"]["samples"]["left_to_right"]["grammatical"]), False, None))
-    panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"], False, None))
-    panels.append(("perplexity by prefix length, end of training", "length", lambda r: r["gen"], True,
-                   lambda b: b["ppl_by_length"]))
+                   none_if_missing(lambda p: p["gen"]["samples"]["left_to_right"]["grammatical"]),
+                   False, None))
+    panels.append(("val loss (each objective's own loss)", "train", lambda p: p["val_loss"],
+                   False, None))
+    panels.append(("perplexity by prefix length, end of training", "length", lambda r: r["gen"],
+                   True, lambda b: b["ppl_by_length"]))
 
     def series(r, source, value):  # x -> y of one run
         if source == "length":
             return dict(enumerate(r["gen"].get("ppl_by_length") or [], start=1)) if r["gen"] else {}
-        return {p["iter"]: value(p) for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
+        return {p["iter"]: value(p)
+                for p in (r["curve"] if source == "curve" else r["train"]["curve"])}
     names = list(dict.fromkeys(r["objective"] for r in all_results))
-    # one colour per member whatever the study holds, so that two studies' figures compare at a glance
-    color = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*OBJECTIVES, *VARIANTS, *names]))}
+    # one colour per member whatever the study holds, so that two studies'
+    # figures compare at a glance
+    color = {name: f"C{i % 10}"
+             for i, name in enumerate(dict.fromkeys([*OBJECTIVES, *VARIANTS, *names]))}
     n_seeds = {name: sum(r["objective"] == name for r in all_results) for name in names}
     fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
     for ax, (title, source, value, log, limit) in zip(axes.flat, panels):
         for objective in names:
             curves = [series(r, source, value) for r in all_results if r["objective"] == objective]
-            iters = sorted(i for i in set.intersection(*map(set, curves)) if all(c[i] is not None for c in curves)) \
-                if curves else []
+            iters = (sorted(i for i in set.intersection(*map(set, curves))
+                            if all(c[i] is not None for c in curves))
+                     if curves else [])
             if not iters:
                 continue
             y = np.array([[c[i] for i in iters] for c in curves], dtype=float)
             y = np.log(y) if log else y
             mean = y.mean(0)
-            half = stats.t.ppf(0.975, len(y) - 1) * y.std(0, ddof=1) / math.sqrt(len(y)) if len(y) > 1 else 0 * mean
+            half = (stats.t.ppf(0.975, len(y) - 1) * y.std(0, ddof=1) / math.sqrt(len(y))
+                    if len(y) > 1 else 0 * mean)
             shown = np.exp if log else (lambda v: v)
             full = n_seeds[objective] == max(n_seeds.values())
             label = objective if full else f"{objective} (n={n_seeds[objective]})"
             ax.plot(iters, shown(mean), marker="o" if source == "curve" else None, label=label,
                     color=color[objective])
-            ax.fill_between(iters, shown(mean - half), shown(mean + half), alpha=0.2, color=color[objective])
+            ax.fill_between(iters, shown(mean - half), shown(mean + half), alpha=0.2,
+                            color=color[objective])
         # the language's own value, one per seed's corpus, averaged in log space as the models are
-        limits = {r["seed"]: limit(r["bayes"]) for r in all_results if limit and r.get("bayes") and r["gen"]}
+        limits = {r["seed"]: limit(r["bayes"])
+                  for r in all_results if limit and r.get("bayes") and r["gen"]}
         if limits and ax.lines:
             geometric = np.exp(np.mean(np.log(list(limits.values())), 0))
             if source == "length":
@@ -2407,7 +2609,8 @@ def plot_summary(all_results, path):
             else:
                 ax.axhline(geometric, color="k", linestyle="--", label=LANGUAGE_ROW)
         ax.set_title(title + (" (log scale)" if log else ""), fontsize=10)
-        if log and ax.lines:  # plain numbers on the axis; the minor ticks too where it spans under a decade
+        # plain numbers on the axis; the minor ticks too where it spans under a decade
+        if log and ax.lines:
             ax.set_yscale("log")
             low, high = ax.get_ylim()
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -2420,15 +2623,15 @@ def plot_summary(all_results, path):
         ax.set_visible(bool(ax.lines))  # a metric the runs did not evaluate: no empty panel
     handles = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0]))
     fig.legend(*handles, loc="lower center", ncol=len(handles[0]))
-    fig.suptitle(f"mean over {max(n_seeds.values())} seed(s) and 95% t-band; {all_results[0]['data']} corpus",
-                 fontsize=11)
+    fig.suptitle(f"mean over {max(n_seeds.values())} seed(s) and 95% t-band; "
+                 f"{all_results[0]['data']} corpus", fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"figure: {path}")
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training loop: nanoGPT's, one for all four objectives, so that the objective is the only thing a
 # comparison changes. AdamW with warmup and cosine decay, gradient accumulation; bf16 autocast,
 # torch.compile and DDP where asked.
@@ -2438,14 +2641,16 @@ def get_batch(stream, rng, batch_size, window, device):
     """batch_size random windows of window tokens from a token stream, as a (B, window) int64
     tensor."""
     starts = rng.integers(0, len(stream) - window, size=batch_size)
-    x = torch.from_numpy(np.stack([np.asarray(stream[s:s + window], dtype=np.int64) for s in starts]))
+    x = torch.from_numpy(np.stack([np.asarray(stream[s:s + window], dtype=np.int64)
+                                   for s in starts]))
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 
 
-# Dense bf16 peak FLOP/s by product, from the vendor's datasheets, matched as whole words of the name
-# torch reports (so an L40S never reads as an L4); first match wins. A card not here gets no MFU.
+# Dense bf16 peak FLOP/s by product, from the vendor's datasheets, matched as
+# whole words of the name torch reports (so an L40S never reads as an L4); first
+# match wins. A card not here gets no MFU.
 PEAK_BF16_FLOPS = [(r"\bB200\b", 2250e12), (r"\bH200\b", 989e12), (r"\bH100\b.*\bNVL\b", 835e12),
                    (r"\bH100\b.*\bPCIe\b", 756e12), (r"\bH100\b", 989e12), (r"\bA100\b", 312e12),
                    (r"\bL40S\b", 362e12), (r"\bL4\b", 121e12), (r"\bRTX 4090\b", 165e12),
@@ -2488,12 +2693,14 @@ def autocast_dtype(device):
     """bf16 on a CUDA card that has it, fp16 on an older one; None (plain fp32) elsewhere."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False)
+            else torch.float16)
 
 
 def runtime(device):
-    """What a run's numbers depend on beyond its flags: the device it resolved to, the autocast dtype,
-    torch's version and the GPU. Recorded in its settings, so a study never mixes runs made apart."""
+    """What a run's numbers depend on beyond its flags: the device it resolved to, the
+    autocast dtype, torch's version and the GPU. Recorded in its settings, so a study never
+    mixes runs made apart."""
     dtype = autocast_dtype(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"device_type": device.type, "autocast_dtype": None if dtype is None else str(dtype),
@@ -2505,7 +2712,8 @@ def make_optimizer(model, args, device, peak_lr):
     gains."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.99), fused=device.type == "cuda")
 
 
@@ -2568,8 +2776,8 @@ def save_checkpoint(path, model, optimizer, scaler, streams, **run):
     streams, and run (its identity, curves and time so far). Written atomically: an interrupted save
     never leaves a broken checkpoint."""
     with atomic_write(path, "wb") as f:
-        torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(), rng=streams,
-                        scaler=scaler.state_dict() if scaler else None), f)
+        torch.save(dict(run, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        rng=streams, scaler=scaler.state_dict() if scaler else None), f)
 
 
 def stop_together(failure, ddp):
@@ -2590,15 +2798,16 @@ def load_checkpoint(path, device):
     this program's (atomic saves never leave half a file, but a copy or another program can)."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated zip, garbage bytes, an unpicklable object: all the same to the user
+    except Exception as e:
+        # truncated zip, garbage bytes, an unpicklable object: all the same to the user
         problem = f"cannot be read ({type(e).__name__}: {str(e)[:200]})"
     else:
         needed = {"objective", "seed", "config", "iter", "model", "optimizer", "rng", "settings"}
         if isinstance(ckpt, dict) and needed <= set(ckpt):
             return ckpt
         problem = "is not a lookaround checkpoint"
-    raise UsageError(f"{path} {problem}. Move it away (or delete it) to train that run afresh, or put the "
-                     "run's own ckpt.pt back.")
+    raise UsageError(f"{path} {problem}. Move it away (or delete it) to train that run afresh, "
+                     "or put the run's own ckpt.pt back.")
 
 
 def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device, rank):
@@ -2612,15 +2821,17 @@ def resume_from(ckpt_path, model, optimizer, scaler, data_rng, expected, device,
                          "or point --out_dir at the run.")
     ckpt = load_checkpoint(ckpt_path, device)
     if any(ckpt.get(key) != expected[key] for key in ("objective", "values", "config", "seed")):
-        raise UsageError(f"{ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']}, its settings "
-                         f"{ckpt.get('values')} and config {ckpt['config']}; give the same --objective, --variants, "
-                         "--seed, data and model flags as that run, or another --out_dir.")
+        raise UsageError(f"{ckpt_path} holds a {ckpt['objective']} run with seed {ckpt['seed']}, "
+                         f"its settings {ckpt.get('values')} and config {ckpt['config']}; "
+                         "give the same --objective, --variants, --seed, data and model flags "
+                         "as that run, or another --out_dir.")
     if ckpt["tokenizer"] != expected["tokenizer"]:
-        raise UsageError(f"the corpus's vocabulary differs from the one {ckpt_path} was trained on; "
-                         "use the same --data and --seed.")
+        raise UsageError(f"the corpus's vocabulary differs from the one {ckpt_path} "
+                         "was trained on; use the same --data and --seed.")
     if ckpt["iter"] > expected["settings"]["max_iters"]:
         raise UsageError(f"{ckpt_path} stopped at iter {ckpt['iter']}, past --max_iters "
-                         f"{expected['settings']['max_iters']}: give a --max_iters of at least {ckpt['iter']}.")
+                         f"{expected['settings']['max_iters']}: "
+                         f"give a --max_iters of at least {ckpt['iter']}.")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler and ckpt["scaler"]:
@@ -2643,11 +2854,13 @@ def wrap_model(model, use_compile, ddp, device):
     """torch.compile and DistributedDataParallel as asked; the objectives call the wrapper once per
     micro-batch."""
     config = model.config
-    if use_compile:  # static shapes: every objective of a study compiles alike, never into a dynamic graph
+    # static shapes: every objective of a study compiles alike, never into a dynamic graph
+    if use_compile:
         model = torch.compile(model, dynamic=False)
     if ddp:  # the only buffers are RoPE's constant angles: nothing to broadcast every forward
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
         model.config = config  # so the objectives can read model.config through the wrapper
     return model
 
@@ -2689,8 +2902,8 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     """Pretrain one model with one objective (its record, with its settings' values). At every
     iteration in curve_iters (the last is max_iters), rank 0 records evaluate(model, iteration): the
     run's metrics there. Rank 0 also keeps the weights of the lowest val loss so far (early
-    stopping's choice, which the data-constrained regime is judged by: with few documents a model can
-    overfit long before the end). Returns (model, stats, those points, best: the iteration, val
+    stopping's choice, which the data-constrained regime is judged by: with few documents a model
+    can overfit long before the end). Returns (model, stats, those points, best: the iteration, val
     loss and weights of the lowest val loss; None on other ranks)."""
     rank, world = (ddp["rank"], ddp["world"]) if ddp else (0, 1)
     master = rank == 0
@@ -2705,57 +2918,70 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
     data_rng = np.random.default_rng([seed, rank])
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    iter_num, curve, points = 0, [], []  # curve: the val loss at every evaluation; points: evaluate() at curve_iters
+    # curve: the val loss at every evaluation; points: evaluate() at curve_iters
+    iter_num, curve, points = 0, [], []
     best = None  # {"iter", "val_loss", "state"}: the weights of the lowest val loss so far (rank 0)
-    tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,  # what sampling from the checkpoint needs to decode
+    # what sampling from the checkpoint needs to decode
+    tokenizer = {"itos": corpus.itos, "encoding": corpus.encoding,
                  "vocab_ids": None if corpus.vocab_ids is None else corpus.vocab_ids.tolist()}
-    identity = {"objective": objective.name, "values": objective.values, "config": asdict(config), "seed": seed,
-                "tokenizer": tokenizer, "settings": run_settings(args), "code": CODE}
-    elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0  # wall time, and the tokens and seconds speed is timed on
+    identity = {"objective": objective.name, "values": objective.values, "config": asdict(config),
+                "seed": seed, "tokenizer": tokenizer, "settings": run_settings(args), "code": CODE}
+    # wall time, and the tokens and seconds speed is timed on
+    elapsed, timed_tokens, timed_seconds = 0.0, 0, 0.0
     if resume:
-        ckpt, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity, device, rank)
-        iter_num, curve, points, best = ckpt["iter"], ckpt["curve"], ckpt.get("points", []), ckpt.get("best")
+        ckpt, data_rng = resume_from(ckpt_path, model, optimizer, scaler, data_rng, identity,
+                                     device, rank)
+        iter_num, curve, points, best = (ckpt["iter"], ckpt["curve"], ckpt.get("points", []),
+                                         ckpt.get("best"))
         elapsed, timed_tokens, timed_seconds = ckpt.get("timing", (0.0, 0, 0.0))
     raw_model, model = model, wrap_model(model, args.compile, ddp, device)
     tokens_per_iter = args.batch_size * args.block_size * args.gradient_accumulation_steps * world
     if master:
-        print(f"{objective.name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
-              f"{tokens_per_iter} tokens/iter on {device}{f' x {world} processes' if world > 1 else ''}")
-    val_loss, t_start, t_last, losses_since_log, start_iter = float("nan"), time.time(), time.time(), [], iter_num
+        print(f"{objective.name}: {raw_model.num_params() / 1e6:.2f}M parameters, "
+              f"vocab {config.vocab_size}, {tokens_per_iter} tokens/iter on {device}"
+              f"{f' x {world} processes' if world > 1 else ''}")
+    val_loss, t_start, t_last, losses_since_log, start_iter = (
+        float("nan"), time.time(), time.time(), [], iter_num)
     while True:
         lr = learning_rate(iter_num, args, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if iter_num % args.eval_interval == 0 or iter_num in curve_iters:  # rank 0 evaluates, all save
+        # rank 0 evaluates, all save
+        if iter_num % args.eval_interval == 0 or iter_num in curve_iters:
             t_eval, failure = time.time(), None
             try:
                 if master:
                     val_loss = estimate_val_loss(raw_model, objective, corpus, args, device, seed)
                     print(f"iter {iter_num}: val loss {val_loss:.4f}")
-                    if not curve or curve[-1]["iter"] != iter_num:  # a resumed run re-evaluates where it stopped
+                    # a resumed run re-evaluates where it stopped
+                    if not curve or curve[-1]["iter"] != iter_num:
                         curve.append({"iter": iter_num, "val_loss": val_loss})
                     if best is None or val_loss < best["val_loss"]:  # ties keep the earlier weights
-                        state = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
+                        state = {k: v.detach().to("cpu", copy=True)
+                                 for k, v in raw_model.state_dict().items()}
                         best = {"iter": iter_num, "val_loss": val_loss, "state": state}
                     if iter_num in curve_iters and (not points or points[-1]["iter"] != iter_num):
-                        points.append({"iter": iter_num, "val_loss": val_loss, **evaluate(raw_model, iter_num)})
+                        points.append({"iter": iter_num, "val_loss": val_loss,
+                                       **evaluate(raw_model, iter_num)})
             except Exception as e:  # told to the other ranks below, then raised
                 failure = e
             streams = random_streams(data_rng, device, ddp)
             if master and failure is None and (iter_num > start_iter or iter_num == args.max_iters):
                 try:
                     os.makedirs(out_dir, exist_ok=True)
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, streams, iter=iter_num, curve=curve,
-                                    points=points, best=best, **identity,
-                                    timing=(elapsed + time.time() - t_start, timed_tokens, timed_seconds))
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, streams, iter=iter_num,
+                                    curve=curve, points=points, best=best, **identity,
+                                    timing=(elapsed + time.time() - t_start, timed_tokens,
+                                            timed_seconds))
                 except Exception as e:
                     failure = e
             stop_together(failure, ddp)
-            t_last += time.time() - t_eval  # speed is training speed: leave evaluation and saving out
+            # speed is training speed: leave evaluation and saving out
+            t_last += time.time() - t_eval
         if iter_num >= args.max_iters:
             break
-        losses_since_log += forward_backward(model, loss_fn, corpus.train, data_rng, window, args, device, autocast,
-                                             scaler, ddp)
+        losses_since_log += forward_backward(model, loss_fn, corpus.train, data_rng, window, args,
+                                             device, autocast, scaler, ddp)
         optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
         iter_num += 1
         if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
@@ -2763,23 +2989,27 @@ def train(args, corpus, objective, seed, out_dir, device, ddp, resume, curve_ite
             iters = len(losses_since_log) // args.gradient_accumulation_steps
             train_loss = torch.stack(losses_since_log).sum().item() / iters
             dt = time.time() - t_last
-            if iter_num - start_iter > iters:  # the first interval includes warm-up (allocation, compilation)
-                timed_tokens, timed_seconds = timed_tokens + iters * tokens_per_iter, timed_seconds + dt
+            # the first interval includes warm-up (allocation, compilation)
+            if iter_num - start_iter > iters:
+                timed_tokens, timed_seconds = (timed_tokens + iters * tokens_per_iter,
+                                               timed_seconds + dt)
             if master:
                 tokens_per_s = iters * tokens_per_iter / dt
                 used = mfu(raw_model, tokens_per_s, device, world)
-                print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt / iters:.1f} ms/iter, "
-                      f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {100 * used:.1f}%" if used else ""))
+                print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, "
+                      f"{1000 * dt / iters:.1f} ms/iter, {tokens_per_s:,.0f} tokens/s"
+                      + (f", MFU {100 * used:.1f}%" if used else ""))
             t_last, losses_since_log = time.time(), []
     seconds = elapsed + time.time() - t_start
     if not timed_seconds:  # too short a run to leave its first interval out: time all of it
         timed_tokens, timed_seconds = iter_num * tokens_per_iter, seconds
-    stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds, "final_val_loss": val_loss,
-             "seconds": seconds, "learning_rate": peak_lr, "curve": curve}
+    stats = {"iters": iter_num, "tokens_per_s": timed_tokens / timed_seconds,
+             "final_val_loss": val_loss, "seconds": seconds,
+             "learning_rate": peak_lr, "curve": curve}
     return raw_model, stats, points, best
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Real text: a .txt file, a .jsonl file or a folder of them, tokenized with tiktoken and cached
 # beside the source. The same Corpus arrays as the built-in corpus, so every objective and
 # evaluation runs on your data unchanged.
@@ -2797,9 +3027,10 @@ def load_encoding(name):
                          f"{', '.join(tiktoken.list_encoding_names())}.") from None
     except Exception as e:  # no network, no cache
         raise UsageError(
-            f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}). tiktoken downloads an encoding "
-            "once and caches it: either run once with network access, or set TIKTOKEN_CACHE_DIR to a folder that "
-            "already holds its files (on the project machines: TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache).") from None
+            f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}). "
+            "tiktoken downloads an encoding once and caches it: either run once with network "
+            "access, or set TIKTOKEN_CACHE_DIR to a folder that already holds its files "
+            "(on the project machines: TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache).") from None
 
 
 def source_files(path):
@@ -2810,9 +3041,11 @@ def source_files(path):
                          "Give a .txt file, a .jsonl file, a folder of them, or 'synthetic'.")
     if os.path.isfile(path):
         if not path.endswith((".txt", ".jsonl")):
-            raise UsageError(f"--data {path}: unknown file type; use a .txt or .jsonl file (see data/README.md).")
+            raise UsageError(f"--data {path}: unknown file type; "
+                             "use a .txt or .jsonl file (see data/README.md).")
         return [path]
-    files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
+    files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path)
+                   for f in fs if f.endswith((".txt", ".jsonl")))
     if not files:
         raise UsageError(f"--data {path}: the folder holds no .txt or .jsonl files.")
     return files
@@ -2823,7 +3056,8 @@ def read_bytes(path):
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}. Check the path and its permissions.") from None
+        raise UsageError(f"cannot read {path}: {e.strerror}. "
+                         "Check the path and its permissions.") from None
 
 
 def read_documents(path):
@@ -2838,26 +3072,32 @@ def read_documents(path):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise UsageError(f"{path} is not UTF-8: byte {e.start} (line {line}) is {raw[e.start:e.start + 1]!r}. "
+        raise UsageError(f"{path} is not UTF-8: byte {e.start} (line {line}) "
+                         f"is {raw[e.start:e.start + 1]!r}. "
                          "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
     if path.endswith(".txt"):
-        return [(p.strip(), None) for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
+        return [(p.strip(), None)
+                for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
     docs, has_label = [], None
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and friends
+    # not splitlines(): JSON strings may hold U+2028 and friends
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UsageError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). "
-                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.") from None
+                             "Each line must be one object like "
+                             "{\"text\": \"...\", \"label\": \"...\"}.") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UsageError(f"{path} line {n} has no \"text\" string. "
-                             "Each line must be one object like {\"text\": \"...\", \"label\": \"...\"}.")
+                             "Each line must be one object like "
+                             "{\"text\": \"...\", \"label\": \"...\"}.")
         labelled = obj.get("label") is not None
         has_label = labelled if has_label is None else has_label
         if labelled != has_label:
-            raise UsageError(f"{path} line {n}: some lines have a \"label\" and others not; label every line or none.")
+            raise UsageError(f"{path} line {n}: some lines have a \"label\" and others not; "
+                             "label every line or none.")
         if obj["text"].strip():
             docs.append((obj["text"], str(obj["label"]) if labelled else None))
     return docs
@@ -2871,7 +3111,8 @@ def source_fingerprint(path):
     cache."""
     h = hashlib.sha256(f"lookaround-cache-v{CACHE_VERSION}".encode())
     for f in source_files(path):
-        h.update(os.path.relpath(f, path if os.path.isdir(path) else os.path.dirname(path) or ".").encode() + b"\0")
+        h.update(os.path.relpath(f, path if os.path.isdir(path)
+                                 else os.path.dirname(path) or ".").encode() + b"\0")
         h.update(read_bytes(f))
     return h.hexdigest()
 
@@ -2884,7 +3125,8 @@ def read_token_cache(cache, fingerprint):
         if meta["fingerprint"] != fingerprint:
             return None
         dtype = np.dtype(meta["dtype"])
-        return meta, [np.memmap(f"{cache}.{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "held")]
+        return meta, [np.memmap(f"{cache}.{s}.bin", dtype=dtype, mode="r")
+                      for s in ("train", "val", "held")]
     except (OSError, ValueError, KeyError):  # missing, half-deleted or damaged: rebuild
         return None
 
@@ -2898,7 +3140,8 @@ def write_token_cache(cache, meta, arrays):
         with atomic_write(cache + ".meta.json") as f:
             json.dump(meta, f)
     except OSError as e:
-        print(f"note: cannot write the token cache {cache}.* ({e.strerror}); tokenizing again next run.")
+        print(f"note: cannot write the token cache {cache}.* ({e.strerror}); "
+              "tokenizing again next run.")
 
 
 def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
@@ -2913,12 +3156,14 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
     else:
         docs = read_documents(path)
         if len(docs) < 3:
-            raise UsageError(f"{path} holds {len(docs)} non-empty document(s); at least 3 are needed (train, val, "
-                             "held-out) and hundreds are better. In a .txt file, separate documents with a blank line.")
+            raise UsageError(f"{path} holds {len(docs)} non-empty document(s); "
+                             "at least 3 are needed (train, val, held-out) and hundreds "
+                             "are better. In a .txt file, separate documents with a blank line.")
         labelled = sum(lab is not None for _, lab in docs)
         if 0 < labelled < len(docs):
-            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label and the rest none; "
-                             "label every document (all .jsonl with \"label\") or none.")
+            raise UsageError(f"--data {path}: {labelled} of {len(docs)} documents have a label "
+                             "and the rest none; label every document "
+                             "(all .jsonl with \"label\") or none.")
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = min(2000, max(1, round(0.1 * len(docs))))
         n_val = min(5000, max(1, round(0.05 * len(docs))))
@@ -2928,59 +3173,71 @@ def load_text_corpus(path, encoding, seed, block_size, compact_vocab):
         def stream(ids):
             return np.array([t for i in ids for t in tokens[i] + [enc.eot_token]], dtype=dtype)
 
-        train, val, held = stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]), stream(order[:n_eval])
+        train, val, held = (stream(order[n_eval + n_val:]), stream(order[n_eval:n_eval + n_val]),
+                            stream(order[:n_eval]))
         label_names = sorted({lab for _, lab in docs}) if labelled else []
-        meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name, label_names=label_names,
-                    held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]] if label_names else None,
+        meta = dict(fingerprint=fingerprint, encoding=encoding, seed=seed, dtype=dtype.name,
+                    label_names=label_names,
+                    held_labels=[label_names.index(docs[i][1]) for i in order[:n_eval]]
+                    if label_names else None,
                     train_labels=[label_names.index(docs[i][1]) for i in order[n_eval + n_val:]]
                     if label_names else None)
-    def documents(stream):  # a stream back into documents: (starts, ends); each ends with the end-of-text token
+    # a stream back into documents: (starts, ends); each ends with the end-of-text token
+    def documents(stream):
         ends = np.flatnonzero(np.asarray(stream) == enc.eot_token)
         return np.r_[0, ends[:-1] + 1], ends
     starts, ends = documents(held)
     for name, arr in (("train", train), ("val", val)):
         widest = block_size + max(o.window_extra for o in OBJECTIVES.values())  # the longest window
         if len(arr) <= widest:  # get_batch needs more tokens than a window
-            raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, too few for --block_size {block_size}. "
+            raise UsageError(f"{path}: the {name} split has {len(arr)} tokens, "
+                             f"too few for --block_size {block_size}. "
                              "Add documents, or lower --block_size.")
     if not (starts + block_size <= len(held)).any():
-        raise UsageError(f"{path}: the held-out split has {len(held)} tokens, too few for one --block_size "
-                         f"{block_size} window for the generation evaluation. Add documents, or lower --block_size.")
+        raise UsageError(f"{path}: the held-out split has {len(held)} tokens, too few for one "
+                         f"--block_size {block_size} window for the generation evaluation. "
+                         "Add documents, or lower --block_size.")
     if not cached:
         write_token_cache(cache, meta, (train, val, held))
     eval_raw = [np.asarray(held[s:e][:block_size]) for s, e in zip(starts, ends)]
     train_spans = list(zip(*documents(train))) if meta["train_labels"] is not None else []
     vocab_ids, vocab_size = None, enc.n_vocab
-    if compact_vocab:  # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
+    # most of a 50k-token vocabulary never occurs in a small corpus: keep the ids that do
+    if compact_vocab:
         used = [np.unique(a) for a in (train, val, held)] + [[enc.eot_token]]
         vocab_ids = np.unique(np.concatenate(used)).astype(np.int64)
-        lookup = np.zeros(int(vocab_ids[-1]) + 1, dtype=np.uint16 if len(vocab_ids) <= 2 ** 16 else np.uint32)
+        lookup = np.zeros(int(vocab_ids[-1]) + 1,
+                          dtype=np.uint16 if len(vocab_ids) <= 2 ** 16 else np.uint32)
         lookup[vocab_ids] = np.arange(len(vocab_ids))
         train, val, held = lookup[train], lookup[val], lookup[held]
         vocab_size = len(vocab_ids)
     labels, label_names, note = meta["held_labels"], meta["label_names"], ""
     if labels is not None and len(set(labels)) < 2:
-        note = f"clustering skipped: the held-out documents carry only one distinct label ({label_names[labels[0]]!r})."
+        note = ("clustering skipped: the held-out documents carry only one distinct label "
+                f"({label_names[labels[0]]!r}).")
         labels = None
     elif labels is None:
-        note = "clustering skipped: the data has no labels (give a .jsonl file with a \"label\" on every line)."
+        note = ("clustering skipped: the data has no labels "
+                "(give a .jsonl file with a \"label\" on every line).")
     return Corpus(
         name=path, vocab_size=vocab_size, train=train, val=val, held=held, held_starts=starts,
         eval_docs=[np.asarray(held[s:s + len(d)]) for s, d in zip(starts, eval_raw)],
         eval_texts=[enc.decode(d.tolist()) for d in eval_raw],  # the text the models see, no more
         eval_labels=None if labels is None else np.array(labels), label_names=label_names,
-        train_docs=None if labels is None else [np.asarray(train[s:e][:block_size]) for s, e in train_spans],
+        train_docs=None if labels is None else [np.asarray(train[s:e][:block_size])
+                                                for s, e in train_spans],
         train_labels=None if labels is None else np.array(meta["train_labels"]),
         encoding=encoding, vocab_ids=vocab_ids, note=note)
 
 
 def load_corpus(args, seed):
     if args.data == "synthetic":
-        return first_training_docs(make_synthetic(block_size=args.block_size, seed=seed), args.train_docs)
+        return first_training_docs(make_synthetic(block_size=args.block_size, seed=seed),
+                                   args.train_docs)
     return load_text_corpus(args.data, args.encoding, seed, args.block_size, args.compact_vocab)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Benchmark: is this file's readable code also fast? Training steps on random token ids, timed side
 # by side with nanoGPT's model.py (--bench_nanogpt), the reference this project's style follows.
 # Compare commits with worktrees.
@@ -2992,12 +3249,13 @@ def nanogpt_model(args):
         spec = importlib.util.spec_from_file_location("nanogpt_model", args.bench_nanogpt)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.GPT(module.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, bias=True,
-                                           n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                           dropout=args.dropout))
+        return module.GPT(module.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
+                                           bias=True, n_layer=args.n_layer, n_head=args.n_head,
+                                           n_embd=args.n_embd, dropout=args.dropout))
     except Exception as e:
         raise UsageError(f"--bench_nanogpt {args.bench_nanogpt}: could not build a model from it "
-                         f"({type(e).__name__}: {e}); point it at model.py in a nanoGPT checkout.") from None
+                         f"({type(e).__name__}: {e}); "
+                         "point it at model.py in a nanoGPT checkout.") from None
 
 
 def bench(args, device):
@@ -3006,7 +3264,8 @@ def bench(args, device):
     conditions."""
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.batch_size, args.block_size + 1), device=device)
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # nanoGPT's inputs and next-token targets
+    # nanoGPT's inputs and next-token targets
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     objective = member(args.objective, args)
     window = data[:, :args.block_size + objective.window_extra]  # what our objective trains on
     peak_lr = args.learning_rate or objective.learning_rate
@@ -3035,7 +3294,8 @@ def bench(args, device):
             step()
     sync()
     times = {name: [] for name in runs}
-    for i in range(args.bench_iters):  # alternate single steps (and their order), take medians: robust to drift
+    # alternate single steps (and their order), take medians: robust to drift
+    for i in range(args.bench_iters):
         for name, step in (runs.items() if i % 2 == 0 else reversed(runs.items())):
             t0 = time.perf_counter()
             step()
@@ -3045,25 +3305,28 @@ def bench(args, device):
     ms = {name: 1000 * float(np.median(t)) for name, t in times.items()}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     report = {"objective": args.objective, "device": device_name, "n_params": ours.num_params(),
-              "batch_size": args.batch_size, "block_size": args.block_size, "vocab_size": args.vocab_size,
-              "ms_per_iter": ms["lookaround"], "tokens_per_s": 1000 * tokens / ms["lookaround"], "mfu": None}
+              "batch_size": args.batch_size, "block_size": args.block_size,
+              "vocab_size": args.vocab_size, "ms_per_iter": ms["lookaround"],
+              "tokens_per_s": 1000 * tokens / ms["lookaround"], "mfu": None}
     report["mfu"] = mfu(ours, report["tokens_per_s"], device)
     print(f"bench {args.objective} on {report['device']} ({torch.get_num_threads()} threads), "
-          f"{report['n_params'] / 1e6:.2f}M params, batch {args.batch_size} x block {args.block_size}, "
-          f"vocab {args.vocab_size}:")
+          f"{report['n_params'] / 1e6:.2f}M params, "
+          f"batch {args.batch_size} x block {args.block_size}, vocab {args.vocab_size}:")
     print(f"  lookaround {ms['lookaround']:8.1f} ms/iter {report['tokens_per_s']:10,.0f} tokens/s"
           + (f"  MFU {100 * report['mfu']:.1f}%" if report["mfu"] is not None else ""))
     if "nanogpt" in ms:  # speed_ratio: our tokens/s over nanoGPT's
-        report["nanogpt_ms_per_iter"], report["nanogpt_tokens_per_s"] = ms["nanogpt"], 1000 * tokens / ms["nanogpt"]
+        report["nanogpt_ms_per_iter"], report["nanogpt_tokens_per_s"] = (
+            ms["nanogpt"], 1000 * tokens / ms["nanogpt"])
         report["speed_ratio"] = report["tokens_per_s"] / report["nanogpt_tokens_per_s"]
-        print(f"  {'nanoGPT':<10} {ms['nanogpt']:8.1f} ms/iter {report['nanogpt_tokens_per_s']:10,.0f} tokens/s"
+        print(f"  {'nanoGPT':<10} {ms['nanogpt']:8.1f} ms/iter "
+              f"{report['nanogpt_tokens_per_s']:10,.0f} tokens/s"
               f"  (lookaround / nanoGPT = {report['speed_ratio']:.2f}x)")
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(os.path.join(args.out_dir, "bench.json"), report)
     return report
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Flags and main: one run = train + evaluate + results.json; --objective all and --seeds repeat it,
 # and several runs end in the summary and the claims' verdicts (summary.json).
 
@@ -3084,8 +3347,9 @@ def make_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--objective", default="ar",
-      help=f"pretraining objective ({', '.join(OBJECTIVES)}) or a variant ({', '.join(VARIANTS)}, or one "
-           f"--variants defines); 'all' runs the {len(OBJECTIVES)} objectives in turn")
+      help=f"pretraining objective ({', '.join(OBJECTIVES)}) or a variant "
+           f"({', '.join(VARIANTS)}, or one --variants defines); "
+           f"'all' runs the {len(OBJECTIVES)} objectives in turn")
     a("--variants", type=lambda text: [s for s in text.split(",") if s], default="",
       help="study members beside --objective, comma-separated: built-in variants by name, or "
            "name=objective:setting=value:... (e.g. half=mlm:mask_ratio=0.5)")
@@ -3101,7 +3365,8 @@ def make_parser():
     a("--block_size", type=int, default=d.block_size, help="context length in tokens")
     a("--dropout", type=float, default=d.dropout, help="dropout probability")
     a("--pos_emb", default=d.pos_emb, choices=["learned", "rope"],
-      help="position information: a learned table added to the input (nanoGPT) or rotary embeddings on q and k")
+      help="position information: a learned table added to the input (nanoGPT) "
+           "or rotary embeddings on q and k")
     # each objective's own settings, one flag each, from its record
     own = {key: (o.name, s) for o in OBJECTIVES.values() for key, s in o.settings.items()}
     for key, (name, s) in own.items():
@@ -3109,81 +3374,104 @@ def make_parser():
         kind = {"action": argparse.BooleanOptionalAction} if switch else {"type": type(s.default)}
         a(f"--{key}", **kind, default=s.default, choices=s.choices, help=f"{name}: {s.help}")
     # theory: the objectives' optima computed exactly on small enumerable worlds, no training
-    a("--theory", action="store_true", help="no training: the objectives' exact optima on small worlds")
+    a("--theory", action="store_true",
+      help="no training: the objectives' exact optima on small worlds")
     for key, (default, text) in THEORY_FLAGS.items():
         a(f"--{key}", type=type(default), default=default, help=f"--theory: {text}")
     # optimisation (nanoGPT's names)
-    a("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
+    a("--batch_size", type=int, default=32,
+      help="sequences per micro-batch (per process under torchrun)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--learning_rate", type=float, default=None,
-      help="peak learning rate (AdamW); unset means the objective's own, from its record in OBJECTIVES")
+      help="peak learning rate (AdamW); "
+           "unset means the objective's own, from its record in OBJECTIVES")
     a("--max_iters", type=int, default=1000, help="optimizer steps")
     a("--lr_decay_iters", type=int, default=None,
       help="end of the cosine decay; unset means --max_iters. Set it to extend a run with --resume")
     a("--warmup_iters", type=int, default=50, help="linear warmup steps")
-    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices and embeddings")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
+    a("--weight_decay", type=float, default=0.1,
+      help="AdamW weight decay on matrices and embeddings")
+    a("--grad_clip", type=float, default=1.0,
+      help="clip the gradient norm to this; 0 turns clipping off")
     # logging, evaluation, checkpoints
-    a("--eval_interval", type=int, default=50, help="steps between val-loss estimates (the curve) and checkpoints")
+    a("--eval_interval", type=int, default=50,
+      help="steps between val-loss estimates (the curve) and checkpoints")
     a("--eval_iters", type=int, default=10, help="val batches per val-loss estimate")
     a("--log_interval", type=int, default=50, help="steps between training-loss lines")
-    a("--out_dir", default="out", help="where ckpt.pt, results.json (and summary.json, bench.json) go")
+    a("--out_dir", default="out",
+      help="where ckpt.pt, results.json (and summary.json, bench.json) go")
     a("--resume", action="store_true", help="continue the run in --out_dir/ckpt.pt")
     a("--accept_code_change", action="store_true",
-      help="let a study read back or resume runs that another version of lookaround.py made (their numbers may "
-           "differ from what this code computes, and the study then mixes the two)")
+      help="let a study read back or resume runs that another version of lookaround.py made "
+           "(their numbers may differ from what this code computes, "
+           "and the study then mixes the two)")
     a("--eval_cluster", action=argparse.BooleanOptionalAction, default=True,
       help="clustering evaluation (where the data has labels)")
     a("--eval_gen", action=argparse.BooleanOptionalAction, default=True,
       help="generation evaluation (perplexity by prefix length)")
-    a("--readout_views", type=int, default=8, help="masked objectives' trained readout: random hidings per document")
+    a("--readout_views", type=int, default=8,
+      help="masked objectives' trained readout: random hidings per document")
     a("--eval_finetune", action=argparse.BooleanOptionalAction, default=True,
-      help="fine-tuning evaluation (where the data has labels): the network plus a linear head on n labelled documents")
+      help="fine-tuning evaluation (where the data has labels): "
+           "the network plus a linear head on n labelled documents")
     a("--finetune_labels", type=positive_ints, default="32,128,512",
       help="fine-tuning: the numbers n of labelled training documents, comma-separated")
-    a("--finetune_draws", type=int, default=3, help="fine-tuning: independent draws of documents and head per n")
+    a("--finetune_draws", type=int, default=3,
+      help="fine-tuning: independent draws of documents and head per n")
     a("--finetune_search", action="store_true",
-      help="at the end, also fine-tune by every recipe of FINETUNE_GRID on a validation split of the training "
-           "documents (the rule FINETUNE_RECIPES comes from; run on tuning seeds)")
+      help="at the end, also fine-tune by every recipe of FINETUNE_GRID on a validation split "
+           "of the training documents (the rule FINETUNE_RECIPES comes from; run on tuning seeds)")
     a("--train_docs", type=int, default=SYN_TRAIN_DOCS,
-      help="built-in corpus: training documents (at most 3,000; fewer: the data-constrained regime); "
+      help="built-in corpus: training documents "
+           "(at most 3,000; fewer: the data-constrained regime); "
            "validation and held-out documents stay the same")
     a("--curve_iters", type=positive_ints, default=None,
-      help="iterations where every metric is evaluated (the curve; max_iters is always one; each point costs a "
-           "full evaluation): unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
-    a("--plot", action="store_true", help="write summary.png (needs matplotlib); several runs write it anyway")
+      help="iterations where every metric is evaluated "
+           "(the curve; max_iters is always one; each point costs a full evaluation): "
+           "unset means 250, 500, 1000 and every multiple of 1000 below max_iters")
+    a("--plot", action="store_true",
+      help="write summary.png (needs matplotlib); several runs write it anyway")
     a("--summary_name", default="summary",
-      help="a study's summary files, NAME.json and NAME.png in --out_dir: an arm that reads back some of a "
-           "study's runs and adds its own keeps a summary of its own")
+      help="a study's summary files, NAME.json and NAME.png in --out_dir: "
+           "an arm that reads back some of a study's runs and adds its own "
+           "keeps a summary of its own")
     a("--compare_to", default=None, metavar="DIR",
-      help="another study's folder: each member's change from its run there of the same seed, paired by seed "
-           "(e.g. a --train_docs arm against the main study)")
-    a("--gen_seqs", type=int, default=64, help="held-out sequences scored by the generation evaluation")
+      help="another study's folder: each member's change from its run there of the same seed, "
+           "paired by seed (e.g. a --train_docs arm against the main study)")
+    a("--gen_seqs", type=int, default=64,
+      help="held-out sequences scored by the generation evaluation")
     a("--eval_samples", type=int, default=64,
-      help="built-in corpus: held-out prefixes each sampler continues for the language to judge; 0: none")
-    a("--elbo_draws", type=int, default=16, help="masked models: passes over the windows for the ELBO's mean")
+      help="built-in corpus: held-out prefixes each sampler continues "
+           "for the language to judge; 0: none")
+    a("--elbo_draws", type=int, default=16,
+      help="masked models: passes over the windows for the ELBO's mean")
     a("--gen_order", default="left_to_right", choices=["left_to_right", "any"],
       help="masked models' sampler for --sample: left to right, or any order (the judge runs both)")
     a("--gen_steps", type=int, default=0,
       help="--gen_order any: steps to unmask the continuation in; 0: one token a step")
     a("--remask", default="confidence", choices=["random", "confidence"],
-      help="--gen_order any: which drawn tokens a step keeps: random ones, or those the model is surest of")
-    a("--sample", type=int, default=0, help="print this many sampled continuations of a held-out prefix")
+      help="--gen_order any: which drawn tokens a step keeps: "
+           "random ones, or those the model is surest of")
+    a("--sample", type=int, default=0,
+      help="print this many sampled continuations of a held-out prefix")
     a("--temperature", type=float, default=1.0, help="--sample: softmax temperature")
     a("--top_k", type=int, default=50, help="--sample: keep the k most likely tokens; 0 keeps all")
     # system
     a("--seed", type=int, default=1,
       help="sets the weights, the random streams, the built-in corpus and the text split")
     a("--seeds", type=integers, default=None,
-      help="comma-separated seeds or ranges, e.g. 1,2,3 or 9-24: repeat every run and report mean ± std; "
-           "unset means --seed")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
+      help="comma-separated seeds or ranges, e.g. 1,2,3 or 9-24: "
+           "repeat every run and report mean ± std; unset means --seed")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+      help="auto picks cuda, then mps, then cpu")
     a("--compile", action="store_true", help="torch.compile the model")
     # benchmark
-    a("--bench", action="store_true", help="time training steps on random token ids; no data, no evaluation")
+    a("--bench", action="store_true",
+      help="time training steps on random token ids; no data, no evaluation")
     a("--bench_iters", type=int, default=20, help="--bench: timed steps per model")
     a("--vocab_size", type=int, default=8192, help="--bench: vocabulary of the random ids")
-    a("--bench_nanogpt", default=None, help="--bench: path to nanoGPT's model.py, timed side by side as the reference")
+    a("--bench_nanogpt", default=None,
+      help="--bench: path to nanoGPT's model.py, timed side by side as the reference")
     return p
 
 
@@ -3203,7 +3491,8 @@ def integers(text, minimum=None):
         values = []
     if not values or (minimum is not None and min(values) < minimum):
         kind = "integers" if minimum is None else f"integers of at least {minimum}"
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind} (e.g. 1,2,3)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of {kind} (e.g. 1,2,3)")
     return values
 
 
@@ -3231,25 +3520,29 @@ def variant_definitions(args):
         name, rest = spec.split("=", 1)
         base, *pairs = rest.split(":")
         if base not in OBJECTIVES:
-            raise UsageError(f"--variants {spec}: {base!r} is not an objective ({', '.join(OBJECTIVES)}).")
+            raise UsageError(f"--variants {spec}: {base!r} is not an objective "
+                             f"({', '.join(OBJECTIVES)}).")
         overrides = {}
         for pair in pairs:
             key, _, text = pair.partition("=")
             setting = OBJECTIVES[base].settings.get(key)
             if setting is None or not text:
                 own = ", ".join(OBJECTIVES[base].settings) or "none"
-                raise UsageError(f"--variants {spec}: {base} has no setting {key!r} to set (its own: {own}); "
-                                 "write name=objective:setting=value.")
+                raise UsageError(f"--variants {spec}: {base} has no setting {key!r} to set "
+                                 f"(its own: {own}); write name=objective:setting=value.")
             try:
-                value = {"True": True, "False": False}[text] if isinstance(setting.default, bool) else \
-                    type(setting.default)(text)
+                value = ({"True": True, "False": False}[text] if isinstance(setting.default, bool)
+                         else type(setting.default)(text))
             except (KeyError, ValueError):
-                raise UsageError(f"--variants {spec}: {key}={text} is not a {type(setting.default).__name__}.")
+                raise UsageError(f"--variants {spec}: {key}={text} "
+                                 f"is not a {type(setting.default).__name__}.")
             if setting.choices and value not in setting.choices:
-                raise UsageError(f"--variants {spec}: {key} is one of {', '.join(setting.choices)}.")
+                raise UsageError(f"--variants {spec}: "
+                                 f"{key} is one of {', '.join(setting.choices)}.")
             overrides[key] = value
         if name in OBJECTIVES or name == "all" or not name.isidentifier():
-            raise UsageError(f"--variants {spec}: name it with a word that is not an objective's name.")
+            raise UsageError(f"--variants {spec}: "
+                             "name it with a word that is not an objective's name.")
         known[name] = (base, overrides)
     return known
 
@@ -3259,29 +3552,35 @@ def check_args(args):
     if args.n_embd % args.n_head:
         problems.append(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; "
                         "pick sizes where it is (e.g. --n_embd 128 --n_head 4).")
-    for objective in OBJECTIVES.values():  # every objective's own settings, as its record checks them
+    # every objective's own settings, as its record checks them
+    for objective in OBJECTIVES.values():
         if objective.problems:
             problems += objective.problems(with_values(objective, args).values, args)
     known = variant_definitions(args)  # a malformed --variants is a UsageError of its own
     unknown = [n for n in members(args) if n not in OBJECTIVES and n not in known]
     if unknown:
-        raise UsageError(f"{', '.join(unknown)}: not an objective ({', '.join(OBJECTIVES)}) nor a variant "
-                         f"({', '.join(known)}); --variants name=objective:setting=value defines one.")
+        raise UsageError(f"{', '.join(unknown)}: not an objective ({', '.join(OBJECTIVES)}) "
+                         f"nor a variant ({', '.join(known)}); "
+                         "--variants name=objective:setting=value defines one.")
     for name in members(args):
         record = member(name, args)
         if name not in OBJECTIVES and record.problems:
             problems += [f"variant {name}: {p}" for p in record.problems(record.values, args)]
-    if args.pos_emb == "rope" and args.n_embd % args.n_head == 0 and (args.n_embd // args.n_head) % 2:
-        problems.append(f"--pos_emb rope rotates pairs of channels: the head size --n_embd / --n_head "
-                        f"({args.n_embd // args.n_head}) must be even.")
+    if (args.pos_emb == "rope" and args.n_embd % args.n_head == 0
+            and (args.n_embd // args.n_head) % 2):
+        problems.append("--pos_emb rope rotates pairs of channels: the head size "
+                        f"--n_embd / --n_head ({args.n_embd // args.n_head}) must be even.")
     if args.learning_rate is not None and not args.learning_rate > 0:
-        problems.append(f"--learning_rate {args.learning_rate} must be positive (or unset: each objective's own).")
-    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "bench_iters", "readout_views", "finetune_draws"]:
+        problems.append(f"--learning_rate {args.learning_rate} must be positive "
+                        "(or unset: each objective's own).")
+    for name in ["block_size", "batch_size", "n_layer", "n_head", "gradient_accumulation_steps",
+                 "eval_interval", "eval_iters", "log_interval", "bench_iters",
+                 "readout_views", "finetune_draws"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1.")
     if args.block_size < 8:
-        problems.append("--block_size must be at least 8 (the generation evaluation scores prefixes of 1/8 of it).")
+        problems.append("--block_size must be at least 8 "
+                        "(the generation evaluation scores prefixes of 1/8 of it).")
     if args.max_iters < 0 or args.warmup_iters < 0:
         problems.append("--max_iters and --warmup_iters cannot be negative.")
     if args.temperature <= 0:
@@ -3291,54 +3590,72 @@ def check_args(args):
     if args.top_k < 0 or args.sample < 0 or args.gen_seqs < 1 or args.vocab_size < 2:
         problems.append("--top_k and --sample cannot be negative, --gen_seqs must be at least 1 "
                         "and --vocab_size at least 2.")
-    if not 1 <= args.train_docs <= SYN_TRAIN_DOCS or (args.data != "synthetic" and args.train_docs != SYN_TRAIN_DOCS):
-        problems.append(f"--train_docs {args.train_docs}: the built-in corpus's first 1 to {SYN_TRAIN_DOCS:,} training "
-                        "documents (more would change its other documents; a text corpus has its own split).")
-    if args.data == "synthetic" and args.eval_finetune and max(args.finetune_labels) > args.train_docs:
-        problems.append(f"--finetune_labels {max(args.finetune_labels)} is more than the --train_docs "
-                        f"{args.train_docs} documents there are to draw from.")
+    if (not 1 <= args.train_docs <= SYN_TRAIN_DOCS
+            or (args.data != "synthetic" and args.train_docs != SYN_TRAIN_DOCS)):
+        problems.append(f"--train_docs {args.train_docs}: the built-in corpus's first 1 to "
+                        f"{SYN_TRAIN_DOCS:,} training documents (more would change its other "
+                        "documents; a text corpus has its own split).")
+    if (args.data == "synthetic" and args.eval_finetune
+            and max(args.finetune_labels) > args.train_docs):
+        problems.append(f"--finetune_labels {max(args.finetune_labels)} is more than the "
+                        f"--train_docs {args.train_docs} documents there are to draw from.")
     search_needs = FINETUNE_VAL_DOCS + 2 * PRIMARY_FINETUNE_LABELS
     if args.data == "synthetic" and args.finetune_search and args.train_docs < search_needs:
-        problems.append(f"--finetune_search needs at least {search_needs} training documents ({FINETUNE_VAL_DOCS} "
-                        f"to validate on, the rest to draw from), not --train_docs {args.train_docs}.")
+        problems.append(f"--finetune_search needs at least {search_needs} training documents "
+                        f"({FINETUNE_VAL_DOCS} to validate on, the rest to draw from), "
+                        f"not --train_docs {args.train_docs}.")
     if args.eval_samples < 0 or args.gen_steps < 0 or args.elbo_draws < 2:
-        problems.append("--eval_samples and --gen_steps cannot be negative, and --elbo_draws must be at least 2 "
-                        "(its standard error needs two).")
+        problems.append("--eval_samples and --gen_steps cannot be negative, "
+                        "and --elbo_draws must be at least 2 (its standard error needs two).")
     continuation = args.block_size - judged_prefix_len(args.block_size)
     if args.gen_steps > continuation:
         problems.append(f"--gen_steps {args.gen_steps}: a continuation has {continuation} "
                         "positions, and a step reveals at least one.")
-    if args.gen_order == "any" and args.objective != "all" and member(args.objective, args).hiding is None:
-        problems.append(f"--gen_order any: {args.objective} hides nothing, so it can only generate left to right.")
+    if (args.gen_order == "any" and args.objective != "all"
+            and member(args.objective, args).hiding is None):
+        problems.append(f"--gen_order any: {args.objective} hides nothing, "
+                        "so it can only generate left to right.")
     if args.resume and (args.objective == "all" or len(args.seeds) > 1):
-        problems.append("--resume continues one run; it cannot be combined with --objective all or several --seeds "
+        problems.append("--resume continues one run; "
+                        "it cannot be combined with --objective all or several --seeds "
                         "(rerun a study's own command: it goes on by itself).")
     if args.theory:
         V, L = args.theory_vocab, args.theory_len
         if args.bench or args.resume or len(args.seeds) > 1:
-            problems.append("--theory trains nothing: it cannot be combined with --bench, --resume or several --seeds "
+            problems.append("--theory trains nothing: "
+                            "it cannot be combined with --bench, --resume or several --seeds "
                             "(it draws --theory_worlds worlds from one --seed).")
-        if V < 2 or L < 2 or args.theory_classes < 2 or args.theory_worlds < 1 or not args.theory_alpha > 0:
-            problems.append("--theory needs --theory_vocab, --theory_len and --theory_classes of at least 2, "
-                            "--theory_worlds of at least 1 and a positive --theory_alpha.")
-        elif V ** L > 2 ** 16 or L > 12:  # the probes fit V^L * K rows; mlm_varlen has L * 2^(L-1) patterns
-            problems.append(f"--theory_vocab {V} --theory_len {L} is too large to enumerate: --theory allows at most "
-                            f"2^16 = 65,536 sequences (V^L, here {V ** L:,}) and --theory_len 12.")
+        if (V < 2 or L < 2 or args.theory_classes < 2 or args.theory_worlds < 1
+                or not args.theory_alpha > 0):
+            problems.append("--theory needs --theory_vocab, --theory_len and --theory_classes "
+                            "of at least 2, --theory_worlds of at least 1 "
+                            "and a positive --theory_alpha.")
+        elif V ** L > 2 ** 16 or L > 12:
+            # the probes fit V^L * K rows; mlm_varlen has L * 2^(L-1) patterns
+            problems.append(f"--theory_vocab {V} --theory_len {L} is too large to enumerate: "
+                            "--theory allows at most 2^16 = 65,536 sequences "
+                            f"(V^L, here {V ** L:,}) and --theory_len 12.")
         for objective in OBJECTIVES.values():
             if objective.patterns is None:
-                problems.append(f"--theory: the objective {objective.name} has no training patterns (its record's "
-                                "patterns is None); give it some, or leave it out of OBJECTIVES.")
+                problems.append(f"--theory: the objective {objective.name} has no training "
+                                "patterns (its record's patterns is None); "
+                                "give it some, or leave it out of OBJECTIVES.")
     if args.curve_iters and max(args.curve_iters) > args.max_iters:
-        problems.append(f"--curve_iters {','.join(map(str, args.curve_iters))} lies past --max_iters {args.max_iters}; "
+        problems.append(f"--curve_iters {','.join(map(str, args.curve_iters))} "
+                        f"lies past --max_iters {args.max_iters}; "
                         "every curve point must be at most --max_iters.")
     if not args.summary_name or os.sep in args.summary_name or args.summary_name.startswith("."):
-        problems.append(f"--summary_name {args.summary_name!r}: a file name without a folder (e.g. dose).")
+        problems.append(f"--summary_name {args.summary_name!r}: "
+                        "a file name without a folder (e.g. dose).")
     if args.compare_to and not os.path.isdir(args.compare_to):
-        problems.append(f"--compare_to {args.compare_to}: no such folder; point it at another study's --out_dir.")
-    elif args.compare_to and os.path.commonpath([os.path.abspath(args.compare_to), os.path.abspath(args.out_dir)]) \
-            in (os.path.abspath(args.compare_to), os.path.abspath(args.out_dir)):
-        problems.append(f"--compare_to {args.compare_to} and --out_dir {args.out_dir} are one folder or one inside "
-                        "the other; give the arm a folder of its own, beside the study it is compared with.")
+        problems.append(f"--compare_to {args.compare_to}: no such folder; "
+                        "point it at another study's --out_dir.")
+    elif (args.compare_to
+          and os.path.commonpath([os.path.abspath(args.compare_to), os.path.abspath(args.out_dir)])
+          in (os.path.abspath(args.compare_to), os.path.abspath(args.out_dir))):
+        problems.append(f"--compare_to {args.compare_to} and --out_dir {args.out_dir} "
+                        "are one folder or one inside the other; "
+                        "give the arm a folder of its own, beside the study it is compared with.")
     if args.bench and args.objective == "all":
         problems.append("--bench times one objective; pick one with --objective.")
     if args.bench_nanogpt and not os.path.isfile(args.bench_nanogpt):
@@ -3350,20 +3667,24 @@ def check_args(args):
 
 def resolve_device(name):
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = ("cuda" if torch.cuda.is_available()
+                else "mps" if torch.backends.mps.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was requested but this PyTorch sees no CUDA GPU "
                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
-                         "Install a CUDA build of torch on a machine with an NVIDIA GPU, or run with --device cpu.")
+                         "Install a CUDA build of torch on a machine with an NVIDIA GPU, "
+                         "or run with --device cpu.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was requested but MPS is not available here; run with --device cpu.")
+        raise UsageError("--device mps was requested but MPS is not available here; "
+                         "run with --device cpu.")
     return torch.device(name)
 
 
 def default_curve_iters(max_iters):
     """Where a run's metrics are evaluated unless --curve_iters says: 250, 500, 1000, every multiple
     of 1000, and always max_iters, the end."""
-    return sorted({n for n in [250, 500, *range(1000, max_iters + 1, 1000)] if n < max_iters} | {max_iters})
+    return sorted({n for n in [250, 500, *range(1000, max_iters + 1, 1000)]
+                   if n < max_iters} | {max_iters})
 
 
 def curve_iters(args):
@@ -3373,13 +3694,13 @@ def curve_iters(args):
 
 # The flags that do not change what a study's run computes (a run's objective and seed are its
 # identity, checked apart, and so are its own settings' values: --variants only adds runs); every
-# other flag is a setting that a study's runs must share, --compile too (a compiled run differs in its
-# last bits). --device as typed is set aside: the runtime, the device it resolved to (with autocast,
-# torch and GPU), is a setting instead.
-SETTINGS_ASIDE = ["out_dir", "objective", "variants", "seed", "seeds", "resume", "accept_code_change", "plot",
-                  "summary_name", "compare_to", "log_interval", "sample", "temperature", "top_k", "device", "bench",
-                  "bench_iters", "bench_nanogpt",
-                  "vocab_size", "theory", *THEORY_FLAGS]
+# other flag is a setting that a study's runs must share, --compile too (a compiled run differs in
+# its last bits). --device as typed is set aside: the runtime, the device it resolved to (with
+# autocast, torch and GPU), is a setting instead.
+SETTINGS_ASIDE = ["out_dir", "objective", "variants", "seed", "seeds", "resume",
+                  "accept_code_change", "plot", "summary_name", "compare_to", "log_interval",
+                  "sample", "temperature", "top_k", "device", "bench", "bench_iters",
+                  "bench_nanogpt", "vocab_size", "theory", *THEORY_FLAGS]
 
 
 def code_identity():
@@ -3391,7 +3712,8 @@ def code_identity():
 
     def git(*cmd):
         try:
-            done = subprocess.run(["git", "-C", here, *cmd], capture_output=True, text=True, timeout=10)
+            done = subprocess.run(["git", "-C", here, *cmd],
+                                  capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return done
@@ -3399,10 +3721,12 @@ def code_identity():
     if head is None or head.returncode != 0:
         return {"sha256": sha, "commit": None, "modified": None}
     diff = git("diff", "--quiet", "HEAD", "--", os.path.basename(__file__))
-    return {"sha256": sha, "commit": head.stdout.strip(), "modified": diff is not None and diff.returncode != 0}
+    return {"sha256": sha, "commit": head.stdout.strip(),
+            "modified": diff is not None and diff.returncode != 0}
 
 
-CODE = code_identity()  # read once, at import: the code that is running, even if the file is edited meanwhile
+# read once, at import: the code that is running, even if the file is edited meanwhile
+CODE = code_identity()
 
 
 def run_settings(args):
@@ -3416,7 +3740,8 @@ def as_flag(name, value):
     """A setting as one would type it: --eval_gen / --no-eval_gen, --finetune_labels 32,128,
     --learning_rate unset; the runtime as what it records."""
     if name == "runtime":
-        return "a run on " + ", ".join(f"{k} {v}" for k, v in (value or {}).items() if v is not None)
+        return "a run on " + ", ".join(f"{k} {v}"
+                                       for k, v in (value or {}).items() if v is not None)
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
     if isinstance(value, list):
@@ -3430,8 +3755,8 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}). Move it away (or delete it) to "
-                         "train that run again.") from None
+        raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}). "
+                         "Move it away (or delete it) to train that run again.") from None
 
 
 def stored_untrained(args, objective, seed, config):
@@ -3439,15 +3764,16 @@ def stored_untrained(args, objective, seed, config):
     that the other runs and a resumed study read them back. The untrained network depends on the
     seed and the trunk only: ar and ar_diverse share every readout (ar_diverse's extra heads are
     drawn from no random numbers, and no evaluation reads them), and mlm and mlm_varlen all but the
-    pooled ones, whose trained readout hides as the objective does (depends_on_hiding). A stored result
-    is used only where its key matches: every setting of the command, and this file's own text (a
-    fork that changes an evaluation recomputes them); fine-tuning's also its recipe (each
+    pooled ones, whose trained readout hides as the objective does (depends_on_hiding). A stored
+    result is used only where its key matches: every setting of the command, and this file's own
+    text (a fork that changes an evaluation recomputes them); fine-tuning's also its recipe (each
     objective's own: the same recipe and attention, the same baseline)."""
     code = CODE["sha256"][:16]
 
     def untrained(part, compute, depends_on_hiding=False, recipe=None):
-        key = {"part": part, "seed": seed, "settings": run_settings(args), "code": code, "recipe": recipe,
-               "attention": objective.attention, "in_place": objective.hiding is not None,
+        key = {"part": part, "seed": seed, "settings": run_settings(args), "code": code,
+               "recipe": recipe, "attention": objective.attention,
+               "in_place": objective.hiding is not None,
                "hiding": ([objective.name, objective.values]
                           if depends_on_hiding and objective.hiding is not None else None),
                "trunk": {k: v for k, v in asdict(config).items() if k != "n_future"}}
@@ -3466,13 +3792,14 @@ def stored_untrained(args, objective, seed, config):
 
 def without_baselines(x):
     """A final evaluation as a curve point stores it: every "baselines" entry left out."""
-    return {k: without_baselines(v) for k, v in x.items() if k != "baselines"} if isinstance(x, dict) else x
+    return ({k: without_baselines(v) for k, v in x.items() if k != "baselines"}
+            if isinstance(x, dict) else x)
 
 
 def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
     """One run of the objective called name: train, with the metrics at every curve point, and the
-    same metrics of the weights of its lowest val loss ("best"; evaluated only where they are not the
-    final ones); print the report; write results.json."""
+    same metrics of the weights of its lowest val loss ("best"; evaluated only where they are not
+    the final ones); print the report; write results.json."""
     last, objective = max(curve_iters(args)), member(name, args)
 
     def evaluate_at(model, iter_num):
@@ -3482,21 +3809,26 @@ def run(args, name, seed, corpus, out_dir, device, ddp, resume=False):
 
     def finish():  # rank 0 only
         final = points[-1]
-        best_point = {"iter": best["iter"], "val_loss": best["val_loss"], "final": best["iter"] == last}
+        best_point = {"iter": best["iter"], "val_loss": best["val_loss"],
+                      "final": best["iter"] == last}
         if not best_point["final"]:
             best_model = copy.deepcopy(model)
             best_model.load_state_dict(best["state"])
-            best_point.update(evaluate(best_model, corpus, objective, seed, args, device, final=True))
-        train_stats["plateau_exit_iter"] = plateau_exit_iter(train_stats["curve"], unigram_entropy(corpus.train))
+            best_point.update(
+                evaluate(best_model, corpus, objective, seed, args, device, final=True))
+        train_stats["plateau_exit_iter"] = plateau_exit_iter(
+            train_stats["curve"], unigram_entropy(corpus.train))
         base, overrides = variant_definitions(args).get(name, (None, None))
-        variant = base and {"of": base, "values": overrides, "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
+        variant = base and {"of": base, "values": overrides,
+                            "learning_rate_tuned": name in VARIANT_LEARNING_RATES}
         results = {"objective": name, "variant": variant, "values": objective.values,
                    "seed": seed, "data": args.data, "code": CODE, "settings": run_settings(args),
                    "train": train_stats, "cluster": final["cluster"], "finetune": final["finetune"],
                    "gen": final["gen"], "best": best_point, "bayes": language_limits(corpus, args),
-                   "finetune_search": args.finetune_search and finetune_search(model, corpus, objective, seed,
-                                                                               device, args.finetune_draws) or None,
-                   # two curves: train's holds the val loss at every eval; this one every metric at --curve_iters
+                   "finetune_search": args.finetune_search and finetune_search(
+                       model, corpus, objective, seed, device, args.finetune_draws) or None,
+                   # two curves: train's holds the val loss at every eval;
+                   # this one every metric at --curve_iters
                    "curve": [{k: without_baselines(v) for k, v in p.items()} for p in points]}
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "results.json"), results)
@@ -3524,28 +3856,35 @@ def print_report(results, corpus, args):
           f"val loss {train_stats['final_val_loss']:.3f} "
           f"(unigram entropy {H:.3f}, uniform ln V {math.log(corpus.vocab_size):.3f})")
     exit_iter = train_stats["plateau_exit_iter"]
-    print(f"peak learning rate {train_stats['learning_rate']:g}; left the unigram plateau (val loss at least 0.25 "
-          "below the unigram entropy) " + ("never" if exit_iter is None else f"at iter {exit_iter}")
-          + "; val loss by iter: " + ", ".join(f"{p['iter']}: {p['val_loss']:.2f}" for p in train_stats["curve"]))
+    print(f"peak learning rate {train_stats['learning_rate']:g}; left the unigram plateau "
+          "(val loss at least 0.25 below the unigram entropy) "
+          + ("never" if exit_iter is None else f"at iter {exit_iter}")
+          + "; val loss by iter: "
+          + ", ".join(f"{p['iter']}: {p['val_loss']:.2f}" for p in train_stats["curve"]))
     best = results.get("best")
     if best and not best["final"]:
         g = best["gen"]
-        print(f"lowest val loss at iter {best['iter']} ({best['val_loss']:.3f}): those weights are evaluated too "
-              "(results.json \"best\")" + (f"; their ppl {g['ppl']:.2f}" if g else ""))
+        print(f"lowest val loss at iter {best['iter']} ({best['val_loss']:.3f}): "
+              "those weights are evaluated too (results.json \"best\")"
+              + (f"; their ppl {g['ppl']:.2f}" if g else ""))
     if results["cluster"]:
         c = results["cluster"]
         trained = f"{args.readout_views} hidings" if record.hiding else "positions that predict"
-        print(f"clustering {len(corpus.eval_docs)} held-out documents, {len(corpus.label_names)} labels "
-              f"(trained readout: {trained}):")
-        untrained = {ro: c["readouts"][ro]["baselines"]["random_init"] for ro in POOLED_READOUTS + ["per_position"]}
+        print(f"clustering {len(corpus.eval_docs)} held-out documents, "
+              f"{len(corpus.label_names)} labels (trained readout: {trained}):")
+        untrained = {ro: c["readouts"][ro]["baselines"]["random_init"]
+                     for ro in POOLED_READOUTS + ["per_position"]}
         rows = [(objective, c["readouts"]), (untrained_row(objective), untrained),
                 ("tf-idf + k-means", {ro: c["baselines"]["tfidf"] for ro in POOLED_READOUTS})]
-        print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in POOLED_READOUTS) + "per-position")
-        print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe")) for ro in POOLED_READOUTS)
+        print(" " * 32 + "".join(f"{ro + ' readout':<30}" for ro in POOLED_READOUTS)
+              + "per-position")
+        print(" " * 30 + "  ".join("".join(f"{h:>7}" for h in ("NMI", "ARI", "ACC", "probe"))
+                                   for ro in POOLED_READOUTS)
               + f"{'probe':>9}")
         for name, r in rows:
-            print(f"  {name:<28}" + "  ".join("".join(f"{fmt(r[ro].get(k)):>7}" for k in CLUSTER_METRICS)
-                                              for ro in POOLED_READOUTS)
+            print(f"  {name:<28}"
+                  + "  ".join("".join(f"{fmt(r[ro].get(k)):>7}" for k in CLUSTER_METRICS)
+                              for ro in POOLED_READOUTS)
                   + f"{fmt(r.get('per_position', {}).get('probe_acc')):>9}")
         if "note" in c["readouts"]["per_position"]:
             print(f"  per-position: {c['readouts']['per_position']['note']}")
@@ -3553,18 +3892,21 @@ def print_report(results, corpus, args):
         print(corpus.note or "clustering skipped.")
     if results["finetune"]:
         f = results["finetune"]
-        print(f"fine-tuning the network and a linear head on n labelled training documents ({args.finetune_draws} "
-              f"draws; held-out accuracy, mean ± std; {f['seconds']:.1f} s):")
+        print("fine-tuning the network and a linear head on n labelled training documents "
+              f"({args.finetune_draws} draws; held-out accuracy, mean ± std; "
+              f"{f['seconds']:.1f} s):")
         print(" " * 30 + "".join(f"{f'n={n}':>14}" for n in args.finetune_labels))
         for name, r in ((objective, f), (untrained_row(objective), f["baselines"]["random_init"])):
             print(f"  {name:<28}" + "".join(f"{r[str(n)]['acc']:>8.3f} ±{r[str(n)]['acc_std']:.3f}"
                                             for n in args.finetune_labels))
     if results["gen"]:
         g = results["gen"]
-        print(f"generation: perplexity of the next token after a prefix of f*T to f*T + T/8 tokens, and of every "
-              f"length 1..T-1 (all) ({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
+        print("generation: perplexity of the next token after a prefix of "
+              "f*T to f*T + T/8 tokens, and of every length 1..T-1 (all) "
+              f"({args.gen_seqs} held-out sequences at most, {g['seconds']:.1f} s)")
         bayes = results["bayes"]
-        print(" " * 30 + "".join(f"{f'f={f}':>9}" for f in g["ppl_by_prefix"]) + f"{'all':>9}{'chain NLL':>11}")
+        print(" " * 30 + "".join(f"{f'f={f}':>9}" for f in g["ppl_by_prefix"])
+              + f"{'all':>9}{'chain NLL':>11}")
         rows = [(objective, g)] + ([("the language itself", bayes)] if bayes else [])
         for name, r in rows:
             print(f"  {name:<28}" + "".join(f"{v:>9.2f}" for v in r["ppl_by_prefix"].values())
@@ -3574,22 +3916,23 @@ def print_report(results, corpus, args):
                   f"{g['ppl_short_input']:.2f}")
         if g["elbo"]:
             e = g["elbo"]
-            print(f"  masked likelihood bound (ELBO, {e['draws']} draws): {e['nll']:.3f} ± {e['se']:.3f} nats per "
-                  f"token, beside its left-to-right chain rule {g['chain_nll']:.3f}"
+            print(f"  masked likelihood bound (ELBO, {e['draws']} draws): "
+                  f"{e['nll']:.3f} ± {e['se']:.3f} nats per token, "
+                  f"beside its left-to-right chain rule {g['chain_nll']:.3f}"
                   + (f" and the language's {bayes['nll']:.3f}" if bayes else ""))
         if bayes is None:
             print(f"  {SAMPLES_NOTE}")
         if g["samples"]:
-            print(f"  its samples judged by the language ({args.eval_samples} held-out prefixes of T/4, temperature 1,"
-                  " no top-k):")
-            print(f"  {'sampler':<28}{'grammatical':>12}{'topic kept':>11}{'possible':>9}{'NLL/token':>10}"
-                  f"{'KL/token':>9}")
+            print("  its samples judged by the language "
+                  f"({args.eval_samples} held-out prefixes of T/4, temperature 1, no top-k):")
+            print(f"  {'sampler':<28}{'grammatical':>12}{'topic kept':>11}{'possible':>9}"
+                  f"{'NLL/token':>10}{'KL/token':>9}")
             for name, s in list(g["samples"].items()) + [("the data itself", bayes["samples"])]:
-                print(f"  {name:<28}{s['grammatical']:>12.3f}{s['topic_kept']:>11.3f}{s['possible']:>9.3f}"
-                      f"{fmt(s['nll']):>10}{fmt(s['kl']):>9}")
+                print(f"  {name:<28}{s['grammatical']:>12.3f}{s['topic_kept']:>11.3f}"
+                      f"{s['possible']:>9.3f}{fmt(s['nll']):>10}{fmt(s['kl']):>9}")
     if results["cluster"] and results["bayes"]:
-        print(f"the language's own topic classifier (Bayes, argmax_k P(document | k)) on the held-out documents: "
-              f"{results['bayes']['acc']:.3f}")
+        print("the language's own topic classifier (Bayes, argmax_k P(document | k)) "
+              f"on the held-out documents: {results['bayes']['acc']:.3f}")
 
 
 def print_samples(model, objective, corpus, args, seed):
@@ -3600,10 +3943,12 @@ def print_samples(model, objective, corpus, args, seed):
     sampler = ("left_to_right", None, None)
     if args.gen_order == "any" and objective.hiding is not None:
         sampler = ("any", args.gen_steps or args.block_size - prefix_len, args.remask)
-    blocks, _ = generate(model, objective, seqs[:, :prefix_len], sampler, args.temperature, args.top_k,
-                         torch.Generator().manual_seed(seed))
-    how = "left to right" if sampler[0] == "left_to_right" else f"in any order, {sampler[1]} steps, {sampler[2]}"
-    note = " (it hides nothing: left to right only)" if args.gen_order == "any" and objective.hiding is None else ""
+    blocks, _ = generate(model, objective, seqs[:, :prefix_len], sampler, args.temperature,
+                         args.top_k, torch.Generator().manual_seed(seed))
+    how = ("left to right" if sampler[0] == "left_to_right"
+           else f"in any order, {sampler[1]} steps, {sampler[2]}")
+    note = (" (it hides nothing: left to right only)"
+            if args.gen_order == "any" and objective.hiding is None else "")
     print(f"samples ({how}{note}; temperature {args.temperature}, top-k {args.top_k}):")
     for out in blocks.tolist():
         print(f"  {corpus.decode(out[:prefix_len])!r} -> {corpus.decode(out[prefix_len:])!r}")
@@ -3623,37 +3968,44 @@ def run_state(run_dir, args, objective, seed):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
             continue
-        found = read_json(path) if name == "results.json" else load_checkpoint(path, torch.device("cpu"))
+        found = (read_json(path) if name == "results.json"
+                 else load_checkpoint(path, torch.device("cpu")))
         if (found["objective"], found["seed"]) != (objective, seed):
-            raise UsageError(f"{path} holds a {found['objective']} run with seed {found['seed']}, not {objective} with "
-                             f"seed {seed}: give another --out_dir.")
+            raise UsageError(f"{path} holds a {found['objective']} run with seed {found['seed']}, "
+                             f"not {objective} with seed {seed}: give another --out_dir.")
         made_by = (found.get("code") or {}).get("sha256")
         if made_by != code["sha256"] and not args.accept_code_change:
             raise UsageError(f"{path} was made by another version of lookaround.py (commit "
-                             f"{(found.get('code') or {}).get('commit') or 'unrecorded'}; this one: "
-                             f"{code['commit'] or 'no git checkout'}{', modified' if code['modified'] else ''}): "
-                             "rerun that study with the code that made it, give another --out_dir, or pass "
-                             "--accept_code_change to mix the two (its numbers may differ from what this code "
-                             "computes).")
+                             f"{(found.get('code') or {}).get('commit') or 'unrecorded'}; "
+                             f"this one: {code['commit'] or 'no git checkout'}"
+                             f"{', modified' if code['modified'] else ''}): "
+                             "rerun that study with the code that made it, give another --out_dir, "
+                             "or pass --accept_code_change to mix the two "
+                             "(its numbers may differ from what this code computes).")
         values, defaults = member(objective, args).values, make_parser().parse_args([])
         recorded = found.get("values")
-        if recorded is None:  # made before runs recorded their own values: the flags it recorded, else defaults
-            recorded = {k: (found.get("settings") or {}).get(k, getattr(defaults, k)) for k in values}
+        # made before runs recorded their own values: the flags it recorded, else defaults
+        if recorded is None:
+            recorded = {k: (found.get("settings") or {}).get(k, getattr(defaults, k))
+                        for k in values}
         if recorded != values:
-            raise UsageError(f"{path} was made with {objective}'s own settings at {recorded}, not "
-                             f"{values} (a changed flag, --variants definition or an older lookaround.py): move it "
-                             "away, or give another --out_dir.")
+            raise UsageError(f"{path} was made with {objective}'s own settings at {recorded}, "
+                             f"not {values} (a changed flag, --variants definition or an older "
+                             "lookaround.py): move it away, or give another --out_dir.")
         found = found.get("settings")
         if found is None:
-            raise UsageError(f"{path} records no settings (an older lookaround.py made it): move it away, or give "
-                             "another --out_dir.")
-        # a setting the run did not record (made before its flag existed) counts as the flag's default
+            raise UsageError(f"{path} records no settings (an older lookaround.py made it): "
+                             "move it away, or give another --out_dir.")
+        # a setting the run did not record (made before its flag existed)
+        # counts as the flag's default
         differ = [k for k in settings if found.get(k, getattr(defaults, k, None)) != settings[k]]
         if differ:
-            raise UsageError(f"{path} was made with other settings (" + "; ".join(
-                f"{as_flag(k, found[k]) if k in found else f'--{k} not recorded'} there, {as_flag(k, settings[k])} "
-                "here" for k in differ) + "). Give those "
-                "flags as they were to go on with that study, or another --out_dir for a new one.")
+            raise UsageError(
+                f"{path} was made with other settings (" + "; ".join(
+                    f"{as_flag(k, found[k]) if k in found else f'--{k} not recorded'} there, "
+                    f"{as_flag(k, settings[k])} here" for k in differ)
+                + "). Give those flags as they were to go on with that study, "
+                "or another --out_dir for a new one.")
         return "done" if name == "results.json" else "resume"
     return "new"
 
@@ -3685,13 +4037,17 @@ def run_study(args, device, ddp):
     for seed, objective in itertools.product(args.seeds, objectives):
         run_dir = os.path.join(args.out_dir, *([objective] if len(objectives) > 1 else []),
                                *([f"seed{seed}"] if len(args.seeds) > 1 else []))
-        plan[seed, objective] = run_dir, run_state(run_dir, args, objective, seed) if study else "new"
+        plan[seed, objective] = (run_dir,
+                                 run_state(run_dir, args, objective, seed) if study else "new")
     to_train = [key for key, (_, state) in plan.items() if state != "done"]
-    # checked before anything trains (on every rank, so that all stop together), read again at the end
+    # checked before anything trains (on every rank, so that all stop together),
+    # read again at the end
     others = other_study(args.compare_to, args) if args.compare_to else None
     if study and master:
-        print(f"study: {len(plan)} runs, {len(plan) - len(to_train)} read back, {len(to_train)} to train")
-    all_results, spent, t_study = [], [], time.time()  # spent: wall seconds of each run trained here
+        print(f"study: {len(plan)} runs, {len(plan) - len(to_train)} read back, "
+              f"{len(to_train)} to train")
+    # spent: wall seconds of each run trained here
+    all_results, spent, t_study = [], [], time.time()
     for seed in args.seeds:
         if any(plan[seed, o][1] != "done" for o in objectives):
             corpus = load_corpus(args, seed)  # identical data for every objective at this seed
@@ -3702,55 +4058,67 @@ def run_study(args, device, ddp):
             if state == "done":
                 result = read_json(os.path.join(run_dir, "results.json"))
                 if master:
-                    print(f"{objective} seed {seed}: {run_dir}/results.json has these settings; not run again")
+                    print(f"{objective} seed {seed}: {run_dir}/results.json has these settings; "
+                          "not run again")
             else:
                 if study and master:
                     print(study_progress(len(spent) + 1, len(to_train), objective, seed, spent))
                 t_run = time.time()
-                result = run(args, objective, seed, corpus, run_dir, device, ddp, resume=state == "resume")
+                result = run(args, objective, seed, corpus, run_dir, device, ddp,
+                             resume=state == "resume")
                 spent.append(time.time() - t_run)
             if master:
                 all_results.append(result)
     if study and master:
         print(f"study: {len(spent)} run(s) trained in {clock(time.time() - t_study)} (h:mm:ss), "
               f"{len(plan) - len(to_train)} read back")
-    if ddp:  # leave the process group together: a Gloo process whose peer has already gone aborts at exit
+    # leave the process group together: a Gloo process whose peer has already gone aborts at exit
+    if ddp:
         dist.barrier()
     if len(all_results) > 1:
-        table, claims, by_iter = summarize(all_results), claims_table(all_results), claims_by_iter(all_results)
+        table, claims, by_iter = (summarize(all_results), claims_table(all_results),
+                                  claims_by_iter(all_results))
         best_runs = [at_best(r) for r in all_results]
         claims_best = None
         if None not in best_runs and all(r is b for r, b in zip(all_results, best_runs)):
             claims_best = claims
-            print("every run's lowest val loss is at its end: read at early stopping, the claims are the same.")
+            print("every run's lowest val loss is at its end: "
+                  "read at early stopping, the claims are the same.")
         elif None not in best_runs:
-            print("\nread at each run's lowest val loss (early stopping; its iteration per run in results.json):")
+            print("\nread at each run's lowest val loss "
+                  "(early stopping; its iteration per run in results.json):")
             claims_best = claims_table(best_runs)
         else:
-            print("some runs were made before runs kept their lowest val loss's weights: no claims read there.")
+            print("some runs were made before runs kept their lowest val loss's weights: "
+                  "no claims read there.")
         write_json(os.path.join(args.out_dir, f"{args.summary_name}.json"),
-                   {"runs": all_results, "table": table, "claims": claims, "claims_by_iter": by_iter,
-                    "claims_best": claims_best, "finetune_search": search_table(all_results),
-                    "compared": others and compare_studies(all_results, other_study(args.compare_to, args),
-                                                           args.compare_to)})
+                   {"runs": all_results, "table": table, "claims": claims,
+                    "claims_by_iter": by_iter, "claims_best": claims_best,
+                    "finetune_search": search_table(all_results),
+                    "compared": others and compare_studies(
+                        all_results, other_study(args.compare_to, args), args.compare_to)})
     if all_results and (args.plot or len(all_results) > 1):
         if importlib.util.find_spec("matplotlib"):
             plot_summary(all_results, os.path.join(args.out_dir, f"{args.summary_name}.png"))
         elif args.plot:
-            print("--plot: the figure needs matplotlib, which is not installed: pip install matplotlib")
+            print("--plot: the figure needs matplotlib, which is not installed: "
+                  "pip install matplotlib")
 
 
 def setup_ddp(device_name):
     """Under torchrun (RANK set): one process per device, NCCL on CUDA, Gloo on CPU."""
     if "RANK" not in os.environ:
         return None
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                               int(os.environ["WORLD_SIZE"]))
     use_cuda = device_name in ("cuda", "auto") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
     # rank 0 evaluates at every curve point while the others wait (in stop_together): allow for it
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    return {"rank": rank, "world": world, "device": torch.device("cuda", local_rank) if use_cuda else None}
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                            timeout=datetime.timedelta(hours=2))
+    return {"rank": rank, "world": world,
+            "device": torch.device("cuda", local_rank) if use_cuda else None}
 
 
 def main(argv=None):
@@ -3764,8 +4132,10 @@ def main(argv=None):
         ddp = setup_ddp(args.device)
         device = ddp["device"] if ddp and ddp["device"] is not None else resolve_device(args.device)
         args.runtime = runtime(device)
-        if device.type == "cpu":  # one thread per core this process may use, shared among local processes
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        # one thread per core this process may use, shared among local processes
+        if device.type == "cpu":
+            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count())
             torch.set_num_threads(max(1, cores // (int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
