@@ -1,0 +1,190 @@
+"""The README's results tables, in Markdown, from the confirmatory study's summary files.
+
+    python data/confirm/tables.py data/confirm
+
+It reads what the three study commands wrote (main/summary.json, main/dose.json and
+data300/summary.json) and formats it; it computes nothing. A missing file is skipped with a note.
+"""
+import json
+import os
+import sys
+
+MEMBERS = ["ar", "ar_diverse", "mlm", "mlm_varlen", "mlm_half", "varlen_bert"]
+LIMITS = ["the language itself", "the data itself"]
+# (column title, summary-table column, digits): the members table
+MEMBER_COLUMNS = [("ft n=32", "finetune@32", 3), ("ft n=128", "finetune@128", 3),
+                  ("ft n=512", "finetune@512", 3), ("probe (clean)", "clean_probe_acc", 3),
+                  ("probe (per-pos)", "per_position_probe_acc", 3), ("NMI (clean)", "clean_nmi", 3),
+                  ("ppl", "ppl", 2), ("ppl@1/8", "ppl@0.125", 2),
+                  ("grammatical", "left_to_right grammatical", 3)]
+
+
+def load(path):
+    if not os.path.exists(path):
+        print(f"<!-- {path}: not there yet -->\n")
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def p_text(p):
+    return "-" if p is None else "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def interval(ci, digits=3):
+    return "-" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def row_by_metric(claims, metric):
+    return next((c for c in claims or [] if c["metric"] == metric), None)
+
+
+def primary_table(summary):
+    claims = [c for c in summary["claims"] if c["primary"]]
+    best = summary.get("claims_best")
+    by_iter = summary.get("claims_by_iter") or {}
+    budgets = sorted(int(k) for k in by_iter)[:-1]  # the end is the main columns
+    print("| # | primary row (difference > 0: the paper's side) | mean diff | 95% interval "
+          "| p (sign-flip) | Holm p | seeds > 0 | detectable | verdict | at lowest val loss | "
+          + " | ".join(f"at iter {b}" for b in budgets) + " |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---|---|" + "---|" * len(budgets))
+    for i, c in enumerate(claims, 1):
+        b = row_by_metric(best, c["metric"])
+        at_best = "-" if b is None else f"{b['verdict']} ({b['mean_diff']:+.3f})"
+        at_iter = [row_by_metric(by_iter[str(k)], c["metric"]) for k in budgets]
+        cells = ["-" if r is None else f"{r['verdict'] or '-'} ({r['mean_diff']:+.3f})"
+                 for r in at_iter]
+        detect = "-" if c["detectable"] is None else f"{c['detectable']:.3f}"
+        flag = f" ({c['flag']})" if c.get("flag") else ""
+        print(f"| {i} | {c['metric']} | {c['mean_diff']:+.3f} | {interval(c['ci95'])} "
+              f"| {p_text(c['p_value'])} | {p_text(c['p_holm'])} "
+              f"| {c['n_expected_sign']}/{c['n_seeds']} | {detect} "
+              f"| **{c['verdict']}**{flag} | {at_best} | " + " | ".join(cells) + " |")
+    print()
+
+
+def cell(table, name, col, digits):
+    v = (table.get(name) or {}).get(col)
+    if v is None:
+        return "-"
+    spread = f" ± {v['std']:.{digits}f}" if v["n"] > 1 else ""
+    return f"{v['mean']:.{digits}f}{spread}"
+
+
+def members_table(summary, members=MEMBERS):
+    table = summary["table"]
+    rows = [m for m in members if m in table]
+    rows += [f"random init (as {m})" for m in members if f"random init (as {m})" in table]
+    rows += [name for name in LIMITS if name in table]
+    print("| member | " + " | ".join(title for title, _, _ in MEMBER_COLUMNS) + " |")
+    print("|---|" + "---:|" * len(MEMBER_COLUMNS))
+    for name in rows:
+        cells = [cell(table, name, col, digits) for _, col, digits in MEMBER_COLUMNS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+
+
+def secondary_table(summary):
+    print("| claim | secondary row | readout | mean diff | 95% interval | seeds > 0 "
+          "| where it lies |")
+    print("|---|---|---|---:|---|---:|---|")
+    for c in summary["claims"]:
+        if c["primary"] or c["ci95"] is None:
+            continue
+        flag = f" ({c['flag']})" if c.get("flag") else ""
+        print(f"| {c['claim']} | {c['metric']} | {c['readout'] or '-'} | {c['mean_diff']:+.3f} "
+              f"| {interval(c['ci95'])} | {c['n_expected_sign']}/{c['n_seeds']} "
+              f"| {c['verdict']}{flag} |")
+    print()
+
+
+def dose_table(dose):
+    members = ["ar", "ar_diverse2", "ar_diverse", "ar_diverse8"]
+    print("| member (future tokens) | ft n=128 | ft n=128 - ar [95% interval] "
+          "| gain over untrained - ar [95% interval] |")
+    print("|---|---:|---|---|")
+    futures = {"ar": 1, "ar_diverse2": 2, "ar_diverse": 4, "ar_diverse8": 8}
+    for m in members:
+        acc = cell(dose["table"], m, "finetune@128", 3)
+        if m == "ar":
+            print(f"| ar (1) | {acc} | - | - |")
+            continue
+        d = row_by_metric(dose["claims"], f"fine-tuned acc n=128 {m} - ar")
+        g = row_by_metric(dose["claims"], f"fine-tuned gain over untrained n=128 {m} - ar")
+        words = ["-" if r is None else f"{r['mean_diff']:+.3f} {interval(r['ci95'])}"
+                 for r in (d, g)]
+        print(f"| {m} ({futures[m]}) | {acc} | {words[0]} | {words[1]} |")
+    print()
+
+
+def arm_table(arm, main):
+    compared = arm["compared"]
+    print("each member's change from 3,000 to 300 training documents "
+          f"({'; '.join(compared['differ'])}), "
+          "paired by seed: the 300-document run minus the 3,000-document run, "
+          "end of training / lowest val loss\n")
+    members = list(dict.fromkeys(r["member"] for r in compared["rows"]))
+    metrics = list(dict.fromkeys(r["metric"] for r in compared["rows"]))
+    print("| metric | " + " | ".join(members) + " |")
+    print("|---|" + "---|" * len(members))
+    for metric in metrics:
+        cells = []
+        for m in members:
+            end, best = (next((r for r in rows if r["member"] == m and r["metric"] == metric), None)
+                         for rows in (compared["rows"], compared["rows_best"]))
+            cells.append(" / ".join("-" if r is None
+                                    else f"{r['mean_diff']:+.3f} {interval(r['ci95'])}"
+                                    for r in (end, best)))
+        print(f"| {metric} | " + " | ".join(cells) + " |")
+    print()
+    print("| log ppl mlm_varlen - ar | end of training | lowest val loss |")
+    print("|---|---|---|")
+    for name, summary in (("3,000 documents (main)", main), ("300 documents", arm)):
+        if summary is None:
+            continue
+        rows = [row_by_metric(summary[key], "log ppl mlm_varlen - ar")
+                for key in ("claims", "claims_best")]
+        cells = ["-" if r is None else f"{r['mean_diff']:+.3f} {interval(r['ci95'])} "
+                 f"({r['n_expected_sign']}/{r['n_seeds']} > 0)" for r in rows]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+
+
+def best_iters(summary):
+    """Each member's lowest-val-loss iteration over its runs: where early stopping would read it."""
+    by_member = {}
+    for r in summary["runs"]:
+        by_member.setdefault(r["objective"], []).append(r["best"]["iter"])
+    print("| member | lowest val loss at iteration (min / median / max over seeds) |")
+    print("|---|---|")
+    for m, iters in by_member.items():
+        iters = sorted(iters)
+        print(f"| {m} | {iters[0]} / {iters[len(iters) // 2]} / {iters[-1]} |")
+    print()
+
+
+def main():
+    root = sys.argv[1] if len(sys.argv) > 1 else "data/confirm"
+    main_summary = load(os.path.join(root, "main", "summary.json"))
+    dose = load(os.path.join(root, "main", "dose.json"))
+    arm = load(os.path.join(root, "data300", "summary.json"))
+    if main_summary:
+        print("### The seven primary rows\n")
+        primary_table(main_summary)
+        print("### Every member, end of training (mean ± std over seeds)\n")
+        members_table(main_summary)
+        print("### Secondary rows (interval wording only)\n")
+        secondary_table(main_summary)
+        best_iters(main_summary)
+    if dose:
+        print("### Dose-response: ar_diverse's future tokens\n")
+        dose_table(dose)
+    if arm:
+        print("### Data-constrained arm: 300 training documents\n")
+        members_table(arm, ["ar", "ar_diverse", "mlm", "mlm_varlen"])
+        arm_table(arm, main_summary)
+        best_iters(arm)
+
+
+if __name__ == "__main__":
+    main()
