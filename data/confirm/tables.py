@@ -3,8 +3,10 @@
     python data/confirm/tables.py data/confirm
 
 It reads what the three study commands wrote (main/summary.json, main/dose.json and
-data300/summary.json) and formats it; it computes nothing. A missing file is skipped with a note.
+data300/summary.json) and formats it; it computes nothing but each arm's provenance line (commit,
+machine, run time summed from its results.json files). A missing file is skipped with a note.
 """
+import glob
 import json
 import os
 import sys
@@ -25,6 +27,40 @@ def load(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+COMMANDS = {  # the README's three commands, and the members and seeds whose runs each one adds
+    "main": ("python lookaround.py --objective all --variants mlm_half,varlen_bert --seeds 9-24 "
+             "--out_dir confirm/main", MEMBERS, range(9, 25)),
+    "dose": ("python lookaround.py --objective ar --variants ar_diverse,ar_diverse2,ar_diverse8 "
+             "--seeds 9-16 --summary_name dose --out_dir confirm/main",
+             ["ar_diverse2", "ar_diverse8"], range(9, 17)),
+    "data300": ("python lookaround.py --objective all --seeds 9-16 --train_docs 300 "
+                "--finetune_labels 32,128 --compare_to confirm/main --out_dir confirm/data300",
+                MEMBERS[:4], range(9, 17)),
+}
+
+
+def provenance(folder, arm):
+    """Command, commit, machine and run time, once per arm, from the runs it adds."""
+    command, members, seeds = COMMANDS[arm]
+    runs = []
+    for m in members:
+        for s in seeds:
+            path = os.path.join(folder, m, f"seed{s}", "results.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs.append(json.load(f))
+    commits = sorted({r["code"]["commit"][:7] + (" (modified)" if r["code"]["modified"] else "")
+                      for r in runs})
+    runtimes = sorted({r["settings"]["runtime"]["torch"] for r in runs})
+    hours = sum(r["train"]["seconds"] + (r.get("finetune") or {}).get("seconds", 0)
+                + (r.get("gen") or {}).get("seconds", 0) for r in runs) / 3600
+    print(f"`{command}` (run as its pieces in data/confirm/jobs.txt, two at a time, one core "
+          f"each) · commit {', '.join(commits)} · the 2-core CPU machine, torch "
+          f"{', '.join(runtimes)} · {len(runs)} runs of {len(members) * len(seeds)}, "
+          f"{hours:.1f} h of run time in all (training with its curve points' evaluations, and the "
+          "final fine-tuning and generation; clustering is not timed)\n")
 
 
 def p_text(p):
@@ -170,6 +206,7 @@ def main():
     arm = load(os.path.join(root, "data300", "summary.json"))
     if main_summary:
         print("### The seven primary rows\n")
+        provenance(os.path.join(root, "main"), "main")
         primary_table(main_summary)
         print("### Every member, end of training (mean ± std over seeds)\n")
         members_table(main_summary)
@@ -178,9 +215,11 @@ def main():
         best_iters(main_summary)
     if dose:
         print("### Dose-response: ar_diverse's future tokens\n")
+        provenance(os.path.join(root, "main"), "dose")
         dose_table(dose)
     if arm:
         print("### Data-constrained arm: 300 training documents\n")
+        provenance(os.path.join(root, "data300"), "data300")
         members_table(arm, ["ar", "ar_diverse", "mlm", "mlm_varlen"])
         arm_table(arm, main_summary)
         best_iters(arm)
