@@ -54,13 +54,17 @@ def provenance(folder, arm):
     commits = sorted({r["code"]["commit"][:7] + (" (modified)" if r["code"]["modified"] else "")
                       for r in runs})
     runtimes = sorted({r["settings"]["runtime"]["torch"] for r in runs})
-    hours = sum(r["train"]["seconds"] + (r.get("finetune") or {}).get("seconds", 0)
-                + (r.get("gen") or {}).get("seconds", 0) for r in runs) / 3600
+    # train.seconds already holds every curve point's evaluation, the final one included; the
+    # lowest-val-loss weights are evaluated apart where they are not the final ones
+    best = [r["best"] for r in runs if not r["best"]["final"]]
+    hours = (sum(r["train"]["seconds"] for r in runs)
+             + sum(b["finetune"].get("seconds", 0) + b["gen"].get("seconds", 0) for b in best)) / 3600
     print(f"`{command}` (run as its pieces in data/confirm/jobs.txt, two at a time, one core "
           f"each) · commit {', '.join(commits)} · the 2-core CPU machine, torch "
           f"{', '.join(runtimes)} · {len(runs)} runs of {len(members) * len(seeds)}, "
-          f"{hours:.1f} h of run time in all (training with its curve points' evaluations, and the "
-          "final fine-tuning and generation; clustering is not timed)\n")
+          f"{hours:.1f} h of run time in all (training with every curve point's evaluation, the "
+          "final one included, and the lowest-val-loss weights' fine-tuning and generation; their "
+          "clustering and the language's limits are not timed)\n")
 
 
 def p_text(p):
