@@ -21,10 +21,10 @@ import torch
 if torch.__version__ != "2.13.0+cpu":  # a run's runtime is one of its settings
     sys.exit(f"torch {torch.__version__}: the study's runs were made by 2.13.0+cpu; install that")
 C = sys.argv[1]
-main = ["ar", "ar_diverse", "mlm", "mlm_varlen", "mlm_half", "varlen_bert"]
-want = [f"main/{m}/seed{s}" for m in main for s in range(9, 25)]
-want += [f"main/{m}/seed{s}" for m in ["ar_diverse2", "ar_diverse8"] for s in range(9, 17)]
-want += [f"data300/{m}/seed{s}" for m in main[:4] for s in range(9, 17)]
+sys.path.insert(0, C)
+from tables import COMMANDS  # each command's arm, members and seeds
+want = [f"{'data300' if arm == 'data300' else 'main'}/{m}/seed{s}"
+        for arm, (_, members, seeds) in COMMANDS.items() for m in members for s in seeds]
 missing = [w for w in want if not os.path.exists(f"{C}/{w}/results.json")]
 if missing:
     sys.exit(f"{len(missing)} of {len(want)} runs are not in {C} yet (first: {missing[0]}): "
