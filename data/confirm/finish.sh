@@ -57,8 +57,10 @@ same() { sed -e "s#$2#DIR#g" -e 's/trained in [0-9:]*/trained in T/' "$1"; }  # 
   echo "# data/confirm/reading.txt: written by finish.sh at $(git -C "$REPO" rev-parse --short HEAD)"
   echo "## The three commands, by today's lookaround.py (--accept_code_change)"
   sed "s#$REPO/##g" "$S/today.txt"
-  echo "## How 70a897f's output for the same runs differs (diff today 70a897f; folders renamed)"
-  diff <(same "$S/today.txt" "$C") <(same "$S/protocol.txt" "$P") || true
+  echo "## How 70a897f's output for the same runs differs (diff -w today 70a897f; folders renamed)"
+  # -w: today's claim table sizes its name column to the longest name (70a897f's ran long names
+  # into the next column), which alone would change every row
+  diff -w <(same "$S/today.txt" "$C") <(same "$S/protocol.txt" "$P") || true
   echo "## check_primary.py, end of training"
   python3 "$C/check_primary.py" "$C/main"
   echo "## check_primary.py, lowest val loss"
