@@ -9,6 +9,7 @@ machine, run time summed from its results.json files). A missing file is skipped
 import glob
 import json
 import os
+import re
 import sys
 
 MEMBERS = ["ar", "ar_diverse", "mlm", "mlm_varlen", "mlm_half", "varlen_bert"]
@@ -125,17 +126,36 @@ def members_table(summary, members=MEMBERS):
 
 
 def secondary_table(summary):
-    print("| claim | secondary row | readout | mean diff | 95% interval | seeds > 0 "
-          "| where it lies |")
-    print("|---|---|---|---:|---|---:|---|")
+    """One row per claim and measure: its label counts (n=32 / n=512) or readouts (trained /
+    clean / per_position) side by side in each cell, so that the table fits the README."""
+    groups = {}  # (claim, measure) -> [(label, row)], in the summary's order
     for c in summary["claims"]:
         if c["primary"] or c["ci95"] is None:
             continue
-        flag = f" ({c['flag']})" if c.get("flag") else ""
-        print(f"| {c['claim']} | {c['metric']} | {c['readout'] or '-'} | {c['mean_diff']:+.3f} "
-              f"| {interval(c['ci95'])} | {c['n_expected_sign']}/{c['n_seeds']} "
-              f"| {c['verdict']}{flag} |")
+        n = re.search(r"n=\d+", c["metric"])
+        measure = re.sub(r"n=\d+ ", "", c["metric"])
+        label = " ".join(x for x in (n and n.group(0), c["readout"]) if x) or "-"
+        groups.setdefault((c["claim"], measure), []).append((label, c))
+    flags = []  # each distinct flag once, under the table
+    print("| claim | secondary row | count or readout | mean diff | 95% interval | seeds > 0 "
+          "| where it lies |")
+    print("|---|---|---|---:|---|---:|---|")
+    for (claim, measure), rows in groups.items():
+        marks = []
+        for _, c in rows:
+            if c.get("flag") and c["flag"] not in flags:
+                flags.append(c["flag"])
+            marks.append("" if not c.get("flag") else " " + "*" * (flags.index(c["flag"]) + 1))
+        cells = [" / ".join(label for label, _ in rows),
+                 " / ".join(f"{c['mean_diff']:+.3f}" for _, c in rows),
+                 " / ".join(interval(c["ci95"]) for _, c in rows),
+                 " / ".join(f"{c['n_expected_sign']}/{c['n_seeds']}" for _, c in rows),
+                 " / ".join(c["verdict"].replace("interval ", "") + mark
+                            for (_, c), mark in zip(rows, marks))]
+        print(f"| {claim} | {measure} | " + " | ".join(cells) + " |")
     print()
+    for i, flag in enumerate(flags, 1):
+        print(f"{'*' * i} {flag}\n")
 
 
 def dose_table(dose):
@@ -195,11 +215,15 @@ def best_iters(summary):
     by_member = {}
     for r in summary["runs"]:
         by_member.setdefault(r["objective"], []).append(r["best"]["iter"])
-    print("| member | lowest val loss at iteration (min / median / max over seeds) |")
-    print("|---|---|")
-    for m, iters in by_member.items():
+    print("| lowest val loss at iteration (min / median / max over seeds) | "
+          + " | ".join(by_member) + " |")
+    print("|---|" + "---|" * len(by_member))
+    cells = []
+    for iters in by_member.values():
         iters = sorted(iters)
-        print(f"| {m} | {iters[0]} / {iters[len(iters) // 2]} / {iters[-1]} |")
+        median = (iters[(len(iters) - 1) // 2] + iters[len(iters) // 2]) / 2
+        cells.append(f"{iters[0]} / {median:g} / {iters[-1]}")
+    print("| | " + " | ".join(cells) + " |")
     print()
 
 
