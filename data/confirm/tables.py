@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+import string
 import sys
 
 MEMBERS = ["ar", "ar_diverse", "mlm", "mlm_varlen", "mlm_half", "varlen_bert"]
@@ -145,7 +146,7 @@ def secondary_table(summary):
         for _, c in rows:
             if c.get("flag") and c["flag"] not in flags:
                 flags.append(c["flag"])
-            marks.append("" if not c.get("flag") else " " + "*" * (flags.index(c["flag"]) + 1))
+            marks.append(f" [{string.ascii_lowercase[flags.index(c['flag'])]}]" if c.get("flag") else "")
         cells = [" / ".join(label for label, _ in rows),
                  " / ".join(f"{c['mean_diff']:+.3f}" for _, c in rows),
                  " / ".join(interval(c["ci95"]) for _, c in rows),
@@ -154,8 +155,8 @@ def secondary_table(summary):
                             for (_, c), mark in zip(rows, marks))]
         print(f"| {claim} | {measure} | " + " | ".join(cells) + " |")
     print()
-    for i, flag in enumerate(flags, 1):
-        print(f"{'*' * i} {flag}\n")
+    for i, flag in enumerate(flags):
+        print(f"[{string.ascii_lowercase[i]}] {flag}\n")
 
 
 def dose_table(dose):
