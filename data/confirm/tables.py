@@ -59,8 +59,9 @@ def provenance(folder, arm):
     # train.seconds already holds every curve point's evaluation, the final one included; the
     # lowest-val-loss weights are evaluated apart where they are not the final ones
     best = [r["best"] for r in runs if not r["best"]["final"]]
-    hours = (sum(r["train"]["seconds"] for r in runs)
-             + sum(b["finetune"].get("seconds", 0) + b["gen"].get("seconds", 0) for b in best)) / 3600
+    seconds = sum(r["train"]["seconds"] for r in runs)
+    seconds += sum(b["finetune"].get("seconds", 0) + b["gen"].get("seconds", 0) for b in best)
+    hours = seconds / 3600
     print(f"`{command}` (run as its pieces in data/confirm/jobs.txt, two at a time, one core "
           f"each) · commit {', '.join(commits)} · the 2-core CPU machine, torch "
           f"{', '.join(runtimes)} · {len(runs)} runs of {len(members) * len(seeds)}, "
@@ -146,7 +147,8 @@ def secondary_table(summary):
         for _, c in rows:
             if c.get("flag") and c["flag"] not in flags:
                 flags.append(c["flag"])
-            marks.append(f" [{string.ascii_lowercase[flags.index(c['flag'])]}]" if c.get("flag") else "")
+            letter = c.get("flag") and string.ascii_lowercase[flags.index(c["flag"])]
+            marks.append(f" [{letter}]" if letter else "")
         cells = [" / ".join(label for label, _ in rows),
                  " / ".join(f"{c['mean_diff']:+.3f}" for _, c in rows),
                  " / ".join(interval(c["ci95"]) for _, c in rows),
