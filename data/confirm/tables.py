@@ -62,12 +62,10 @@ def provenance(folder, arm):
     seconds = sum(r["train"]["seconds"] for r in runs)
     seconds += sum(b["finetune"].get("seconds", 0) + b["gen"].get("seconds", 0) for b in best)
     hours = seconds / 3600
-    print(f"`{command}` (run as its pieces in data/confirm/jobs.txt, two at a time, one core "
-          f"each) · commit {', '.join(commits)} · the 2-core CPU machine, torch "
-          f"{', '.join(runtimes)} · {len(runs)} runs of {len(members) * len(seeds)}, "
-          f"{hours:.1f} h of run time in all (training with every curve point's evaluation, the "
-          "final one included, and the lowest-val-loss weights' fine-tuning and generation; their "
-          "clustering and the language's limits are not timed)\n")
+    print(f"`{command}` · commit {', '.join(commits)} · the 2-core CPU machine, one thread "
+          f"a run, torch {', '.join(runtimes)} · {len(runs)} runs of {len(members) * len(seeds)}, "
+          f"{hours:.1f} h of run time (training, every evaluation, the lowest-val-loss weights' "
+          "fine-tuning and generation)\n")
 
 
 def p_text(p):
@@ -115,14 +113,17 @@ def cell(table, name, col, digits):
 
 
 def members_table(summary, members=MEMBERS):
+    """One row per member, its untrained network's value (same readout, same recipe) in brackets
+    where there is one; then the language's limits."""
     table = summary["table"]
-    rows = [m for m in members if m in table]
-    rows += [f"random init (as {m})" for m in members if f"random init (as {m})" in table]
-    rows += [name for name in LIMITS if name in table]
-    print("| member | " + " | ".join(title for title, _, _ in MEMBER_COLUMNS) + " |")
+    print("| member (untrained) | " + " | ".join(title for title, _, _ in MEMBER_COLUMNS) + " |")
     print("|---|" + "---:|" * len(MEMBER_COLUMNS))
-    for name in rows:
-        cells = [cell(table, name, col, digits) for _, col, digits in MEMBER_COLUMNS]
+    for name in [m for m in members if m in table] + [n for n in LIMITS if n in table]:
+        cells = []
+        for _, col, digits in MEMBER_COLUMNS:
+            untrained = (table.get(f"random init (as {name})") or {}).get(col)
+            cells.append(cell(table, name, col, digits)
+                         + (f" ({untrained['mean']:.{digits}f})" if untrained else ""))
         print(f"| {name} | " + " | ".join(cells) + " |")
     print()
 
@@ -239,7 +240,8 @@ def main():
         print("### The seven primary rows\n")
         provenance(os.path.join(root, "main"), "main")
         primary_table(main_summary)
-        print("### Every member, end of training (mean ± std over seeds)\n")
+        print("### Every member, end of training (mean ± std over seeds; its untrained "
+              "network's mean in brackets)\n")
         members_table(main_summary)
         print("### Secondary rows (interval wording only)\n")
         secondary_table(main_summary)
